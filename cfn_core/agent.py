@@ -1,0 +1,314 @@
+"""The agent process: read inbox -> run handler -> send result.
+
+Started as ``python -m cfn_core.agent --run RUN --id ID --parent PID`` (the
+baseline) or forked from a warm parent that calls :func:`run_agent` (cfn-pool).
+
+The loop, in order: read new messages; run tasks (a mesh task first sends its
+peer messages, then waits for the peer messages it expects); flush what plugins
+buffered; settle (ack) every message whose work is complete and flushed; sleep
+on the doorbell when nothing is left.  A message is acked only after the
+result it led to was handed to the bus and flushed, so a replacement of an
+agent that died re-reads exactly the unfinished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+from .errors import CfnError, ConfigError
+from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
+
+log = logging.getLogger("cfn.agent")
+
+_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class AgentContext:
+    """What agent-side hooks get as ``ctx``."""
+
+    side = "agent"
+
+    def __init__(self, config, pm, agent_id: str, run_ref: str):
+        self.config = config
+        self.pm = pm
+        self.hook = pm.hook
+        self.agent_id = self.self_id = agent_id
+        self.run_ref = run_ref
+        self.bus = None
+        self.state: dict[str, Any] = {}
+        self.factory = MessageFactory(agent_id)
+        self.counters = defaultdict(int)
+        self.fallbacks: dict[str, dict] = {}
+        self._routes: dict[str, str] = {}
+
+    def route(self, agent_id: str) -> str:
+        loc = self._routes.get(agent_id)
+        if loc is None:
+            loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
+        return loc
+
+    def send(self, messages: list[Message]) -> None:
+        self.counters["sent"] += len(messages)
+        self.hook.cfn_send(ctx=self, messages=messages)
+
+    def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
+        from .fallback import record_fallback
+
+        record_fallback(self, hook, plugin, exc)
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def load_handler(workload) -> Callable[[Any], Any]:
+    """The callable that runs one task, from ``[workload] handler`` or ``command``.
+
+    :raises ConfigError: when the handler cannot be imported (named with the reason).
+    """
+    if workload.command:
+        return _command_handler(workload.command, workload.timeout)
+    spec = workload.handler
+    if not _HANDLER_RE.match(spec):
+        raise ConfigError(f"[workload] handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
+    modname, _, funcname = spec.partition(":")
+    try:
+        module = importlib.import_module(modname)
+    except Exception as exc:
+        raise ConfigError(f"[workload] handler = {spec!r}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, funcname, None)
+    if not callable(func):
+        raise ConfigError(f"[workload] handler = {spec!r}: module {modname!r} has no function {funcname!r}")
+    return func
+
+
+class CommandFailed(Exception):
+    def __init__(self, message: str, stderr: str):
+        super().__init__(message)
+        self.stderr = stderr
+
+
+def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
+    def run_command(payload: Any) -> str:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        try:
+            proc = subprocess.run(
+                command,
+                shell=True,
+                input=data.encode(),
+                capture_output=True,
+                timeout=timeout,
+                start_new_session=True,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(exc.stderr)) from None
+        if proc.returncode != 0:
+            raise CommandFailed(f"command exited with status {proc.returncode}", _tail(proc.stderr))
+        return proc.stdout.decode("utf-8", "replace")
+
+    return run_command
+
+
+def _tail(data: bytes | None, limit: int = 2000) -> str:
+    if not data:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class _Work:
+    """One task in progress inside the agent."""
+
+    __slots__ = ("msg", "payload", "peers", "expect")
+
+    def __init__(self, msg: Message):
+        body = msg.body if isinstance(msg.body, dict) else {}
+        self.msg = msg
+        self.payload = body.get("payload")
+        peers = body.get("peers") or []
+        self.peers = [p for p in peers if isinstance(p, str)]
+        expect = body.get("expect", 0)
+        self.expect = expect if isinstance(expect, int) and not isinstance(expect, bool) else 0
+
+
+def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
+    """Run one agent until it is told to stop.  Returns the exit status."""
+    check_agent_id(agent_id)
+    ctx = AgentContext(config, pm, agent_id, run_ref)
+    ctx.bus = bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
+    bus.listen(agent_id)  # bind the doorbell before the first read
+    if handler is None:
+        handler = load_handler(config.workload)
+    skip = set(json.loads(bus.get_state(f"skip.{agent_id}") or b"[]"))
+    pm.hook.cfn_agent_init(ctx=ctx)
+    ctx.send([ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
+    pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+
+    waiting: list[_Work] = []  # mesh tasks waiting for their peer messages
+    peers_seen: dict[int, set[str]] = defaultdict(set)  # round -> peer message ids
+    held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
+    settled: list = []
+    stopping = False
+
+    def finish(work: _Work) -> None:
+        msg = work.msg
+        t0 = time.perf_counter()
+        body: dict[str, Any] = {"ok": True, "value": None, "error": None}
+        try:
+            body["value"] = handler(work.payload)
+        except CommandFailed as exc:
+            body.update(ok=False, error=str(exc), stderr=exc.stderr)
+        except Exception as exc:  # a handler that raises fails its task, not the agent
+            body.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        body["seconds"] = time.perf_counter() - t0
+        body["peers_received"] = len(peers_seen.get(msg.round, ()))
+        body["peers_sent"] = len(work.peers)
+        body["counters"] = dict(ctx.counters)
+        result = ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)
+        try:
+            ctx.send([result])
+        except CfnError as exc:  # e.g. the value is too large: report that instead
+            body.update(ok=False, value=None, error=f"result not sent: {exc}")
+            ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
+        settled.append(msg.receipt)
+        settled.extend(held.pop(msg.round, ()))
+
+    def start(msg: Message) -> None:
+        work = _Work(msg)
+        if work.peers:
+            ctx.send(
+                [
+                    Message(
+                        id=f"{msg.task}.p{i}",  # the same id when a replacement re-sends: receivers de-duplicate
+                        src=agent_id,
+                        dst=peer,
+                        kind="peer",
+                        round=msg.round,
+                        task=msg.task,
+                        body=None,
+                        ts=time.time(),
+                        seq=i,
+                    )
+                    for i, peer in enumerate(work.peers)
+                ]
+            )
+        if len(peers_seen[msg.round]) >= work.expect:
+            finish(work)
+        else:
+            waiting.append(work)
+
+    while True:
+        messages = pm.hook.cfn_read(ctx=ctx, agent_id=agent_id)
+        for msg in messages:
+            ctx.counters["received"] += 1
+            kind = msg.kind
+            if kind == "task":
+                if msg.task in skip:
+                    settled.append(msg.receipt)  # the coordinator gave up on it (poison)
+                else:
+                    start(msg)
+            elif kind == "peer":
+                peers_seen[msg.round].add(msg.id)
+                held[msg.round].append(msg.receipt)
+            elif kind == "stop":
+                stopping = True
+                settled.append(msg.receipt)
+            elif kind == "ping":
+                ctx.send([ctx.factory.make(msg.src, "pong", body=msg.body)])
+                settled.append(msg.receipt)
+            else:
+                settled.append(msg.receipt)
+        if waiting:
+            still = []
+            for work in waiting:
+                if len(peers_seen[work.msg.round]) >= work.expect:
+                    finish(work)
+                else:
+                    still.append(work)
+            waiting = still
+        if stopping and not waiting:
+            break
+        pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+        if settled:
+            bus.ack(agent_id, settled)
+            settled = []
+        if not messages:
+            bus.wait(agent_id, None)
+
+    pm.hook.cfn_flush(ctx=ctx, reason="shutdown")
+    if settled:
+        bus.ack(agent_id, settled)
+    pm.hook.cfn_agent_exit(ctx=ctx)
+    bus.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def bootstrap_shm(run_dir: str):
+    """Load the configuration a coordinator left in its run directory (shm bus)."""
+    from .bus.shm import check_private_dir
+
+    check_private_dir(run_dir)
+    with open(os.path.join(run_dir, "state", "config"), "rb") as f:
+        return config_from_state(f.read(), f"{run_dir}/state/config")
+
+
+def config_from_state(data: bytes, source: str):
+    """Rebuild the coordinator's configuration from what it stored for its agents.
+
+    The stored document names the enabled plugins' modules, so an agent loads
+    exactly those without scanning every installed distribution.
+    """
+    from .config import config_from_dict
+    from .plugins import load_plugin, use_plugin_modules
+
+    doc = json.loads(data)
+    use_plugin_modules(doc.get("plugin_modules", {}))
+    schemas = {}
+    for name in doc.get("plugin_modules", {}):
+        impl = getattr(load_plugin(name), "cfn_settings", None)
+        if impl is not None:
+            schemas.update(impl() or {})
+    config = doc["config"]
+    known = set(schemas) | {"workload", "bus", "run", "plugins"}
+    return config_from_dict({k: v for k, v in config.items() if k in known}, source=source, plugin_schemas=schemas)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfn_core.agent", description="one cfn agent process")
+    parser.add_argument("--run", required=True, help="run reference (the shm run directory)")
+    parser.add_argument("--id", required=True, help="agent id")
+    parser.add_argument("--parent", type=int, required=True, help="pid of the coordinator; the agent dies with it")
+    args = parser.parse_args(argv)
+    from .process import die_with_parent
+
+    die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    logging.basicConfig(level=logging.WARNING, format=f"cfn agent {args.id}: %(message)s")
+    from .plugins import make_plugin_manager
+
+    try:
+        config = bootstrap_shm(args.run)
+        pm = make_plugin_manager(config)
+        return run_agent(config, pm, args.id, args.run)
+    except CfnError as exc:
+        print(f"cfn agent {args.id}: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The baseline: the plan's naive design, kept as the honest reference.
+
+Registered in every process, marked ``trylast``, so any enabled plugin that
+implements the same firstresult hook replaces a step:
+
+* spawn: a fresh Python interpreter per agent, one at a time, waiting for each
+  to be ready before starting the next;
+* send: every message is its own locked append (no buffering);
+* route: every inbox in one flat directory, ``inbox/<agent_id>``;
+* assign: round robin, every task queued at once;
+* release: stop the round's agents and wait for them to exit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .bus.shm import ShmBus
+from .hookspecs import hookimpl
+from .messages import MalformedMessage, decode
+
+
+@hookimpl(trylast=True)
+def cfn_bus(config, run_ref):
+    if run_ref is None:
+        return ShmBus.create(config.bus.root or None, max_message_bytes=config.bus.max_message_bytes)
+    return ShmBus.attach(run_ref, max_message_bytes=config.bus.max_message_bytes)
+
+
+@hookimpl(trylast=True)
+def cfn_route(agent_id, config):
+    return f"inbox/{agent_id}"
+
+
+@hookimpl(trylast=True)
+def cfn_send(ctx, messages):
+    limit = ctx.config.bus.max_message_bytes
+    for msg in messages:
+        ctx.bus.deliver(msg.dst, ctx.route(msg.dst), [msg.encode(limit)])
+    return True
+
+
+@hookimpl(trylast=True)
+def cfn_read(ctx, agent_id):
+    return decode_records(ctx, agent_id, ctx.bus.read(agent_id, ctx.route(agent_id)))
+
+
+def decode_records(ctx, agent_id: str, records) -> list:
+    """Decode ``(record, receipt)`` pairs; dead-letter (and settle) what is malformed.
+
+    Public so that a plugin replacing ``cfn_read`` keeps the same guarantees.
+    """
+    limit = ctx.config.bus.max_message_bytes
+    out = []
+    for raw, receipt in records:
+        try:
+            if len(raw) > limit:
+                raise MalformedMessage(f"record of {len(raw)} bytes exceeds bus.max_message_bytes={limit}")
+            msg = decode(raw)
+        except MalformedMessage as exc:
+            ctx.bus.dead_letter(agent_id, raw, str(exc))
+            ctx.bus.ack(agent_id, [receipt])
+            ctx.counters["dead_lettered"] += 1
+            continue
+        msg.receipt = receipt
+        out.append(msg)
+    return out
+
+
+@hookimpl(trylast=True)
+def cfn_launch_agent(ctx, agent_id):
+    cmd = [
+        sys.executable,
+        "-m",
+        "cfn_core.agent",
+        "--run",
+        ctx.run_ref,
+        "--id",
+        agent_id,
+        "--parent",
+        str(os.getpid()),
+    ]
+    # stdout goes to our stderr: a handler's print must never corrupt `cfn run --json`
+    popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
+    return ctx.new_handle(agent_id, popen.pid, popen=popen)
+
+
+@hookimpl(trylast=True)
+def cfn_spawn(ctx, agent_ids):
+    timeout = ctx.config.run.spawn_timeout
+    for agent_id in agent_ids:
+        ctx.launch(agent_id)
+        ctx.wait_ready([agent_id], timeout)
+    return ctx.spawn_report(agent_ids)
+
+
+@hookimpl(trylast=True)
+def cfn_acquire_agents(ctx, count):
+    ids = [f"agent-{i:04d}" for i in range(1, count + 1)]
+    return ctx.hook.cfn_spawn(ctx=ctx, agent_ids=ids).ready
+
+
+@hookimpl(trylast=True)
+def cfn_assign(ctx, task, agent_ids):
+    i = ctx.round_state.get("builtin.next", 0)
+    ctx.round_state["builtin.next"] = i + 1
+    return agent_ids[i % len(agent_ids)]
+
+
+@hookimpl(trylast=True)
+def cfn_release_agents(ctx, agent_ids):
+    ctx.stop_agents(agent_ids)
+    return True

@@ -1,0 +1,465 @@
+"""The embedded transport: inbox files under /dev/shm, doorbell sockets for wake-ups.
+
+Layout of one run (``/dev/shm/cfn-<random>/``, mode 0700)::
+
+    owner.json            coordinator pid and process start time (for `cfn clean`)
+    config.json           the resolved configuration every agent loads
+    <location>            one append-only inbox file per agent (location from cfn_route,
+                          e.g. ``inbox/agent-0001`` or ``shard-3/agent-0001``)
+    cursor/<agent>        8 bytes: inbox offset up to which every record is settled (acked)
+    bell/<agent>          the agent's doorbell: a unix datagram socket
+    dead/<agent>.jsonl    dead-lettered records with the reason
+    state/<key>           small shared values (put_state/get_state)
+
+Why it cannot lose a message:
+
+* A sender appends under ``flock`` with one ``write`` of whole records.  If the
+  write fails half way (disk full) the file is truncated back to where it was,
+  still under the lock, so no half record is ever visible.  A sender killed in
+  the middle of a write can leave a torn tail; the next sender sees the file
+  does not end in ``\\n`` and terminates it, turning the fragment into one
+  malformed record that the reader dead-letters (its sender never saw it sent).
+* The reader never truncates or rewrites: it keeps an offset and only takes
+  records up to the last ``\\n``, so it cannot race with appends.
+* The cursor advances only over acked records, so a replacement of a dead agent
+  re-reads what its predecessor had not settled.
+
+Wake-ups: after appending, the sender sends one byte to the receiver's
+doorbell socket (non-blocking; a full queue means a wake-up is already
+pending).  The receiver binds its doorbell *before* its first read, so no
+wake-up can be lost, and sleeps in ``select`` without polling.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import BusError
+from ..messages import check_agent_id
+
+_MAX_CACHED_FDS = 512
+_BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
+
+
+def bell_name(agent_id: str) -> str:
+    """The doorbell socket's file name: the id itself, or a hash of a long id."""
+    if len(agent_id) <= _BELL_NAME_MAX:
+        return agent_id
+    import hashlib
+
+    return "h" + hashlib.blake2b(agent_id.encode(), digest_size=15).hexdigest()
+_READ_CHUNK = 1 << 20
+
+
+def default_root() -> str:
+    """/dev/shm when it is a writable directory, else the system temp dir."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The process start time from /proc (clock ticks since boot), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # field 22, counted after the parenthesised command name
+    return data.rsplit(b")", 1)[1].split()[19].decode()
+
+
+class _Inbox:
+    """Reader state of one inbox in this process."""
+
+    __slots__ = ("fd", "pos", "pending", "cursor_fd", "acked_to", "partial_since")
+
+    def __init__(self, fd: int, pos: int, cursor_fd: int):
+        self.fd = fd
+        self.pos = pos  # next byte to read
+        self.pending: dict[int, bool] = {}  # end offset of each unsettled record -> acked
+        self.cursor_fd = cursor_fd
+        self.acked_to = pos
+        self.partial_since = 0.0
+
+
+class ShmBus:
+    """Inbox files under a private run directory.  See the module docstring."""
+
+    name = "shm"
+
+    def __init__(self, run_dir: str | os.PathLike, *, max_message_bytes: int = 1 << 20, owner: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_id = self.run_dir.name
+        self.max_message_bytes = max_message_bytes
+        self.owner = owner
+        self._append_fds: dict[str, int] = {}
+        self._inboxes: dict[str, _Inbox] = {}
+        self._bells: dict[str, socket.socket] = {}
+        self._ringer: socket.socket | None = None
+        self._dead_fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls, root: str | None = None, *, max_message_bytes: int = 1 << 20) -> "ShmBus":
+        """Make a new private run directory (coordinator side)."""
+        root = root or default_root()
+        if not os.path.isdir(root):
+            raise BusError(f"bus root {root!r} is not a directory (set [bus] root in cfn.toml)")
+        try:
+            run_dir = tempfile.mkdtemp(prefix="cfn-", dir=root)  # mode 0700, unpredictable name
+        except OSError as exc:
+            raise BusError(f"cannot create a run directory under {root!r}: {exc.strerror}") from None
+        longest = len(os.path.join(run_dir, "bell", "x" * _BELL_NAME_MAX))
+        if longest > 107:
+            os.rmdir(run_dir)
+            raise BusError(
+                f"bus root {root!r} is too long for doorbell sockets (paths up to 107 bytes); use a shorter [bus] root"
+            )
+        for sub in ("cursor", "bell", "dead", "state"):
+            os.mkdir(os.path.join(run_dir, sub), 0o700)
+        bus = cls(run_dir, max_message_bytes=max_message_bytes, owner=True)
+        me = os.getpid()
+        bus._write_atomic(
+            Path(run_dir) / "owner.json",
+            json.dumps({"pid": me, "start": _proc_start_time(me), "created": time.time()}).encode(),
+        )
+        return bus
+
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike, *, max_message_bytes: int = 1 << 20) -> "ShmBus":
+        """Open an existing run directory (agent side) after checking it is private and ours."""
+        run_dir = os.fspath(run_dir)
+        check_private_dir(run_dir)
+        return cls(run_dir, max_message_bytes=max_message_bytes)
+
+    def after_fork(self) -> None:
+        """Forget descriptors inherited through fork (a forked agent opens its own)."""
+        for fd in list(self._append_fds.values()) + list(self._dead_fds.values()):
+            _close(fd)
+        for inbox in self._inboxes.values():
+            _close(inbox.fd)
+            _close(inbox.cursor_fd)
+        for sock in self._bells.values():
+            sock.close()
+        if self._ringer is not None:
+            self._ringer.close()
+        self._append_fds, self._dead_fds, self._inboxes, self._bells = {}, {}, {}, {}
+        self._ringer = None
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        """Close every descriptor this process holds for the run."""
+        for fd in self._append_fds.values():
+            _close(fd)
+        for fd in self._dead_fds.values():
+            _close(fd)
+        for inbox in self._inboxes.values():
+            _close(inbox.fd)
+            _close(inbox.cursor_fd)
+        for sock in self._bells.values():
+            sock.close()
+        if self._ringer is not None:
+            self._ringer.close()
+        self._append_fds, self._dead_fds, self._inboxes, self._bells = {}, {}, {}, {}
+        self._ringer = None
+
+    def destroy(self) -> None:
+        """Close and remove the run directory (coordinator only)."""
+        self.close()
+        remove_tree(self.run_dir)
+
+    # ------------------------------------------------------------------ sending
+
+    def _path(self, location: str) -> Path:
+        if location.startswith("/") or ".." in location.split("/"):
+            raise BusError(f"inbox location {location!r} escapes the run directory")
+        return self.run_dir / location
+
+    def _append_fd(self, location: str) -> int:
+        fd = self._append_fds.get(location)
+        if fd is None:
+            path = self._path(location)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, flags, 0o600)
+            if len(self._append_fds) >= _MAX_CACHED_FDS:
+                _close(self._append_fds.pop(next(iter(self._append_fds))))
+            self._append_fds[location] = fd
+        return fd
+
+    def deliver(self, dst: str, location: str, records: list[bytes]) -> None:
+        """Append all ``records`` under one lock, atomically, then ring ``dst``'s doorbell."""
+        data = records[0] if len(records) == 1 else b"".join(records)
+        fd = self._append_fd(location)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # a sender died in the middle of a write: close the torn record
+                os.write(fd, b"\n")
+                size += 1
+            try:
+                written = os.write(fd, data)
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError as exc:
+                os.ftruncate(fd, size)  # no half-written batch is ever visible
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise BusError(
+                        f"bus {self.run_dir} is full ({exc.strerror}): {len(records)} message(s) to {dst} "
+                        "were not written; free space in the bus root or set [bus] root elsewhere"
+                    ) from None
+                raise
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self.ring(dst)
+
+    def ring(self, dst: str) -> None:
+        """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet."""
+        if self._ringer is None:
+            self._ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._ringer.setblocking(False)
+        try:
+            self._ringer.sendto(b"!", os.fspath(self.run_dir / "bell" / bell_name(dst)))
+        except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
+            pass
+
+    # ------------------------------------------------------------------ receiving
+
+    def _inbox(self, agent_id: str, location: str) -> _Inbox:
+        inbox = self._inboxes.get(agent_id)
+        if inbox is None:
+            path = self._path(location)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            cursor_fd = os.open(
+                self.run_dir / "cursor" / agent_id, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
+            raw = os.pread(cursor_fd, 8, 0)
+            pos = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            inbox = self._inboxes[agent_id] = _Inbox(fd, pos, cursor_fd)
+        return inbox
+
+    def read(self, agent_id: str, location: str) -> list[tuple[bytes, int]]:
+        """New complete records of the inbox, each with its receipt (its end offset)."""
+        inbox = self._inbox(agent_id, location)
+        size = os.fstat(inbox.fd).st_size
+        if size <= inbox.pos:
+            return []
+        data = os.pread(inbox.fd, size - inbox.pos, inbox.pos)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        out = []
+        start = 0
+        base = inbox.pos
+        pending = inbox.pending
+        while start <= end:
+            nl = data.index(b"\n", start)
+            receipt = base + nl + 1
+            out.append((data[start : nl + 1], receipt))
+            pending[receipt] = False
+            start = nl + 1
+        inbox.pos = base + end + 1
+        return out
+
+    def ack(self, agent_id: str, receipts: Iterable[int]) -> None:
+        """Settle records; the cursor moves over the longest settled prefix."""
+        inbox = self._inboxes.get(agent_id)
+        if inbox is None:
+            return
+        pending = inbox.pending
+        for r in receipts:
+            if r in pending:
+                pending[r] = True
+        moved = False
+        while pending:
+            first = next(iter(pending))
+            if not pending[first]:
+                break
+            del pending[first]
+            inbox.acked_to = first
+            moved = True
+        if moved:
+            os.pwrite(inbox.cursor_fd, inbox.acked_to.to_bytes(8, "little"), 0)
+
+    def unread_bytes(self, agent_id: str, location: str) -> int:
+        """Bytes in the inbox past the settled cursor (what a replacement would re-read)."""
+        try:
+            size = os.stat(self._path(location)).st_size
+        except FileNotFoundError:
+            return 0
+        try:
+            raw = (self.run_dir / "cursor" / agent_id).read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        return size - (int.from_bytes(raw, "little") if len(raw) == 8 else 0)
+
+    def _bell(self, agent_id: str) -> socket.socket:
+        sock = self._bells.get(agent_id)
+        if sock is None:
+            path = os.fspath(self.run_dir / "bell" / bell_name(agent_id))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                os.unlink(path)  # a dead predecessor's doorbell
+            except FileNotFoundError:
+                pass
+            sock.bind(path)
+            sock.setblocking(False)
+            self._bells[agent_id] = sock
+        return sock
+
+    def listen(self, agent_id: str) -> None:
+        """Bind ``agent_id``'s doorbell.  Call before the first read so no wake-up is lost."""
+        self._bell(agent_id)
+
+    def wake_fd(self, agent_id: str) -> int:
+        return self._bell(agent_id).fileno()
+
+    def drain_wakeups(self, agent_id: str) -> None:
+        """Discard pending doorbell bytes (call before reading, after a wake-up)."""
+        sock = self._bell(agent_id)
+        try:
+            while True:
+                sock.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def wait(self, agent_id: str, timeout: float | None) -> bool:
+        sock = self._bell(agent_id)
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if ready:
+            self.drain_wakeups(agent_id)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ dead letters and state
+
+    def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
+        fd = self._dead_fds.get(agent_id)
+        if fd is None:
+            fd = os.open(
+                self.run_dir / "dead" / f"{agent_id}.jsonl",
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+            self._dead_fds[agent_id] = fd
+        line = json.dumps({"reason": reason, "raw_b64": base64.b64encode(record[:65536]).decode()}) + "\n"
+        os.write(fd, line.encode())
+
+    def dead_letter_count(self) -> int:
+        count = 0
+        for path in (self.run_dir / "dead").glob("*.jsonl"):
+            with open(path, "rb") as f:
+                count += sum(1 for _ in f)
+        return count
+
+    def dead_letters(self) -> list[dict]:
+        """Every dead-lettered record of the run: ``{"agent", "reason", "raw_b64"}``."""
+        out = []
+        for path in sorted((self.run_dir / "dead").glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                out.append({"agent": path.stem, **json.loads(line)})
+        return out
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def put_state(self, key: str, data: bytes) -> None:
+        check_agent_id(key)
+        self._write_atomic(self.run_dir / "state" / key, data)
+
+    def get_state(self, key: str) -> bytes | None:
+        check_agent_id(key)
+        try:
+            return (self.run_dir / "state" / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+# ---------------------------------------------------------------------- helpers used by `cfn clean`
+
+
+def check_private_dir(run_dir: str) -> None:
+    """Refuse a run directory that is a symlink, not ours, or readable by others."""
+    try:
+        st = os.lstat(run_dir)
+    except FileNotFoundError:
+        raise BusError(f"run directory {run_dir} does not exist (its coordinator has ended)") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise BusError(f"run directory {run_dir} is not a plain directory (a symlink or file was planted there)")
+    if st.st_uid != os.getuid():
+        raise BusError(f"run directory {run_dir} belongs to uid {st.st_uid}, not to us (uid {os.getuid()})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise BusError(f"run directory {run_dir} has mode {stat.S_IMODE(st.st_mode):o}; cfn requires 0700")
+
+
+def run_is_stale(run_dir: str | os.PathLike) -> bool:
+    """True when the coordinator that made ``run_dir`` is no longer running."""
+    try:
+        owner = json.loads((Path(run_dir) / "owner.json").read_text())
+        pid, start = int(owner["pid"]), owner.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        # no readable owner file: stale only if old enough not to be a run being created
+        try:
+            return time.time() - os.lstat(run_dir).st_mtime > 60
+        except OSError:
+            return False
+    current = _proc_start_time(pid)
+    return current is None or (start is not None and current != start)
+
+
+def find_runs(root: str | None = None) -> list[tuple[Path, bool]]:
+    """Our run directories under ``root`` with whether each is stale."""
+    root = root or default_root()
+    out = []
+    try:
+        entries = sorted(Path(root).glob("cfn-*"))
+    except OSError:
+        return out
+    for path in entries:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        out.append((path, run_is_stale(path)))
+    return out
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a run directory, including doorbell sockets; never follows symlinks."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

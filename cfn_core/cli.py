@@ -1,0 +1,229 @@
+"""The ``cfn`` command.
+
+Exit codes: 0 all delivered, 1 some task failed or was lost, 2 usage or
+configuration error (one line, no traceback), 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from .errors import CfnError
+
+# command-line flag -> config key (every other key: --set table.key=value)
+RUN_FLAGS = {
+    "agents": ("workload.agents", "agents per coordination"),
+    "rounds": ("workload.rounds", "rounds in a row (later rounds show reuse)"),
+    "tasks": ("workload.tasks", "tasks per round (0: one per agent)"),
+    "topology": ("workload.topology", "star or mesh"),
+    "messages_per_agent": ("workload.messages_per_agent", "peer messages per agent (mesh)"),
+    "handler": ("workload.handler", "module:function run per task"),
+    "command": ("workload.command", "shell command run per task"),
+    "payload_bytes": ("workload.payload_bytes", "payload size per task"),
+    "timeout": ("workload.timeout", "seconds per task before its agent is killed"),
+    "metrics_port": ("run.metrics_port", "serve /metrics on this port during the run"),
+    "metrics_file": ("run.metrics_file", "write metrics in Prometheus text format here"),
+}
+
+
+class Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _overrides(args) -> dict:
+    out = {}
+    for name, (key, _help) in RUN_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            out[key] = value
+    if getattr(args, "plugins", None) is not None:
+        out["plugins"] = args.plugins
+    if getattr(args, "strict", False):
+        out["run.strict"] = "true"
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise CfnError(f"--set {item!r}: use TABLE.KEY=VALUE, e.g. --set pool.size=50")
+        out[key.strip()] = value
+    return out
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.config, overrides=_overrides(args))
+
+
+class _Progress:
+    """A live line on stderr when it is a terminal; nothing otherwise."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        line = f"\r{phase:<10} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        if line != self.last:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            self.last = line
+
+    def done(self) -> None:
+        if self.enabled and self.last:
+            sys.stderr.write("\r" + " " * len(self.last) + "\r")
+            sys.stderr.flush()
+
+
+def cmd_run(args) -> int:
+    from .coordinator import Coordinator
+    from .report import render_summary
+
+    config = _load(args)
+    progress = _Progress()
+    coord = Coordinator(config, progress=progress)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    code = None
+    try:
+        with coord:
+            result = coord.run()
+        code = result.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except Terminated:
+        code = 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.done()
+    result = coord.partial
+    if result is None:
+        return code
+    if code in (130, 143):
+        result.interrupted = True
+    if args.json:
+        out = result.to_dict(with_tasks=args.results)
+        out["exit_code"] = code
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(render_summary(result))
+    return code
+
+
+def cmd_init(args) -> int:
+    from .config import CONFIG_NAME, render_default_toml
+
+    path = Path(args.path or CONFIG_NAME)
+    if path.exists() and not args.force:
+        raise CfnError(f"{path} already exists; use --force to overwrite it")
+    path.write_text(render_default_toml())
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import describe_plugins
+
+    rows = describe_plugins(_load(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        version = f" {row['version']}" if row.get("version") else ""
+        print(f"{row['name']:<10} {row['status']:<9} {row.get('distribution') or '?'}{version}  ({row['module']})")
+        for hook, order in sorted(row["call_order"].items()):
+            print(f"    {hook:<22} call order: {' > '.join(order)}")
+        if row.get("error"):
+            print(f"    error: {row['error']}")
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from .bus.shm import find_runs, remove_tree
+
+    removed = kept = 0
+    for path, stale in find_runs(args.root):
+        if stale:
+            if not args.dry_run:
+                remove_tree(path)
+            print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+            removed += 1
+        else:
+            kept += 1
+    print(f"{removed} stale run(s) {'found' if args.dry_run else 'removed'}, {kept} live run(s) kept")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfn", description="coordinate agent processes over a lossless message bus")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", metavar="PATH", help="cfn.toml or pyproject.toml (default: found upward from here)")
+        p.add_argument("--plugins", metavar="A,B", help="replace the plugin list, e.g. pool,batch ('' for the baseline)")
+        p.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE", help="override any setting (repeatable)")
+        p.add_argument("--strict", action="store_true", help="a failing plugin stops the run instead of falling back")
+
+    run = sub.add_parser("run", help="run one coordination (rounds times) and print the summary")
+    with_config(run)
+    for name, (key, help_) in RUN_FLAGS.items():
+        run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.split("_")[0].upper(), help=f"{help_} ({key})")
+    run.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    run.add_argument("--results", action="store_true", help="include every task's result in --json")
+    run.set_defaults(func=cmd_run)
+
+    init = sub.add_parser("init", help="write a commented default cfn.toml")
+    init.add_argument("path", nargs="?", help="where (default ./cfn.toml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins, their hooks and call order")
+    with_config(plugins)
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=cmd_plugins)
+
+    clean = sub.add_parser("clean", help="remove run directories left by coordinators that died")
+    clean.add_argument("--root", help="bus root (default /dev/shm)")
+    clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    clean.set_defaults(func=cmd_clean)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live in their own modules (bench, agent)."""
+    out = []
+    for modname in ("cfn_core.bench.cli",):
+        try:
+            module = __import__(modname, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        out.append(module.add_parser)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CfnError as exc:
+        print(f"cfn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,422 @@
+"""Configuration: cfn.toml + CFN_* environment + command-line overrides, validated.
+
+Precedence, highest first: command line > environment > cfn.toml > default.
+
+Every table is an ``attrs`` class whose fields are declared with :func:`setting`
+(default, help text, range or choices, extra environment names).  The kernel
+owns ``plugins``, ``[workload]``, ``[bus]`` and ``[run]``; each plugin declares
+its own table through the ``cfn_settings`` hook.  The same schema drives the
+loader, the error messages, ``cfn init`` and the reference in docs/, so they
+cannot disagree.
+
+Environment: every key is ``CFN_<TABLE>_<KEY>`` (``CFN_POOL_SIZE``,
+``CFN_WORKLOAD_AGENTS``); a setting may declare more names (the plan's
+``CFN_SPAWN_PARALLELISM``, ``CFN_BATCH_TIMEOUT``).  ``CFN_PLUGINS`` replaces the
+plugin list and the plan's feature flags ``CFN_ENABLE_POOLING`` /
+``_BATCHING`` / ``_PARALLEL_SPAWN`` / ``_SHARDING`` add or remove one plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+from attrs import define, field
+
+from .errors import ConfigError, did_you_mean
+
+CONFIG_NAME = "cfn.toml"
+
+#: the plan's feature flags -> plugin names
+FEATURE_FLAGS = {
+    "CFN_ENABLE_POOLING": "pool",
+    "CFN_ENABLE_BATCHING": "batch",
+    "CFN_ENABLE_PARALLEL_SPAWN": "parallel",
+    "CFN_ENABLE_SHARDING": "shard",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def setting(default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None):
+    """Declare one configuration key (an ``attrs`` field with the metadata the loader uses).
+
+    :param default: the value when nobody sets it; its type is the key's type.
+    :param help: one line for ``cfn init`` and the docs.
+    :param env: extra environment variable names besides ``CFN_<TABLE>_<KEY>``.
+    :param min: smallest allowed number.  :param max: largest allowed number.
+    :param choices: the allowed values of a string key.
+    """
+    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices}
+    if isinstance(default, (list, tuple)):
+        return field(factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@define(frozen=True)
+class WorkloadSettings:
+    """``[workload]``: what one coordination does."""
+
+    agents: int = setting(10, "agents in one coordination", env=("CFN_AGENTS",), min=1, max=100_000)
+    rounds: int = setting(1, "coordinations in a row with the same configuration (later rounds show reuse)", min=1, max=100_000)
+    tasks: int = setting(0, "tasks per round; 0 means one task per agent", min=0, max=10_000_000)
+    topology: str = setting("star", "star: coordinator<->agents only; mesh: agents also message each other", choices=("star", "mesh"))
+    messages_per_agent: int = setting(0, "peer messages each agent sends to other agents (mesh)", min=0, max=1_000_000)
+    handler: str = setting("cfn_core.handlers:echo", "module:function called in the agent with each task's payload")
+    command: str = setting("", "shell command run per task (payload on stdin, stdout is the result); replaces handler")
+    payload_bytes: int = setting(64, "size of each task's payload string", min=0, max=1 << 30)
+    timeout: float = setting(60.0, "seconds one task may take before its agent is killed and the task retried", min=0.001, max=86_400.0)
+    max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, timeouts) before it is reported failed", min=1, max=100)
+    seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
+
+
+@define(frozen=True)
+class BusSettings:
+    """``[bus]``: the embedded /dev/shm transport."""
+
+    root: str = setting("", "directory for run directories; empty: /dev/shm, or the temp dir without it")
+    max_message_bytes: int = setting(1 << 20, "largest encoded message", min=256, max=1 << 30)
+    inbox_depth: int = setting(1000, "unread messages an inbox may hold before senders wait; 0: unlimited", min=0, max=10_000_000)
+
+
+@define(frozen=True)
+class RunSettings:
+    """``[run]``: how the coordinator behaves."""
+
+    strict: bool = setting(False, "a failing optimization plugin stops the run instead of falling back to the baseline")
+    max_agents: int = setting(10_000, "most agents one run may start (a guard against typos)", min=1, max=1_000_000)
+    spawn_timeout: float = setting(30.0, "seconds an agent may take to become ready", min=0.01, max=3600.0)
+    shutdown_timeout: float = setting(5.0, "seconds agents get to exit before they are killed", min=0.01, max=3600.0)
+    metrics_port: int = setting(0, "serve Prometheus /metrics on this port during the run; 0: off", min=0, max=65535)
+    metrics_file: str = setting("", "write the Prometheus text format to this file at the end; empty: off")
+
+
+#: the kernel's own tables
+KERNEL_SECTIONS: dict[str, type] = {"workload": WorkloadSettings, "bus": BusSettings, "run": RunSettings}
+
+
+@define(frozen=True)
+class Config:
+    """A validated configuration.  ``sections`` holds every table, kernel and plugin."""
+
+    plugins: tuple[str, ...] = ()
+    sections: Mapping[str, Any] = field(factory=dict)
+    path: str | None = None
+
+    @property
+    def workload(self) -> WorkloadSettings:
+        return self.sections["workload"]
+
+    @property
+    def bus(self) -> BusSettings:
+        return self.sections["bus"]
+
+    @property
+    def run(self) -> RunSettings:
+        return self.sections["run"]
+
+    def section(self, name: str):
+        """The settings object of table ``name`` (a plugin's own table)."""
+        return self.sections[name]
+
+    def enabled(self) -> list[str]:
+        """Plugin names switched on (``no:name`` entries removed)."""
+        blocked = {p[3:] for p in self.plugins if p.startswith("no:")}
+        return [p for p in self.plugins if not p.startswith("no:") and p not in blocked]
+
+    def blocked(self) -> list[str]:
+        return [p[3:] for p in self.plugins if p.startswith("no:")]
+
+    def to_dict(self) -> dict:
+        """Plain data (TOML/JSON-able) that :func:`config_from_dict` turns back into this config."""
+        out: dict[str, Any] = {"plugins": list(self.plugins)}
+        for name, obj in self.sections.items():
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(obj).items()}
+        return out
+
+    def evolve(self, **tables: dict) -> "Config":
+        """A copy with some keys of some tables replaced, validated like a file."""
+        data = self.to_dict()
+        for table, values in tables.items():
+            if table == "plugins":
+                data["plugins"] = list(values)
+            else:
+                data.setdefault(table, {}).update(values)
+        return config_from_dict(data, source=self.path or "<evolve>", path=self.path)
+
+
+# ---------------------------------------------------------------------- schema helpers
+
+
+def schemas(plugin_schemas: Mapping[str, type] | None = None) -> dict[str, type]:
+    """Every table the loader accepts: the kernel's plus the installed plugins'."""
+    out = dict(KERNEL_SECTIONS)
+    if plugin_schemas is None:
+        from .plugins import installed_settings
+
+        plugin_schemas = installed_settings()
+    out.update(plugin_schemas)
+    return out
+
+
+def env_names(table: str, fld: attrs.Attribute) -> tuple[str, ...]:
+    """Environment variable names of one key, generic name first."""
+    return (f"CFN_{table.upper()}_{fld.name.upper()}",) + tuple(fld.metadata.get("env", ()))
+
+
+def describe_allowed(fld: attrs.Attribute) -> str:
+    """'an integer from 1 to 100000', 'one of star, mesh', ... for error messages and docs."""
+    meta = fld.metadata
+    typ = type(fld.default) if fld.default is not attrs.NOTHING else tuple
+    if isinstance(fld.default, attrs.Factory) or typ is tuple:
+        return "a list of strings"
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{kind} from {lo} to {hi}"
+    if lo is not None:
+        return f"{kind} >= {lo}"
+    return kind
+
+
+def _default(fld: attrs.Attribute):
+    d = fld.default
+    return d.factory() if isinstance(d, attrs.Factory) else d
+
+
+def _coerce(value: Any, fld: attrs.Attribute, where: str, from_text: bool):
+    typ = type(_default(fld))
+    meta = fld.metadata
+
+    def bad():
+        return ConfigError(f"{where} = {value!r}: must be {describe_allowed(fld)}")
+
+    if from_text and isinstance(value, str):
+        text = value.strip()
+        try:
+            if typ is bool:
+                low = text.lower()
+                if low not in _TRUE | _FALSE:
+                    raise ValueError
+                value = low in _TRUE
+            elif typ is int:
+                value = int(text)
+            elif typ is float:
+                value = float(text)
+            elif typ is tuple:
+                value = tuple(p.strip() for p in text.split(",") if p.strip())
+        except ValueError:
+            raise bad() from None
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad()
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise bad()
+    elif typ is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        value = tuple(value)
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad()
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where} = {value!r}: must be {describe_allowed(fld)}{did_you_mean(str(value), meta['choices'])}")
+    return value
+
+
+def _build_section(table: str, cls: type, values: Mapping[str, tuple[Any, str, bool]]):
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs = {}
+    for key, (value, source, from_text) in values.items():
+        fld = fields.get(key)
+        if fld is None:
+            raise ConfigError(
+                f"{source}: unknown key {key!r} in [{table}]{did_you_mean(key, fields)}; "
+                f"valid keys: {', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(value, fld, f"{source}: [{table}] {key}", from_text)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def find_config(start: str | os.PathLike | None = None) -> tuple[Path, dict] | None:
+    """Find cfn.toml (or pyproject.toml with [tool.cfn]) from ``start`` upward, like pytest's rootdir."""
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / CONFIG_NAME
+        if candidate.is_file():
+            return candidate, read_toml(candidate)
+        pyproject = d / "pyproject.toml"
+        if pyproject.is_file():
+            data = read_toml(pyproject)
+            if "cfn" in data.get("tool", {}):
+                return pyproject, data["tool"]["cfn"]
+    return None
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file; a syntax error names the file, line and column."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    plugin_schemas: Mapping[str, type] | None = None,
+    discover: bool = True,
+) -> Config:
+    """Load and validate the configuration.
+
+    :param path: a cfn.toml or pyproject.toml; None: discover from the current directory.
+    :param overrides: command-line values, ``{"workload.agents": "500", "plugins": "pool,batch"}``.
+    :param env: the environment to read CFN_* from (default ``os.environ``).
+    :param plugin_schemas: plugin tables (default: every installed plugin's).
+    :param discover: look for cfn.toml upward when ``path`` is None.
+    """
+    env = os.environ if env is None else env
+    data: dict = {}
+    source = "defaults"
+    cfg_path = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        data = read_toml(p)
+        if p.name == "pyproject.toml":
+            data = data.get("tool", {}).get("cfn", {})
+        cfg_path, source = str(p), str(p)
+    elif discover:
+        found = found_path = None
+        found = find_config()
+        if found:
+            found_path, data = found
+            cfg_path = source = str(found_path)
+
+    all_schemas = schemas(plugin_schemas)
+    plugins = _plugins_from(data.get("plugins", []), source)
+    tables: dict[str, dict[str, tuple[Any, str, bool]]] = {name: {} for name in all_schemas}
+    for key, value in data.items():
+        if key == "plugins":
+            continue
+        if key not in all_schemas:
+            raise ConfigError(
+                f"{source}: unknown table or key {key!r}{did_you_mean(key, all_schemas)}; "
+                f"valid: plugins, {', '.join('[' + t + ']' for t in all_schemas)}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key!r} must be a table ([{key}]), not {type(value).__name__}")
+        for k, v in value.items():
+            tables[key][k] = (v, source, False)
+
+    # environment
+    if env.get("CFN_PLUGINS") is not None:
+        plugins = _plugins_from(env["CFN_PLUGINS"], "environment variable CFN_PLUGINS")
+    for var, name in FEATURE_FLAGS.items():
+        if var in env:
+            flag = env[var].strip().lower()
+            if flag not in _TRUE | _FALSE:
+                raise ConfigError(f"environment variable {var} = {env[var]!r}: must be true or false")
+            plugins = [p for p in plugins if p != name and p != f"no:{name}"]
+            plugins.append(name if flag in _TRUE else f"no:{name}")
+    if env.get("CFN_DISABLE_PLUGINS"):
+        for name in _plugins_from(env["CFN_DISABLE_PLUGINS"], "environment variable CFN_DISABLE_PLUGINS"):
+            plugins = [p for p in plugins if p != name] + [f"no:{name}"]
+    for table, cls in all_schemas.items():
+        for fld in attrs.fields(cls):
+            for var in env_names(table, fld):
+                if var in env:
+                    tables[table][fld.name] = (env[var], f"environment variable {var}", True)
+                    break
+
+    # command line
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if dotted == "plugins":
+            plugins = _plugins_from(value, "command line --plugins")
+            continue
+        table, _, key = dotted.partition(".")
+        if table not in all_schemas or not key:
+            raise ConfigError(
+                f"command line: unknown setting {dotted!r}{did_you_mean(table, all_schemas)}; "
+                f"use TABLE.KEY with TABLE one of {', '.join(all_schemas)}"
+            )
+        tables[table][key] = (value, f"command line {dotted}", isinstance(value, str))
+
+    sections = {name: _build_section(name, cls, tables[name]) for name, cls in all_schemas.items()}
+    return Config(plugins=tuple(plugins), sections=sections, path=cfg_path)
+
+
+def config_from_dict(data: Mapping, *, source: str = "<dict>", path: str | None = None, plugin_schemas=None) -> Config:
+    """Validate plain data (the shape of cfn.toml) without reading files or the environment."""
+    all_schemas = schemas(plugin_schemas)
+    plugins = _plugins_from(data.get("plugins", []), source)
+    sections = {}
+    for key in data:
+        if key != "plugins" and key not in all_schemas:
+            raise ConfigError(f"{source}: unknown table {key!r}{did_you_mean(key, all_schemas)}")
+    for name, cls in all_schemas.items():
+        raw = data.get(name, {})
+        sections[name] = _build_section(name, cls, {k: (v, source, False) for k, v in raw.items()})
+    return Config(plugins=tuple(plugins), sections=sections, path=path)
+
+
+def _plugins_from(value: Any, source: str) -> list[str]:
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{source}: plugins = {value!r}: must be a list of plugin names, e.g. [\"pool\", \"batch\"]")
+    return [p for p in value if p not in ("baseline", "none")]
+
+
+# ---------------------------------------------------------------------- cfn init
+
+
+def render_default_toml(plugin_schemas: Mapping[str, type] | None = None, plugins: tuple[str, ...] = ()) -> str:
+    """A commented cfn.toml with every key at its default (round-trips through :func:`load_config`)."""
+    import tomli_w
+
+    lines = [
+        "# cfn configuration.  Precedence: command line > CFN_* environment > this file > defaults.",
+        "# Every key of [table] can also be set as CFN_<TABLE>_<KEY> or `cfn run --set table.key=value`.",
+        "",
+        "# Optimization plugins to enable (installed ones: `cfn plugins`).  Empty: the baseline.",
+        "# Turning an optimization off is removing its name, or writing \"no:name\".",
+        tomli_w.dumps({"plugins": list(plugins)}).strip(),
+    ]
+    for table, cls in schemas(plugin_schemas).items():
+        lines += ["", f"[{table}]"]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        if doc:
+            lines.append(f"# {doc[0]}")
+        for fld in attrs.fields(cls):
+            names = ", ".join(env_names(table, fld))
+            lines.append(f"# {fld.metadata['help']}. Allowed: {describe_allowed(fld)}. Env: {names}")
+            default = _default(fld)
+            value = list(default) if isinstance(default, tuple) else default
+            lines.append(tomli_w.dumps({fld.name: value}).strip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,724 @@
+"""One coordination: bus, spawn, ready barrier, distribute, collect, shutdown.
+
+Read :meth:`Coordinator.run_round` top to bottom for the data flow.  Every
+replaceable step is a hook call (see :mod:`cfn_core.hookspecs`); everything
+else here is bookkeeping that keeps the guarantees:
+
+* every agent is watched through a pidfd, so a death is noticed at once;
+* an agent that dies (or is killed for exceeding ``[workload] timeout``) with
+  work outstanding is relaunched under the same id, and the new incarnation
+  re-reads the messages its predecessor had not settled;
+* the task that was running when an agent died is charged an attempt; after
+  ``max_attempts`` it is reported failed and the agent is told to skip it;
+* results are de-duplicated by task id, peer messages by message id, and the
+  delivery rate is counted from what arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import selectors
+import signal
+import time
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+from attrs import define, field
+
+from .config import Config, load_config
+from .errors import CfnError, ConfigError
+from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
+from .metrics import PHASES, Metrics
+from .plugins import make_plugin_manager
+from .process import ensure_fd_limit, pidfd_open
+from .report import CoordinationResult, RoundResult, percentile
+
+log = logging.getLogger("cfn")
+
+_TICK = 0.05
+
+
+@define(eq=False)
+class AgentHandle:
+    """One agent process as the coordinator sees it.
+
+    ``state`` is ``starting`` (launched), ``ready`` (answered), ``stopping``
+    (asked to exit) or ``exited``.  ``outstanding`` maps task ids sent to it
+    and not yet answered to the monotonic time they were sent, oldest first.
+    """
+
+    id: str
+    pid: int
+    pidfd: int | None = None
+    popen: Any = None
+    launched_at: float = field(factory=time.monotonic)
+    ready_at: float | None = None
+    state: str = "starting"
+    exit_code: int | None = None
+    incarnation: int = 1
+    killed_reason: str | None = None
+    outstanding: dict[str, float] = field(factory=dict)
+    last_seen: float = field(factory=time.monotonic)
+    info: dict[str, Any] = field(factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "exited"
+
+
+@define
+class SpawnReport:
+    """What ``cfn_spawn`` returns: ready agent ids, and why each other one is not."""
+
+    ready: list[str] = field(factory=list)
+    failed: dict[str, str] = field(factory=dict)
+
+
+class _Round:
+    """Bookkeeping of the round in progress."""
+
+    def __init__(self, number: int, tasks: list[Task]):
+        self.number = number
+        self.tasks = {t.id: t for t in tasks}
+        self.order = [t.id for t in tasks]
+        self.results: dict[str, TaskResult] = {}
+        self.attempts: dict[str, int] = defaultdict(int)
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.result = RoundResult(round=number, tasks=len(tasks))
+        self.collect = 0.0
+        self.peers_sent = 0
+        self.peers_received = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) >= len(self.tasks)
+
+
+class CoordinatorContext:
+    """What coordinator-side hooks get as ``ctx``.
+
+    Besides the common attributes (``config``, ``hook``, ``bus``, ``route``,
+    ``metrics``, ``state``), plugins use: ``agents`` (id -> :class:`AgentHandle`),
+    ``launch``, ``new_handle``, ``wait_ready``, ``spawn_report``, ``pump``,
+    ``stop_agents``, ``kill``, ``round_state`` (cleared every round) and
+    ``run_ref`` (what an agent needs to attach to the bus).
+    """
+
+    side = "coordinator"
+
+    def __init__(self, config: Config, pm, metrics: Metrics):
+        self.config = config
+        self.pm = pm
+        self.hook = pm.hook
+        self.metrics = metrics
+        self.self_id = self.agent_id = COORDINATOR_ID
+        self.bus = None
+        self.run_ref: str | None = None
+        self.agents: dict[str, AgentHandle] = {}
+        self.state: dict[str, Any] = {}
+        self.round_state: dict[str, Any] = {}
+        self.factory = MessageFactory(COORDINATOR_ID)
+        self.counters: dict[str, int] = defaultdict(int)
+        self.fallbacks: dict[str, dict] = {}
+        self.spawn_failures: dict[str, str] = {}
+        self._routes: dict[str, str] = {}
+        self._selector = selectors.DefaultSelector()
+        self._round: _Round | None = None
+        self._in_execute = False
+        self._next_tick = 0.0
+
+    # ------------------------------------------------------------------ helpers for plugins
+
+    def route(self, agent_id: str) -> str:
+        loc = self._routes.get(agent_id)
+        if loc is None:
+            loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
+        return loc
+
+    def send(self, messages: list[Message]) -> None:
+        """Hand messages to ``cfn_send`` (and count them)."""
+        if messages:
+            self.counters["sent"] += len(messages)
+            self.metrics.messages_sent.inc(len(messages))
+            self.hook.cfn_send(ctx=self, messages=messages)
+
+    def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
+        from .fallback import record_fallback
+
+        record_fallback(self, hook, plugin, exc)
+
+    def new_handle(self, agent_id: str, pid: int, popen: Any = None) -> AgentHandle:
+        """Make the handle ``cfn_launch_agent`` returns (opens the pidfd that watches the process)."""
+        return AgentHandle(id=agent_id, pid=pid, pidfd=pidfd_open(pid), popen=popen)
+
+    def launch(self, agent_id: str) -> AgentHandle:
+        """Start one agent through ``cfn_launch_agent`` and watch it.  Does not wait for ready."""
+        check_agent_id(agent_id)
+        previous = self.agents.get(agent_id)
+        if previous is not None and previous.alive:
+            raise CfnError(f"agent {agent_id} is already running (pid {previous.pid})")
+        handle = self.hook.cfn_launch_agent(ctx=self, agent_id=agent_id)
+        if previous is not None:
+            handle.incarnation = previous.incarnation + 1
+            handle.outstanding = previous.outstanding
+            now = time.monotonic()
+            for task_id in handle.outstanding:
+                handle.outstanding[task_id] = now  # the timeout runs from the relaunch
+        self.agents[agent_id] = handle
+        self.spawn_failures.pop(agent_id, None)
+        self.metrics.agents.inc()
+        if handle.pidfd is None:
+            self._reap(handle)
+        else:
+            self._selector.register(handle.pidfd, selectors.EVENT_READ, handle)
+        return handle
+
+    def wait_ready(self, agent_ids: Iterable[str], timeout: float) -> SpawnReport:
+        """Pump the bus until every agent in ``agent_ids`` is ready or gone.
+
+        Agents still starting after ``timeout`` seconds are killed and reported.
+        """
+        ids = list(agent_ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [a for a in ids if a in self.agents and self.agents[a].state == "starting"]
+            if not pending:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for agent_id in pending:
+                    self.spawn_failures[agent_id] = f"not ready within {timeout:g}s"
+                    self.kill(self.agents[agent_id], f"not ready within {timeout:g}s")
+                self._await_exit([self.agents[a] for a in pending], 1.0)
+                break
+            self.pump(min(remaining, _TICK))
+        return self.spawn_report(ids)
+
+    def spawn_report(self, agent_ids: Iterable[str]) -> SpawnReport:
+        """Which of ``agent_ids`` are ready, and why the others are not."""
+        report = SpawnReport()
+        for agent_id in agent_ids:
+            handle = self.agents.get(agent_id)
+            if handle is not None and handle.state == "ready":
+                report.ready.append(agent_id)
+            else:
+                report.failed[agent_id] = self.spawn_failures.get(agent_id) or (
+                    "never launched" if handle is None else f"exited with status {handle.exit_code} before it was ready"
+                )
+        return report
+
+    def kill(self, handle: AgentHandle, reason: str) -> None:
+        """SIGKILL an agent (its death is then handled like any other)."""
+        if not handle.alive:
+            return
+        handle.killed_reason = reason
+        try:
+            if handle.pidfd is not None:
+                signal.pidfd_send_signal(handle.pidfd, signal.SIGKILL)
+            else:
+                os.kill(handle.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop_agents(self, agent_ids: Iterable[str]) -> None:
+        """Ask agents to exit, wait ``[run] shutdown_timeout``, kill what is left."""
+        handles = [self.agents[a] for a in agent_ids if a in self.agents and self.agents[a].alive]
+        stops = []
+        for handle in handles:
+            if handle.state != "stopping":
+                handle.state = "stopping"
+                stops.append(self.factory.make(handle.id, "stop"))
+        try:
+            self.send(stops)
+        except CfnError as exc:
+            log.warning("could not ask agents to stop (%s); killing them", exc)
+            for handle in handles:
+                self.kill(handle, "could not be asked to stop")
+        self._await_exit(handles, self.config.run.shutdown_timeout)
+
+    def _await_exit(self, handles: list[AgentHandle], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(h.alive for h in handles):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for h in handles:
+                    self.kill(h, "did not exit in time")
+                deadline = time.monotonic() + 5.0
+                timeout = 5.0
+                if all(h.killed_reason for h in handles if h.alive):
+                    # SIGKILL is certain; wait for the kernel to report the deaths
+                    while any(h.alive for h in handles):
+                        self.pump(_TICK)
+                    break
+            self.pump(min(max(remaining, 0.0), _TICK))
+
+    # ------------------------------------------------------------------ the event loop
+
+    def pump(self, timeout: float | None) -> None:
+        """Flush, sleep until a message or an agent death (or ``timeout``), then handle both."""
+        self.hook.cfn_flush(ctx=self, reason="explicit")
+        events = self._selector.select(timeout)
+        died = []
+        for key, _ in events:
+            if key.data is None:
+                self.bus.drain_wakeups(COORDINATOR_ID)
+            else:
+                died.append(key.data)
+        self._drain_inbox()
+        if died:
+            self._drain_inbox()  # a result written just before the death is read first
+            for handle in died:
+                self._reap(handle)
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + _TICK
+            self._watchdog(now)
+            self.hook.cfn_tick(ctx=self, now=now)
+
+    def _drain_inbox(self) -> None:
+        t0 = time.perf_counter()
+        messages = self.hook.cfn_read(ctx=self, agent_id=COORDINATOR_ID)
+        if not messages:
+            return
+        now = time.monotonic()
+        for msg in messages:
+            handle = self.agents.get(msg.src)
+            if handle is not None:
+                handle.last_seen = now
+            kind = msg.kind
+            if kind == "result":
+                self._on_result(msg, handle, now)
+            elif kind == "ready":
+                self._on_ready(msg, handle, now)
+            elif kind == "pong" and handle is not None:
+                handle.info["pong_at"] = now
+            else:
+                self.counters["unexpected"] += 1
+        self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
+        self.metrics.messages_delivered.inc(len(messages))
+        if self._in_execute and self._round is not None:
+            self._round.collect += time.perf_counter() - t0
+
+    def _on_ready(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
+        if handle is None or handle.state != "starting":
+            return
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if body.get("pid") not in (None, handle.pid):
+            return  # from an earlier incarnation
+        handle.state = "ready"
+        handle.ready_at = now
+        self.metrics.spawn_seconds.observe(now - handle.launched_at)
+        self.hook.cfn_agent_started(ctx=self, agent=handle)
+
+    def _on_result(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
+        r = self._round
+        if handle is not None:
+            handle.outstanding.pop(msg.task, None)
+        if r is None or msg.round != r.number or msg.task not in r.tasks:
+            self.counters["stale_results"] += 1
+            return
+        if msg.task in r.results:
+            r.result.duplicates += 1
+            return
+        body = msg.body if isinstance(msg.body, dict) else {}
+        peers = body.get("peers_received", 0)
+        peers = peers if isinstance(peers, int) and not isinstance(peers, bool) else 0
+        seconds = body.get("seconds", 0.0)
+        error = body.get("error")
+        r.results[msg.task] = TaskResult(
+            task=msg.task,
+            ok=body.get("ok") is True,
+            value=body.get("value"),
+            error=str(error) if error is not None else None,
+            agent=msg.src,
+            attempts=r.attempts.get(msg.task, 0) + 1,
+            peers_received=min(peers, r.tasks[msg.task].expect),
+            seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+            stderr=body.get("stderr") if isinstance(body.get("stderr"), str) else None,
+        )
+        sent = r.sent_at.get(msg.task)
+        if sent is not None:
+            r.latencies.append(now - sent)
+        peers_sent = body.get("peers_sent", 0)
+        if isinstance(peers_sent, int):
+            r.peers_sent += peers_sent
+
+    def _reap(self, handle: AgentHandle) -> None:
+        if handle.pidfd is not None:
+            try:
+                self._selector.unregister(handle.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(handle.pidfd)
+            handle.pidfd = None
+        if handle.popen is not None:
+            handle.exit_code = handle.popen.wait()
+        was = handle.state
+        handle.state = "exited"
+        reason = "stopped" if was == "stopping" and not handle.killed_reason else "killed" if handle.killed_reason else "died"
+        self.metrics.agents.dec()
+        self.metrics.agent_exits.labels(reason=reason).inc()
+        self.hook.cfn_agent_exited(ctx=self, agent=handle, reason=reason)
+        if reason != "stopped" and handle.outstanding and self._round is not None:
+            self._recover(handle)
+
+    def _recover(self, handle: AgentHandle) -> None:
+        """An agent died with work outstanding: charge the task it was running, relaunch it."""
+        r = self._round
+        stale = [t for t in handle.outstanding if t not in r.tasks or t in r.results]
+        for t in stale:
+            del handle.outstanding[t]
+        if not handle.outstanding:
+            return
+        culprit = next(iter(handle.outstanding))
+        r.attempts[culprit] += 1
+        why = handle.killed_reason or (
+            f"agent {handle.id} died" + (f" with status {handle.exit_code}" if handle.exit_code is not None else "")
+        )
+        if r.attempts[culprit] >= self.config.workload.max_attempts:
+            self._give_up(handle, culprit, f"gave up after {r.attempts[culprit]} attempts: {why}")
+        if not handle.outstanding:
+            return
+        r.result.retries += len(handle.outstanding)
+        self.metrics.task_retries.inc(len(handle.outstanding))
+        try:
+            self.launch(handle.id)
+        except Exception as exc:  # cannot replace it: everything it held fails, with the reason
+            for task_id in list(handle.outstanding):
+                self._give_up(handle, task_id, f"agent {handle.id} died and could not be replaced: {exc}")
+
+    def _give_up(self, handle: AgentHandle, task_id: str, reason: str) -> None:
+        r = self._round
+        handle.outstanding.pop(task_id, None)
+        r.results.setdefault(
+            task_id,
+            TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False),
+        )
+        self.metrics.task_failures.inc()
+        key = f"skip.{handle.id}"
+        skip = set(json.loads(self.bus.get_state(key) or b"[]"))
+        skip.add(task_id)
+        self.bus.put_state(key, json.dumps(sorted(skip)).encode())
+
+    def _watchdog(self, now: float) -> None:
+        """Kill agents whose oldest task has run longer than ``[workload] timeout``."""
+        if self._round is None:
+            return
+        limit = self.config.workload.timeout
+        for handle in self.agents.values():
+            if not handle.outstanding or not handle.alive or handle.killed_reason:
+                continue
+            oldest_task, sent = next(iter(handle.outstanding.items()))
+            started = max(sent, handle.last_seen)
+            if now - started > limit:
+                self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
+
+
+class Coordinator:
+    """Runs coordinations.  Use as a context manager so agents and the bus are always cleaned up::
+
+        with Coordinator(load_config("cfn.toml")) as coord:
+            result = coord.run()
+
+    :param config: a :class:`~cfn_core.config.Config` (default: :func:`load_config`).
+    :param progress: ``callback(phase, done, total)`` for progress displays.
+    """
+
+    def __init__(self, config: Config | None = None, *, progress: Callable[[str, int, int], None] | None = None):
+        self.config = config or load_config()
+        w = self.config.workload
+        if w.agents > self.config.run.max_agents:
+            raise ConfigError(
+                f"[workload] agents = {w.agents} exceeds [run] max_agents = {self.config.run.max_agents}; "
+                "raise max_agents if you mean it"
+            )
+        if w.topology == "mesh" and w.tasks and w.tasks > w.agents:
+            raise ConfigError(
+                f"[workload] tasks = {w.tasks} with topology = 'mesh': a mesh needs every task on its own agent "
+                f"(tasks <= agents = {w.agents})"
+            )
+        if w.topology == "mesh" and w.messages_per_agent and w.agents < 2:
+            raise ConfigError("[workload] topology = 'mesh' with messages_per_agent > 0 needs agents >= 2")
+        if w.payload_bytes + 512 > self.config.bus.max_message_bytes:
+            raise ConfigError(
+                f"[workload] payload_bytes = {w.payload_bytes} does not fit in a message: "
+                f"[bus] max_message_bytes = {self.config.bus.max_message_bytes} (allow ~512 bytes of envelope)"
+            )
+        self.progress = progress
+        self.pm = None
+        self.ctx: CoordinatorContext | None = None
+        self.partial: CoordinationResult | None = None
+        self._metrics_server = None
+        self._handler = None
+
+    # ------------------------------------------------------------------ session
+
+    def __enter__(self) -> "Coordinator":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Load plugins, open the bus, start session helpers (pool)."""
+        if self.ctx is not None:
+            return
+        from .agent import load_handler
+
+        load_handler(self.config.workload)  # a handler that cannot be imported fails here, not in 500 agents
+        self.pm = make_plugin_manager(self.config)
+        metrics = Metrics()
+        ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
+        ensure_fd_limit(3 * self.config.workload.agents + 256, f"{self.config.workload.agents} agents")
+        try:
+            ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
+            ctx.run_ref = getattr(ctx.bus, "run_ref", None) or str(getattr(ctx.bus, "run_dir", ctx.bus.run_id))
+            ctx.bus.put_state("config", self.agent_config_document())
+            ctx.bus.listen(COORDINATOR_ID)
+            ctx._selector.register(ctx.bus.wake_fd(COORDINATOR_ID), selectors.EVENT_READ, None)
+            if self.config.run.metrics_port:
+                self._metrics_server = metrics.serve(self.config.run.metrics_port)
+            self.pm.hook.cfn_session_start(ctx=ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def agent_config_document(self) -> bytes:
+        """What agents load: the resolved configuration and where the enabled plugins live."""
+        from .plugins import plugin_modules
+
+        doc = {"config": self.config.to_dict(), "plugin_modules": plugin_modules(self.config.enabled())}
+        return json.dumps(doc).encode()
+
+    def close(self) -> None:
+        """Stop every agent, the session helpers and the bus; remove the run directory."""
+        ctx = self.ctx
+        if ctx is None:
+            return
+        try:
+            try:
+                if ctx.bus is not None:
+                    self.pm.hook.cfn_session_finish(ctx=ctx)
+            finally:
+                live = [h for h in ctx.agents.values() if h.alive]
+                if live:
+                    if ctx.bus is not None:
+                        ctx._round = None
+                        ctx.stop_agents([h.id for h in live])
+                    else:
+                        for h in live:
+                            ctx.kill(h, "coordinator closing")
+        finally:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            if self.config.run.metrics_file:
+                ctx.metrics.write(self.config.run.metrics_file)
+            if ctx.bus is not None:
+                ctx.bus.destroy()
+            ctx._selector.close()
+            self.ctx = None
+
+    # ------------------------------------------------------------------ rounds
+
+    def run(self, tasks: Iterable[Any] | None = None, *, rounds: int | None = None) -> CoordinationResult:
+        """Run ``rounds`` (default ``[workload] rounds``) coordinations and return the figures.
+
+        :param tasks: payloads (any JSON value) or :class:`~cfn_core.messages.Task` objects for
+            every round; default: ``[workload] tasks`` payloads of ``payload_bytes``.
+        """
+        self.open()
+        ctx = self.ctx
+        rounds = rounds or self.config.workload.rounds
+        result = self.partial = CoordinationResult(
+            plugins=self.config.enabled(), bus=ctx.bus.name, topology=self.config.workload.topology
+        )
+        t0 = time.perf_counter()
+        task_list = list(tasks) if tasks is not None else None
+        try:
+            for number in range(1, rounds + 1):
+                result.rounds.append(self.run_round(number, task_list, result))
+        except KeyboardInterrupt:
+            result.interrupted = True
+            raise
+        finally:
+            result.seconds = time.perf_counter() - t0
+            result.fallbacks = list(ctx.fallbacks.values())
+            for figures in self.pm.hook.cfn_report(ctx=ctx):
+                if figures:
+                    result.plugin_figures.update(figures)
+        return result
+
+    def _make_tasks(self, number: int, given: list[Any] | None) -> list[Task]:
+        w = self.config.workload
+        if given is None:
+            payload = "x" * w.payload_bytes
+            count = w.tasks or w.agents
+            return [Task(id=f"r{number}-t{i:06d}", payload=payload) for i in range(count)]
+        return [
+            t if isinstance(t, Task) and number == 1 else Task(id=f"r{number}-t{i:06d}", payload=getattr(t, "payload", t))
+            for i, t in enumerate(given)
+        ]
+
+    @contextmanager
+    def _phase(self, r: _Round, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            r.result.phases[name] += time.perf_counter() - t0
+
+    def _report(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total)
+
+    def run_round(self, number: int, tasks: list[Any] | None = None, partial: CoordinationResult | None = None) -> RoundResult:
+        """One coordination: acquire agents, distribute, collect, release."""
+        ctx = self.ctx
+        w = self.config.workload
+        r = _Round(number, self._make_tasks(number, tasks))
+        res = r.result
+        if partial is not None:
+            partial.rounds.append(res)  # visible to an interrupt handler while it runs
+        ctx._round = r
+        ctx.round_state = {}
+        ctx.spawn_failures = {}
+        t_round = time.perf_counter()
+        self.pm.hook.cfn_coordination_start(ctx=ctx, round=number)
+        try:
+            # 1. spawn (and, for strategies that wait per agent, the ready barrier)
+            self._report("spawn", 0, w.agents)
+            with self._phase(r, "spawn"):
+                agent_ids = list(self.pm.hook.cfn_acquire_agents(ctx=ctx, count=w.agents) or [])
+            # 2. ready barrier for agents still starting
+            with self._phase(r, "ready"):
+                ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
+            agent_ids = [a for a in agent_ids if ctx.agents[a].state == "ready"]
+            res.agents = len(agent_ids)
+            res.spawn_failures = dict(ctx.spawn_failures)
+            # 3. distribute
+            self._report("distribute", 0, len(r.order))
+            with self._phase(r, "distribute"):
+                self._distribute(r, agent_ids)
+            # 4. execute and collect
+            t_exec = time.perf_counter()
+            ctx._in_execute = True
+            try:
+                while not r.done:
+                    ctx.pump(_TICK)
+                    self._report("collect", len(r.results), len(r.tasks))
+            finally:
+                ctx._in_execute = False
+            res.phases["collect"] += r.collect
+            res.phases["execute"] += time.perf_counter() - t_exec - r.collect
+            # 5. shutdown (or return to the pool)
+            with self._phase(r, "shutdown"):
+                self.pm.hook.cfn_release_agents(ctx=ctx, agent_ids=agent_ids)
+        except KeyboardInterrupt:
+            res.interrupted = True
+            raise
+        finally:
+            self._account(r, t_round)
+            ctx._round = None
+            if partial is not None:
+                partial.rounds.remove(res)
+        self.pm.hook.cfn_coordination_finish(ctx=ctx, result=res)
+        return res
+
+    def _distribute(self, r: _Round, agent_ids: list[str]) -> None:
+        ctx = self.ctx
+        w = self.config.workload
+        if not agent_ids:
+            for task_id in r.order:
+                r.results[task_id] = TaskResult(
+                    task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
+                )
+            return
+        tasks = [r.tasks[t] for t in r.order]
+        preassigned: dict[str, str] = {}
+        if w.topology == "mesh":
+            tasks, preassigned = self._plan_mesh(r, tasks, agent_ids)
+        batch: list[Message] = []
+        pending = deque(tasks)
+        while pending:
+            task = pending[0]
+            agent_id = preassigned.get(task.id) or self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
+            if not agent_id:
+                ctx.send(batch)
+                batch = []
+                ctx.pump(_TICK)  # wait for an agent to become free
+                continue
+            pending.popleft()
+            handle = ctx.agents[agent_id]
+            now = time.monotonic()
+            handle.outstanding[task.id] = now
+            r.sent_at[task.id] = now
+            batch.append(ctx.factory.make(agent_id, "task", round=r.number, task=task.id, body=task.body()))
+        ctx.send(batch)
+        self.pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+
+    def _plan_mesh(self, r: _Round, tasks: list[Task], agent_ids: list[str]) -> tuple[list[Task], dict[str, str]]:
+        """Give every task its own agent, then choose each one's peers (deterministic from ``seed``)."""
+        ctx = self.ctx
+        w = self.config.workload
+        assigned = []
+        for task in tasks:
+            agent_id = self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
+            if not agent_id or agent_id in assigned:
+                raise ConfigError(
+                    f"mesh round {r.number}: {len(tasks)} tasks need {len(tasks)} distinct agents; "
+                    f"only {len(agent_ids)} are ready"
+                )
+            assigned.append(agent_id)
+            ctx.agents[agent_id].outstanding[task.id] = time.monotonic()  # so assign sees it busy
+        n = len(assigned)
+        rng = random.Random(w.seed * 1_000_003 + r.number)
+        peers: list[list[str]] = [[] for _ in range(n)]
+        expect = [0] * n
+        if n > 1:
+            for i in range(n):
+                for _ in range(w.messages_per_agent):
+                    j = rng.randrange(n - 1)
+                    j += j >= i
+                    peers[i].append(assigned[j])
+                    expect[j] += 1
+        planned, preassigned = [], {}
+        for i, task in enumerate(tasks):
+            t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i])
+            r.tasks[t.id] = t
+            preassigned[t.id] = assigned[i]
+            ctx.agents[assigned[i]].outstanding.pop(t.id, None)
+            planned.append(t)
+        return planned, preassigned
+
+    def _account(self, r: _Round, t_round: float) -> None:
+        """Delivery figures of the round, counted from what arrived."""
+        ctx = self.ctx
+        res = r.result
+        res.results = r.results
+        res.seconds = time.perf_counter() - t_round
+        expect_total = sum(t.expect for t in r.tasks.values())
+        res.planned = 2 * len(r.tasks) + expect_total
+        from_agents = [x for x in r.results.values() if x.answered]
+        res.delivered = 2 * len(from_agents) + sum(x.peers_received for x in from_agents)
+        res.messages_sent = len(r.tasks) + len(from_agents) + r.peers_sent
+        res.dead_lettered = ctx.bus.dead_letter_count() if hasattr(ctx.bus, "dead_letter_count") else 0
+        res.latency_p50 = percentile(r.latencies, 50)
+        res.latency_p99 = percentile(r.latencies, 99)
+        m = ctx.metrics
+        m.coordination_seconds.observe(res.seconds)
+        for phase in PHASES:
+            m.phase_seconds.labels(phase=phase).observe(res.phases.get(phase, 0.0))
+        m.delivery_rate.set(res.delivery_rate)
+        new_dead = res.dead_lettered - ctx.counters.get("dead_seen", 0)
+        if new_dead > 0:
+            m.messages_dead_lettered.inc(new_dead)
+        ctx.counters["dead_seen"] = res.dead_lettered
+        for latency in r.latencies:
+            m.latency_seconds.observe(latency)

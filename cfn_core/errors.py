@@ -1,0 +1,45 @@
+"""Errors a user can cause.  The CLI prints them in one line and exits 2."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class CfnError(Exception):
+    """Base class of every error cfn raises on purpose.
+
+    The message is written for the user: it names the file, key, value and
+    what is allowed.  ``exit_code`` is what the CLI returns for it.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(CfnError):
+    """cfn.toml, a CFN_* variable or a command-line override is wrong."""
+
+
+class PluginError(CfnError):
+    """A plugin name is unknown, blocked, or a plugin broke its contract."""
+
+
+class BusError(CfnError):
+    """The message bus cannot be used (missing, full, not ours, unsafe)."""
+
+
+class MessageTooLarge(BusError):
+    """One encoded message is bigger than ``bus.max_message_bytes``."""
+
+
+class InboxFull(BusError):
+    """An inbox holds ``bus.inbox_depth`` unread messages and the sender gave up waiting."""
+
+
+class ResourceLimitError(CfnError):
+    """The machine cannot hold the requested agents (file descriptors, processes)."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

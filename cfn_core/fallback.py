@@ -1,0 +1,124 @@
+"""Graceful degradation: when an optimization plugin's step fails at run time,
+log it once, count it, and run the baseline for that call (the plan's fallback
+mechanism).  ``[run] strict = true`` makes the failure fatal instead.
+
+Only steps whose baseline is interchangeable with any plugin's are covered:
+spawning, assignment, release, send and read (both of which still use
+``cfn_route``, so a sharded layout stays consistent).  ``cfn_bus`` and
+``cfn_route`` never fall back: every process must agree on them.
+User errors (:class:`~cfn_core.errors.CfnError`) are never swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import builtin
+from .errors import CfnError
+from .hookspecs import hookimpl
+
+log = logging.getLogger("cfn")
+
+
+def record_fallback(ctx, hook: str, plugin: str | None, exc: BaseException) -> None:
+    key = f"{hook}:{plugin or '?'}"
+    entry = ctx.fallbacks.get(key)
+    if entry is None:
+        entry = ctx.fallbacks[key] = {"hook": hook, "plugin": plugin, "count": 0, "error": f"{type(exc).__name__}: {exc}"}
+        log.warning("plugin %s failed in %s (%s); using the baseline for it", plugin or "?", hook, entry["error"])
+    entry["count"] += 1
+    metrics = getattr(ctx, "metrics", None)
+    if metrics is not None:
+        metrics.fallbacks.labels(hook=hook, plugin=plugin or "?").inc()
+
+
+def _culprit(ctx, exc: BaseException) -> str | None:
+    """The enabled plugin whose code raised: the innermost traceback frame in its package."""
+    owners = {}
+    for name, plugin in ctx.pm.list_name_plugin():
+        if name in ("builtin", "fallback"):
+            continue
+        module = getattr(plugin, "__name__", None) or type(plugin).__module__
+        owners[module.split(".")[0]] = name
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        top = tb.tb_frame.f_globals.get("__name__", "").split(".")[0]
+        found = owners.get(top, found)
+        tb = tb.tb_next
+    return found
+
+
+def _degrade(hook: str, ctx, kwargs: dict, exc: Exception):
+    if isinstance(exc, CfnError) or ctx.config.run.strict:
+        raise exc
+    plugin = _culprit(ctx, exc)
+    if plugin is None:
+        raise exc  # the baseline itself failed: nothing to fall back to
+    ctx.note_fallback(hook, plugin, exc)
+    impl = getattr(builtin, hook, None)
+    return impl(**kwargs) if impl is not None else None
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_launch_agent(ctx, agent_id):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_launch_agent", ctx, {"ctx": ctx, "agent_id": agent_id}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_spawn(ctx, agent_ids):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_spawn", ctx, {"ctx": ctx, "agent_ids": agent_ids}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_acquire_agents(ctx, count):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_acquire_agents", ctx, {"ctx": ctx, "count": count}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_assign(ctx, task, agent_ids):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_assign", ctx, {"ctx": ctx, "task": task, "agent_ids": agent_ids}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_release_agents(ctx, agent_ids):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_release_agents", ctx, {"ctx": ctx, "agent_ids": agent_ids}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_send(ctx, messages):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_send", ctx, {"ctx": ctx, "messages": messages}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_read(ctx, agent_id):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_read", ctx, {"ctx": ctx, "agent_id": agent_id}, exc)
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def cfn_flush(ctx, reason):
+    try:
+        return (yield)
+    except Exception as exc:
+        return _degrade("cfn_flush", ctx, {"ctx": ctx, "reason": reason}, exc)

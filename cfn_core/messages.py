@@ -1,0 +1,227 @@
+"""Message, Task and TaskResult records and their wire format.
+
+A message travels as one line of JSON (``orjson``; never pickle): nothing a
+sender writes can make a receiver import or run code.  JSON escapes newlines
+inside strings, so ``\\n`` only ever ends a record, which is what lets a reader
+split an inbox into records without a length prefix.
+
+Message ids are ``{sender}.{pid}.{seq}``: the sender's id, the process id of the
+incarnation that sent it and a per-process counter, so ids never collide, not
+even for thousands of messages sent in the same millisecond or by a replacement
+of a dead agent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from typing import Any
+
+import orjson
+from attrs import define, field
+
+from .errors import ConfigError, MessageTooLarge
+
+#: The coordinator's own inbox id.  It cannot clash with an agent id because
+#: agent ids must start with a letter or digit.
+COORDINATOR_ID = "_coordinator"
+
+#: Message kinds.  ``task``/``result`` carry work, ``peer`` is an agent-to-agent
+#: message of the mesh workload, ``ready`` is an agent's answer to being
+#: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks.
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong"})
+
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_agent_id(agent_id: str) -> str:
+    """Return ``agent_id`` if it is safe as a file name, else raise ConfigError.
+
+    Allowed: 1-64 characters of letters, digits, ``_ . -``, starting with a
+    letter or digit, and never ``..`` (no path traversal into other runs).
+    """
+    if (
+        not isinstance(agent_id, str)
+        or not AGENT_ID_RE.match(agent_id)
+        or ".." in agent_id
+    ):
+        raise ConfigError(
+            f"agent id {agent_id!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return agent_id
+
+
+class MalformedMessage(ValueError):
+    """Bytes on the bus that are not a valid message.  They are dead-lettered."""
+
+
+@define(slots=True)
+class Message:
+    """One message on the bus.
+
+    :param id: unique id (see module docstring); receivers de-duplicate by it.
+    :param src: sender id (an agent id or :data:`COORDINATOR_ID`).
+    :param dst: receiver id.
+    :param kind: one of :data:`KINDS`.
+    :param round: the coordination round it belongs to (pooled agents outlive rounds).
+    :param task: the task id it concerns, if any.
+    :param body: any JSON value.
+    :param ts: wall-clock send time (``time.time()``), for latency figures.
+    :param seq: per-sender sequence number, for ordering checks.
+    """
+
+    id: str
+    src: str
+    dst: str
+    kind: str
+    round: int = 0
+    task: str | None = None
+    body: Any = None
+    ts: float = 0.0
+    seq: int = 0
+    #: opaque delivery receipt set by the bus on read; passed back to ``bus.ack``.
+    receipt: Any = field(default=None, eq=False, repr=False)
+
+    def encode(self, limit: int | None = None) -> bytes:
+        """One wire record, newline-terminated.  Raises MessageTooLarge over ``limit``."""
+        data = orjson.dumps(
+            {
+                "id": self.id,
+                "src": self.src,
+                "dst": self.dst,
+                "kind": self.kind,
+                "round": self.round,
+                "task": self.task,
+                "body": self.body,
+                "ts": self.ts,
+                "seq": self.seq,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        if limit is not None and len(data) > limit:
+            raise MessageTooLarge(
+                f"message {self.id} ({self.kind} from {self.src} to {self.dst}) is {len(data)} bytes; "
+                f"bus.max_message_bytes allows {limit} (raise it in cfn.toml [bus] or send less)"
+            )
+        return data
+
+
+_FIELD_TYPES = {
+    "id": str,
+    "src": str,
+    "dst": str,
+    "kind": str,
+    "round": int,
+}
+
+
+def decode(line: bytes) -> Message:
+    """Parse one wire record (with or without its newline) or raise MalformedMessage."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage("not a JSON object")
+    for key, typ in _FIELD_TYPES.items():
+        value = obj.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise MalformedMessage(f"field {key!r} missing or not {typ.__name__}")
+    if obj["kind"] not in KINDS:
+        raise MalformedMessage(f"unknown kind {obj['kind']!r}")
+    task = obj.get("task")
+    if task is not None and not isinstance(task, str):
+        raise MalformedMessage("field 'task' is not a string")
+    ts = obj.get("ts", 0.0)
+    seq = obj.get("seq", 0)
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise MalformedMessage("field 'ts' is not a number")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise MalformedMessage("field 'seq' is not an integer")
+    return Message(
+        id=obj["id"],
+        src=obj["src"],
+        dst=obj["dst"],
+        kind=obj["kind"],
+        round=obj["round"],
+        task=task,
+        body=obj.get("body"),
+        ts=float(ts),
+        seq=seq,
+    )
+
+
+class MessageFactory:
+    """Builds messages from one sender with unique ids and increasing ``seq``.
+
+    A forked or re-started process must create a new factory (the pid is part
+    of the id), which :meth:`for_process` takes care of.
+    """
+
+    def __init__(self, sender: str):
+        self.sender = sender
+        self.pid = os.getpid()
+        self._seq = itertools.count(1)
+
+    def make(self, dst: str, kind: str, *, round: int = 0, task: str | None = None, body: Any = None) -> Message:
+        seq = next(self._seq)
+        return Message(
+            id=f"{self.sender}.{self.pid}.{seq}",
+            src=self.sender,
+            dst=dst,
+            kind=kind,
+            round=round,
+            task=task,
+            body=body,
+            ts=time.time(),
+            seq=seq,
+        )
+
+
+@define(frozen=True)
+class Task:
+    """One unit of work for one agent.
+
+    :param id: unique within the run.
+    :param payload: handed to the handler (a Python function's argument, or a command's stdin).
+    :param peers: agent ids this task sends one peer message each to (mesh workload).
+    :param expect: number of peer messages the task must receive before it completes.
+    """
+
+    id: str
+    payload: Any = None
+    peers: tuple[str, ...] = ()
+    expect: int = 0
+
+    def body(self) -> dict:
+        return {"payload": self.payload, "peers": list(self.peers), "expect": self.expect}
+
+
+@define(frozen=True)
+class TaskResult:
+    """What came back for one task.
+
+    :param ok: the handler returned (``False``: it raised, timed out, or the task was lost).
+    :param value: the handler's return value (``None`` when not ok).
+    :param error: why it failed, for a person to read.
+    :param agent: the agent that produced it.
+    :param attempts: how many agent incarnations worked on it (>1 after a crash).
+    :param peers_received: peer messages this task received (mesh workload).
+    :param seconds: handler time inside the agent.
+    :param stderr: the tail of a command handler's stderr.
+    :param answered: an agent sent this result (``False``: the coordinator gave up on the task).
+    """
+
+    task: str
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    agent: str | None = None
+    attempts: int = 1
+    peers_received: int = 0
+    seconds: float = 0.0
+    stderr: str | None = None
+    answered: bool = True

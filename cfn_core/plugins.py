@@ -1,0 +1,192 @@
+"""The plugin manager: builtins, entry points (group ``cfn``), selection from cfn.toml.
+
+* The kernel's baseline (:mod:`cfn_core.builtin`) is always registered, marked
+  ``trylast``; :mod:`cfn_core.fallback` wraps the replaceable steps.
+* Plugins are *installed* when a distribution publishes an entry point in the
+  group ``cfn``; they are *enabled* by name in ``plugins = [...]``; ``no:name``
+  blocks one.  An unknown name fails at once, listing the installed ones.
+* ``check_pending()`` runs right after loading: a misspelt hook name in a
+  plugin is an error at start, not a silently ignored function.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, did_you_mean
+
+log = logging.getLogger("cfn")
+
+ENTRY_POINT_GROUP = "cfn"
+
+#: builtin plugins, registered in this order in every process
+BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback")
+
+
+class CfnPluginManager(pluggy.PluginManager):
+    """A pluggy PluginManager that knows cfn's hookspecs."""
+
+    def __init__(self) -> None:
+        super().__init__("cfn")
+        self.add_hookspecs(hookspecs)
+
+    def parse_hookimpl_opts(self, plugin, name):
+        # only cfn_* names are hook implementations (as pytest does for pytest_*)
+        if not name.startswith("cfn_"):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
+@functools.lru_cache(maxsize=1)
+def installed() -> dict:
+    """Every entry point in group ``cfn``, by name (cached per process)."""
+    import importlib.metadata as md  # scanning distributions is slow: only when asked
+
+    return {ep.name: ep for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+#: plugins whose module path is already known (agents get them from the coordinator
+#: and skip the slow entry-point scan): name -> "module" or "module:attr"
+_KNOWN: dict[str, str] = {}
+
+
+def use_plugin_modules(modules: dict[str, str]) -> None:
+    """Tell this process where enabled plugins live, without scanning entry points."""
+    _KNOWN.update(modules)
+
+
+def plugin_modules(names) -> dict[str, str]:
+    """``{name: "module[:attr]"}`` of installed plugins, for handing to agents."""
+    eps = installed()
+    return {n: eps[n].value for n in names if n in eps}
+
+
+@functools.lru_cache(maxsize=None)
+def load_plugin(name: str) -> Any:
+    """Import the object behind entry point ``name``."""
+    if name in _KNOWN:
+        modname, _, attr = _KNOWN[name].partition(":")
+        module = importlib.import_module(modname)
+        return getattr(module, attr) if attr else module
+    eps = installed()
+    if name not in eps:
+        raise unknown_plugin(name)
+    try:
+        return eps[name].load()
+    except Exception as exc:  # an installed plugin that cannot be imported
+        raise PluginError(f"plugin {name!r} ({eps[name].value}) cannot be imported: {exc}") from exc
+
+
+def unknown_plugin(name: str) -> PluginError:
+    names = sorted(installed())
+    listing = ", ".join(names) if names else "none (pip install -r requirements.txt installs the bundled ones)"
+    return PluginError(f"unknown plugin {name!r}{did_you_mean(name, names)}; installed plugins: {listing}")
+
+
+def installed_settings() -> dict[str, type]:
+    """The cfn.toml tables declared by every installed plugin (``cfn_settings``)."""
+    tables: dict[str, type] = {}
+    for name in installed():
+        try:
+            plugin = load_plugin(name)
+        except PluginError:
+            continue  # reported when the plugin is enabled; a broken plugin must not block the rest
+        impl = getattr(plugin, "cfn_settings", None)
+        if impl is not None:
+            tables.update(impl() or {})
+    return tables
+
+
+def make_plugin_manager(config) -> CfnPluginManager:
+    """A manager with the builtins and the plugins ``config`` enables, checked and configured."""
+    pm = CfnPluginManager()
+    for modname in BUILTIN_PLUGINS:
+        module = __import__(modname, fromlist=["_"])
+        pm.register(module, name=modname.rsplit(".", 1)[1])
+    for name in config.blocked():
+        if name not in _KNOWN and name not in installed():
+            raise unknown_plugin(name)
+    for name in config.enabled():
+        plugin = load_plugin(name)
+        if pm.is_registered(plugin):
+            continue
+        pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"a plugin implements a hook cfn does not have: {exc}") from None
+    pm.hook.cfn_configure(config=config)
+    return pm
+
+
+def hook_call_order(pm: CfnPluginManager) -> dict[str, list[str]]:
+    """For every hook, the plugin names in the order pluggy calls them."""
+    order = {}
+    for hookname in sorted(n for n in dir(pm.hook) if n.startswith("cfn_")):
+        caller = getattr(pm.hook, hookname)
+        names = [pm.get_name(impl.plugin) for impl in reversed(caller.get_hookimpls())]
+        if names:
+            order[hookname] = names
+    return order
+
+
+def describe_plugins(config) -> list[dict]:
+    """What ``cfn plugins`` prints: every installed plugin and the builtins."""
+    enabled, blocked = set(config.enabled()), set(config.blocked())
+    pm = CfnPluginManager()
+    rows = []
+    for modname in BUILTIN_PLUGINS:
+        module = __import__(modname, fromlist=["_"])
+        pm.register(module, name=modname.rsplit(".", 1)[1])
+    for name, ep in sorted(installed().items()):
+        dist = ep.dist
+        row = {
+            "name": name,
+            "module": ep.value,
+            "distribution": dist.metadata["Name"] if dist else None,
+            "version": dist.version if dist else None,
+            "status": "blocked" if name in blocked else "enabled" if name in enabled else "installed",
+            "hooks": [],
+        }
+        try:
+            plugin = load_plugin(name)
+            row["hooks"] = sorted(n for n in dir(plugin) if n.startswith("cfn_") and callable(getattr(plugin, n)))
+            if name in enabled and not pm.is_registered(plugin):
+                pm.register(plugin, name=name)
+        except PluginError as exc:
+            row["status"] = "broken"
+            row["error"] = str(exc)
+        rows.append(row)
+    order = hook_call_order(pm)
+    for modname in BUILTIN_PLUGINS:
+        short = modname.rsplit(".", 1)[1]
+        module = __import__(modname, fromlist=["_"])
+        rows.insert(
+            0 if short == "builtin" else 1,
+            {
+                "name": short,
+                "module": modname,
+                "distribution": "cfn-core",
+                "version": _version("cfn-core"),
+                "status": "builtin",
+                "hooks": sorted(n for n in dir(module) if n.startswith("cfn_") and callable(getattr(module, n))),
+            },
+        )
+    for row in rows:
+        row["call_order"] = {h: names for h, names in order.items() if row["name"] in names}
+    return rows
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None

@@ -1,0 +1,223 @@
+"""Results of a coordination and their rendering (text summary, JSON)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import attrs
+from attrs import define, field
+
+from .messages import TaskResult
+from .metrics import PHASES
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation, None for no values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@define
+class RoundResult:
+    """One coordination round.
+
+    Delivery is measured, not assumed: ``planned`` counts every message the
+    round needs (a task and its result per task, plus every mesh peer
+    message); ``delivered`` counts those that arrived (a result proves its task
+    arrived; peers are counted by their receivers, de-duplicated by id).
+    """
+
+    round: int
+    agents: int = 0
+    tasks: int = 0
+    phases: dict[str, float] = field(factory=lambda: {p: 0.0 for p in PHASES})
+    seconds: float = 0.0
+    planned: int = 0
+    delivered: int = 0
+    messages_sent: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    results: dict[str, TaskResult] = field(factory=dict)
+    spawn_failures: dict[str, str] = field(factory=dict)
+    interrupted: bool = False
+
+    @property
+    def delivery_rate(self) -> float:
+        return self.delivered / self.planned if self.planned else 1.0
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.results.values() if not r.ok) + (self.tasks - len(self.results))
+
+    def to_dict(self, with_tasks: bool = False) -> dict[str, Any]:
+        d = {
+            "round": self.round,
+            "agents": self.agents,
+            "tasks": self.tasks,
+            "seconds": self.seconds,
+            "phases": dict(self.phases),
+            "messages_planned": self.planned,
+            "messages_delivered": self.delivered,
+            "messages_sent": self.messages_sent,
+            "delivery_rate": self.delivery_rate,
+            "dead_lettered": self.dead_lettered,
+            "duplicates": self.duplicates,
+            "retries": self.retries,
+            "failed": self.failed,
+            "latency_p50": self.latency_p50,
+            "latency_p99": self.latency_p99,
+            "spawn_failures": dict(self.spawn_failures),
+            "interrupted": self.interrupted,
+            "errors": sorted({r.error for r in self.results.values() if r.error})[:20],
+        }
+        if with_tasks:
+            d["results"] = {k: attrs.asdict(v) for k, v in self.results.items()}
+        return d
+
+
+@define
+class CoordinationResult:
+    """Everything one ``Coordinator.run`` measured: rounds, totals, plugin figures."""
+
+    plugins: list[str] = field(factory=list)
+    bus: str = "shm"
+    topology: str = "star"
+    rounds: list[RoundResult] = field(factory=list)
+    seconds: float = 0.0
+    plugin_figures: dict[str, Any] = field(factory=dict)
+    fallbacks: list[dict] = field(factory=list)
+    interrupted: bool = False
+
+    @property
+    def agents(self) -> int:
+        return max((r.agents for r in self.rounds), default=0)
+
+    @property
+    def tasks(self) -> int:
+        return sum(r.tasks for r in self.rounds)
+
+    @property
+    def planned(self) -> int:
+        return sum(r.planned for r in self.rounds)
+
+    @property
+    def delivered(self) -> int:
+        return sum(r.delivered for r in self.rounds)
+
+    @property
+    def delivery_rate(self) -> float:
+        return self.delivered / self.planned if self.planned else 1.0
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self.rounds)
+
+    @property
+    def results(self) -> dict[str, TaskResult]:
+        out: dict[str, TaskResult] = {}
+        for r in self.rounds:
+            out.update(r.results)
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and self.failed == 0 and self.delivered == self.planned
+
+    @property
+    def exit_code(self) -> int:
+        """0 all delivered, 1 something failed or was lost, 130 interrupted."""
+        if self.interrupted:
+            return 130
+        return 0 if self.ok else 1
+
+    def phases(self) -> dict[str, float]:
+        """Per-phase seconds summed over rounds."""
+        out = {p: 0.0 for p in PHASES}
+        for r in self.rounds:
+            for k, v in r.phases.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def to_dict(self, with_tasks: bool = False) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "plugins": self.plugins,
+            "bus": self.bus,
+            "topology": self.topology,
+            "agents": self.agents,
+            "tasks": self.tasks,
+            "messages_planned": self.planned,
+            "messages_delivered": self.delivered,
+            "messages_sent": sum(r.messages_sent for r in self.rounds),
+            "delivery_rate": self.delivery_rate,
+            "failed": self.failed,
+            "dead_lettered": sum(r.dead_lettered for r in self.rounds),
+            "retries": sum(r.retries for r in self.rounds),
+            "seconds": self.seconds,
+            "phases": self.phases(),
+            "rounds": [r.to_dict(with_tasks) for r in self.rounds],
+            "plugin_figures": self.plugin_figures,
+            "fallbacks": self.fallbacks,
+            "interrupted": self.interrupted,
+        }
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def render_summary(result: CoordinationResult) -> str:
+    """The human summary ``cfn run`` prints."""
+    lines = []
+    status = "INTERRUPTED" if result.interrupted else "OK" if result.ok else "FAILED"
+    plugins = "+".join(result.plugins) or "baseline"
+    lines.append(f"cfn run: {status}  plugins={plugins}  bus={result.bus}  topology={result.topology}")
+    lines.append(
+        f"  agents {result.agents}  tasks {result.tasks}  messages {result.delivered}/{result.planned} delivered "
+        f"({result.delivery_rate:.2%})  failed {result.failed}"
+    )
+    for r in result.rounds:
+        phases = "  ".join(f"{p} {_ms(r.phases.get(p, 0.0))}" for p in PHASES)
+        lines.append(f"  round {r.round}: {r.seconds:.3f} s  [{phases}]")
+        extra = []
+        if r.latency_p50 is not None:
+            extra.append(f"task latency p50 {_ms(r.latency_p50)} p99 {_ms(r.latency_p99)}")
+        if r.retries:
+            extra.append(f"retries {r.retries}")
+        if r.dead_lettered:
+            extra.append(f"dead-lettered {r.dead_lettered}")
+        if r.duplicates:
+            extra.append(f"duplicates dropped {r.duplicates}")
+        if r.spawn_failures:
+            extra.append(f"agents never ready {len(r.spawn_failures)}")
+        if extra:
+            lines.append("           " + ", ".join(extra))
+        errors = sorted({res.error for res in r.results.values() if res.error})
+        for err in errors[:5]:
+            lines.append(f"           error: {err}")
+    lines.append(f"  total {result.seconds:.3f} s")
+    for name, figures in result.plugin_figures.items():
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items() if not isinstance(v, (dict, list)))
+        lines.append(f"  {name}: {shown}")
+    for fb in result.fallbacks:
+        lines.append(f"  fallback: {fb['plugin']} failed in {fb['hook']} {fb['count']}x ({fb['error']}); baseline used")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
