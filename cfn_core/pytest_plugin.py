@@ -1,25 +1,12 @@
-"""cfn's pytest plugin (entry point ``pytest11``): fixtures and the ``bench`` marker.
+"""cfn's pytest plugin (entry point ``pytest11``): test fixtures and the benchmark matrix.
 
-The benchmark matrix (``pytest -m bench``) is added here too.
+Fixtures (``make_config``, ``bus_root``, ``no_leaks``) come from :mod:`cfn_core.testing`.
 """
 
 from __future__ import annotations
 
-import pytest
+from cfn_core.testing import bus_root, make_config, no_leaks  # noqa: F401  (fixtures)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench: a cfn benchmark matrix cell (run with -m bench)")
-
-
-@pytest.fixture
-def cfn_config(tmp_path):
-    """A factory for validated configs: ``cfn_config(workload={"agents": 5}, plugins=["pool"])``."""
-    from cfn_core.config import config_from_dict
-
-    def make(plugins=(), **tables):
-        data = {"plugins": list(plugins)}
-        data.update(tables)
-        return config_from_dict(data)
-
-    return make
