@@ -144,7 +144,13 @@ class _Work:
 
 
 def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
-    """Run one agent until it is told to stop.  Returns the exit status."""
+    """Run one agent until it is told to stop.  Returns the exit status.
+
+    ``handler`` is a callable ``handler(payload) -> value``.  For mesh work it may
+    instead (or also) have ``scatter(payload, peers) -> [body per peer]``, whose
+    bodies travel in the peer messages, and ``gather(payload, bodies) -> value``,
+    called with the bodies this agent received once all expected ones arrived.
+    """
     check_agent_id(agent_id)
     ctx = AgentContext(config, pm, agent_id, run_ref)
     ctx.bus = bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
@@ -157,7 +163,9 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     pm.hook.cfn_flush(ctx=ctx, reason="explicit")
 
     waiting: list[_Work] = []  # mesh tasks waiting for their peer messages
-    peers_seen: dict[int, set[str]] = defaultdict(set)  # round -> peer message ids
+    peers_seen: dict[int, dict[str, Any]] = defaultdict(dict)  # round -> peer message id -> body
+    scatter = getattr(handler, "scatter", None)
+    gather = getattr(handler, "gather", None)
     held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
     settled: list = []
     stopping = False
@@ -167,7 +175,10 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
         try:
-            body["value"] = handler(work.payload)
+            if gather is not None:
+                body["value"] = gather(work.payload, list(peers_seen.get(msg.round, {}).values()))
+            else:
+                body["value"] = handler(work.payload)
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
@@ -187,6 +198,15 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
 
     def start(msg: Message) -> None:
         work = _Work(msg)
+        bodies: list[Any] = [None] * len(work.peers)
+        if scatter is not None and work.peers:
+            try:
+                bodies = list(scatter(work.payload, list(work.peers)))
+                if len(bodies) != len(work.peers):
+                    raise ValueError(f"scatter returned {len(bodies)} bodies for {len(work.peers)} peers")
+            except Exception as exc:  # the peers still get their (empty) messages: nobody waits forever
+                log.warning("scatter failed for task %s: %s", msg.task, exc)
+                bodies = [None] * len(work.peers)
         if work.peers:
             ctx.send(
                 [
@@ -197,7 +217,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                         kind="peer",
                         round=msg.round,
                         task=msg.task,
-                        body=None,
+                        body=bodies[i],
                         ts=time.time(),
                         seq=i,
                     )
@@ -220,7 +240,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                 else:
                     start(msg)
             elif kind == "peer":
-                peers_seen[msg.round].add(msg.id)
+                peers_seen[msg.round][msg.id] = msg.body
                 held[msg.round].append(msg.receipt)
             elif kind == "stop":
                 stopping = True
