@@ -242,20 +242,19 @@ class CoordinatorContext:
         self._await_exit(handles, self.config.run.shutdown_timeout)
 
     def _await_exit(self, handles: list[AgentHandle], timeout: float) -> None:
+        """Wait for ``handles`` to exit; SIGKILL whatever is left after ``timeout``."""
         deadline = time.monotonic() + timeout
+        killed_at = None
         while any(h.alive for h in handles):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if killed_at is None and now >= deadline:
                 for h in handles:
                     self.kill(h, "did not exit in time")
-                deadline = time.monotonic() + 5.0
-                timeout = 5.0
-                if all(h.killed_reason for h in handles if h.alive):
-                    # SIGKILL is certain; wait for the kernel to report the deaths
-                    while any(h.alive for h in handles):
-                        self.pump(_TICK)
-                    break
-            self.pump(min(max(remaining, 0.0), _TICK))
+                killed_at = now
+            elif killed_at is not None and now - killed_at > 10.0:
+                log.error("agents %s survive SIGKILL; giving up on them", [h.pid for h in handles if h.alive])
+                break
+            self.pump(_TICK)
 
     # ------------------------------------------------------------------ the event loop
 
