@@ -101,20 +101,27 @@ class CommandFailed(Exception):
 def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
     def run_command(payload: Any) -> str:
         data = payload if isinstance(payload, str) else json.dumps(payload)
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                command,
-                shell=True,
-                input=data.encode(),
-                capture_output=True,
-                timeout=timeout,
-                start_new_session=True,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(exc.stderr)) from None
+            stdout, stderr = proc.communicate(data.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # kill the whole process group: killing only the shell would orphan its children
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _stdout, stderr = proc.communicate()
+            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
         if proc.returncode != 0:
-            raise CommandFailed(f"command exited with status {proc.returncode}", _tail(proc.stderr))
-        return proc.stdout.decode("utf-8", "replace")
+            raise CommandFailed(f"command exited with status {proc.returncode}", _tail(stderr))
+        return stdout.decode("utf-8", "replace")
 
     return run_command
 
