@@ -82,6 +82,11 @@ def load_handler(workload) -> Callable[[Any], Any]:
     if not _HANDLER_RE.match(spec):
         raise ConfigError(f"[workload] handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
     modname, _, funcname = spec.partition(":")
+    # agents run as `python -m cfn_core.agent` in the coordinator's working directory, which
+    # puts that directory on their sys.path; the coordinator (a console script) looks there too
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(modname)
     except Exception as exc:
