@@ -426,10 +426,19 @@ class Coordinator:
 
     :param config: a :class:`~cfn_core.config.Config` (default: :func:`load_config`).
     :param progress: ``callback(phase, done, total)`` for progress displays.
+    :param extra_plugins: plugin objects to register besides the enabled ones (tests,
+        embedding applications); coordinator side only, agents do not load them.
     """
 
-    def __init__(self, config: Config | None = None, *, progress: Callable[[str, int, int], None] | None = None):
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        progress: Callable[[str, int, int], None] | None = None,
+        extra_plugins: Iterable[Any] = (),
+    ):
         self.config = config or load_config()
+        self.extra_plugins = list(extra_plugins)
         w = self.config.workload
         if w.agents > self.config.run.max_agents:
             raise ConfigError(
@@ -471,7 +480,7 @@ class Coordinator:
         from .agent import load_handler
 
         load_handler(self.config.workload)  # a handler that cannot be imported fails here, not in 500 agents
-        self.pm = make_plugin_manager(self.config)
+        self.pm = make_plugin_manager(self.config, self.extra_plugins)
         metrics = Metrics()
         ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
         ensure_fd_limit(3 * self.config.workload.agents + 256, f"{self.config.workload.agents} agents")

@@ -103,8 +103,13 @@ def installed_settings() -> dict[str, type]:
     return tables
 
 
-def make_plugin_manager(config) -> CfnPluginManager:
-    """A manager with the builtins and the plugins ``config`` enables, checked and configured."""
+def make_plugin_manager(config, extra_plugins=()) -> CfnPluginManager:
+    """A manager with the builtins and the plugins ``config`` enables, checked and configured.
+
+    :param extra_plugins: plugin objects registered besides the enabled entry points
+        (tests, embedding applications).  They live in this process only: agents
+        do not load them, so they should implement coordinator-side hooks.
+    """
     pm = CfnPluginManager()
     for modname in BUILTIN_PLUGINS:
         module = __import__(modname, fromlist=["_"])
@@ -117,6 +122,9 @@ def make_plugin_manager(config) -> CfnPluginManager:
         if pm.is_registered(plugin):
             continue
         pm.register(plugin, name=name)
+    for i, plugin in enumerate(extra_plugins):
+        if not pm.is_registered(plugin):
+            pm.register(plugin, name=getattr(plugin, "name", None) or f"extra-{i}")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
