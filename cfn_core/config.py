@@ -42,16 +42,19 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def setting(default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None):
+def setting(default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None, join=None):
     """Declare one configuration key (an ``attrs`` field with the metadata the loader uses).
 
-    :param default: the value when nobody sets it; its type is the key's type.
+    :param default: the value when nobody sets it; its type is the key's type.  A list's
+        items are strings, or integers when the default's items are integers.
     :param help: one line for ``cfn init`` and the docs.
     :param env: extra environment variable names besides ``CFN_<TABLE>_<KEY>``.
     :param min: smallest allowed number.  :param max: largest allowed number.
-    :param choices: the allowed values of a string key.
+    :param choices: the allowed values of a string key.  (For a list: of each item.)
+    :param join: for a list of strings, an item may itself be a list of strings, stored
+        joined with this separator (``[["pool", "batch"]]`` -> ``("pool+batch",)``).
     """
-    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices}
+    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices, "join": join}
     if isinstance(default, (list, tuple)):
         return field(factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,8 +98,36 @@ class RunSettings:
     metrics_file: str = setting("", "write the Prometheus text format to this file at the end; empty: off")
 
 
+@define(frozen=True)
+class BenchSettings:
+    """``[bench]``: the benchmark matrix of `cfn bench` and `pytest -m bench` (docs/BENCHMARKS.md)."""
+
+    agents: tuple = setting((100, 200, 300, 500), "agent counts of the matrix", min=1, max=100_000)
+    combinations: tuple = setting(
+        ("default",),
+        "plugin combinations: default (baseline, each plugin alone, all combined), all (every subset), "
+        "each, combined, baseline, or explicit ones such as pool+batch",
+        join="+",
+    )
+    plugins: tuple = setting((), "plugins the default/all/each/combined combinations are built from; empty: every installed one")
+    workloads: tuple = setting(("star",), "workloads of the matrix", choices=("star", "mesh"))
+    mesh_messages: int = setting(5, "peer messages per agent in the mesh workload", min=1, max=1_000_000)
+    rounds: int = setting(1, "coordinations per repetition (rounds after the first show warm reuse)", min=1, max=1000)
+    repetitions: int = setting(3, "timed repetitions per cell (each one a fresh Coordinator)", min=1, max=1000)
+    cell_budget: float = setting(60.0, "seconds after which a cell stops repeating (one repetition always runs); 0: no limit", min=0.0, max=86_400.0)
+    references: bool = setting(True, "also time concurrent.futures.ProcessPoolExecutor and multiprocessing.Process+Pipe")
+    target_seconds: float = setting(10.0, "the plan's target: one coordination at the largest N takes less than this", min=0.0, max=86_400.0)
+    min_delivery: float = setting(0.90, "the plan's delivery floor", min=0.0, max=1.0)
+    min_improvement: float = setting(5.0, "the plan's target gain of all plugins combined over the baseline", min=0.0, max=1e9)
+    bar_seconds: float = setting(0.6, "our own bar: one cold coordination at the largest N", min=0.0, max=86_400.0)
+    bar_improvement: float = setting(20.0, "our own bar: gain of all plugins combined", min=0.0, max=1e9)
+    regression: float = setting(0.10, "--compare: a cell slower than the old report by more than this fraction fails", min=0.0, max=100.0)
+    output: str = setting("bench-report", "path prefix of the report files (.json, .md, .png)")
+    parallel: bool = setting(False, "pytest -n: let timing cells overlap (throughput over precision)")
+
+
 #: the kernel's own tables
-KERNEL_SECTIONS: dict[str, type] = {"workload": WorkloadSettings, "bus": BusSettings, "run": RunSettings}
+KERNEL_SECTIONS: dict[str, type] = {"workload": WorkloadSettings, "bus": BusSettings, "run": RunSettings, "bench": BenchSettings}
 
 
 @define(frozen=True)
@@ -173,7 +204,14 @@ def describe_allowed(fld: attrs.Attribute) -> str:
     meta = fld.metadata
     typ = type(fld.default) if fld.default is not attrs.NOTHING else tuple
     if isinstance(fld.default, attrs.Factory) or typ is tuple:
-        return "a list of strings"
+        kind = "a list of integers" if _item_type(fld) is int else "a list of strings"
+        if meta.get("join"):
+            kind += f" (an item may be a list of strings, joined with {meta['join']!r})"
+        if meta.get("choices"):
+            return f"{kind}, each one of " + ", ".join(meta["choices"])
+        if meta.get("min") is not None and meta.get("max") is not None:
+            return f"{kind}, each from {meta['min']} to {meta['max']}"
+        return kind
     if meta.get("choices"):
         return "one of " + ", ".join(meta["choices"])
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
@@ -188,6 +226,12 @@ def describe_allowed(fld: attrs.Attribute) -> str:
 def _default(fld: attrs.Attribute):
     d = fld.default
     return d.factory() if isinstance(d, attrs.Factory) else d
+
+
+def _item_type(fld: attrs.Attribute) -> type:
+    """The item type of a list key: int when the default's items are ints, else str."""
+    d = _default(fld)
+    return int if d and isinstance(d[0], int) and not isinstance(d[0], bool) else str
 
 
 def _coerce(value: Any, fld: attrs.Attribute, where: str, from_text: bool):
@@ -210,7 +254,7 @@ def _coerce(value: Any, fld: attrs.Attribute, where: str, from_text: bool):
             elif typ is float:
                 value = float(text)
             elif typ is tuple:
-                value = tuple(p.strip() for p in text.split(",") if p.strip())
+                value = tuple(_item_type(fld)(p.strip()) for p in text.split(",") if p.strip())
         except ValueError:
             raise bad() from None
     if typ is bool:
@@ -227,14 +271,21 @@ def _coerce(value: Any, fld: attrs.Attribute, where: str, from_text: bool):
         if not isinstance(value, str):
             raise bad()
     elif typ is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        join, item_type = meta.get("join"), _item_type(fld)
+        if join:
+            value = [join.join(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else v for v in value]
+        if not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
             raise bad()
         value = tuple(value)
+    items = value if typ is tuple else (value,)
     lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    if any((lo is not None and v < lo) or (hi is not None and v > hi) for v in items):
         raise bad()
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where} = {value!r}: must be {describe_allowed(fld)}{did_you_mean(str(value), meta['choices'])}")
+    for v in items:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"{where} = {value!r}: must be {describe_allowed(fld)}{did_you_mean(str(v), meta['choices'])}")
     return value
 
 
