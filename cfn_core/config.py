@@ -391,8 +391,10 @@ def load_config(
             flag = env[var].strip().lower()
             if flag not in _TRUE | _FALSE:
                 raise ConfigError(f"environment variable {var} = {env[var]!r}: must be true or false")
+            # off just removes the name: a flag set to false must not require the plugin installed
             plugins = [p for p in plugins if p != name and p != f"no:{name}"]
-            plugins.append(name if flag in _TRUE else f"no:{name}")
+            if flag in _TRUE:
+                plugins.append(name)
     if env.get("CFN_DISABLE_PLUGINS"):
         for name in _plugins_from(env["CFN_DISABLE_PLUGINS"], "environment variable CFN_DISABLE_PLUGINS"):
             plugins = [p for p in plugins if p != name] + [f"no:{name}"]
