@@ -147,6 +147,9 @@ def hook_call_order(pm: CfnPluginManager) -> dict[str, list[str]]:
 def describe_plugins(config) -> list[dict]:
     """What ``cfn plugins`` prints: every installed plugin and the builtins."""
     enabled, blocked = set(config.enabled()), set(config.blocked())
+    for name in sorted(enabled | blocked):
+        if name not in installed():
+            raise unknown_plugin(name)  # the same answer `cfn run` would give
     pm = CfnPluginManager()
     rows = []
     for modname in BUILTIN_PLUGINS:
