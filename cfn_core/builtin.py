@@ -24,9 +24,16 @@ from .messages import MalformedMessage, decode
 
 @hookimpl(trylast=True)
 def cfn_bus(config, run_ref):
+    # a sender waits at most one task's timeout for room in a full inbox (its reader settles
+    # at least one task in that time, or the watchdog replaces it)
+    limits = dict(
+        max_message_bytes=config.bus.max_message_bytes,
+        inbox_depth=config.bus.inbox_depth,
+        full_timeout=config.workload.timeout,
+    )
     if run_ref is None:
-        return ShmBus.create(config.bus.root or None, max_message_bytes=config.bus.max_message_bytes)
-    return ShmBus.attach(run_ref, max_message_bytes=config.bus.max_message_bytes)
+        return ShmBus.create(config.bus.root or None, **limits)
+    return ShmBus.attach(run_ref, **limits)
 
 
 @hookimpl(trylast=True)

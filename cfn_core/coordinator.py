@@ -696,6 +696,14 @@ class Coordinator:
                     j += j >= i
                     peers[i].append(assigned[j])
                     expect[j] += 1
+        depth = self.config.bus.inbox_depth
+        if depth and max(expect) + 1 > depth:
+            # an agent settles its peer messages only with its task: they would fill its inbox for good
+            raise ConfigError(
+                f"mesh round {r.number}: an agent must hold {max(expect)} peer messages at once "
+                f"([workload] messages_per_agent = {w.messages_per_agent}) but [bus] inbox_depth = {depth}; "
+                f"raise inbox_depth above {max(expect)} (or 0: unlimited) or send fewer peer messages"
+            )
         planned, preassigned = [], {}
         for i, task in enumerate(tasks):
             t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i])

@@ -9,6 +9,9 @@ Layout of one run (``/dev/shm/cfn-<random>/``, mode 0700)::
     cursor/<agent>        8 bytes: inbox offset up to which every record is settled (acked)
     bell/<agent>          the agent's doorbell: a unix datagram socket
     dead/<agent>.jsonl    dead-lettered records with the reason
+    count/<location>      two uint64 per inbox when ``[bus] inbox_depth`` is on, shared
+                          through mmap: records appended (written by senders under the
+                          inbox's flock) and records settled (written by its reader)
     state/<key>           small shared values (put_state/get_state)
 
 Why it cannot lose a message:
@@ -24,6 +27,17 @@ Why it cannot lose a message:
 * The cursor advances only over acked records, so a replacement of a dead agent
   re-reads what its predecessor had not settled.
 
+Backpressure (``[bus] inbox_depth``): a sender holding the inbox's flock
+compares the inbox's appended-record count with its reader's settled count
+(two aligned integers in a shared mapping: no system call) and, when ``depth`` records are unsettled,
+lets go of the lock and waits, bounded by ``full_timeout``, before raising
+:class:`~cfn_core.errors.InboxFull`.  Because the check and the append happen
+under the same lock, the depth holds under any number of concurrent senders.
+The coordinator's inboxes (ids starting with ``_``) are not limited: they are
+the fan-in of every result and the coordinator drains them continuously.  A
+new reader incarnation recounts the settled records from the file, so a
+crash between two counter writes cannot shrink an inbox for good.
+
 Wake-ups: after appending, the sender sends one byte to the receiver's
 doorbell socket (non-blocking; a full queue means a wake-up is already
 pending).  The receiver binds its doorbell *before* its first read, so no
@@ -33,9 +47,11 @@ wake-up can be lost, and sleeps in ``select`` without polling.
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import select
 import socket
@@ -45,7 +61,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import BusError
+from ..errors import BusError, InboxFull
 from ..messages import check_agent_id
 
 _MAX_CACHED_FDS = 512
@@ -83,9 +99,11 @@ def _proc_start_time(pid: int) -> str | None:
 class _Inbox:
     """Reader state of one inbox in this process."""
 
-    __slots__ = ("fd", "pos", "pending", "cursor_fd", "acked_to", "partial_since")
+    __slots__ = ("fd", "pos", "pending", "cursor_fd", "acked_to", "partial_since", "counts", "acked_count")
 
     def __init__(self, fd: int, pos: int, cursor_fd: int):
+        self.counts = None  # [appended, settled] of count/<location> when inbox_depth is on
+        self.acked_count = 0  # records settled (up to acked_to)
         self.fd = fd
         self.pos = pos  # next byte to read
         self.pending: dict[int, bool] = {}  # end offset of each unsettled record -> acked
@@ -99,8 +117,21 @@ class ShmBus:
 
     name = "shm"
 
-    def __init__(self, run_dir: str | os.PathLike, *, max_message_bytes: int = 1 << 20, owner: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        max_message_bytes: int = 1 << 20,
+        owner: bool = False,
+        inbox_depth: int = 0,
+        full_timeout: float = 30.0,
+    ):
         self.run_dir = Path(run_dir)
+        #: most unsettled records an agent's inbox may hold (0: unlimited); see the module docstring
+        self.inbox_depth = inbox_depth
+        #: seconds a sender waits for room in a full inbox before raising InboxFull
+        self.full_timeout = full_timeout
+        self._counts: dict[str, tuple] = {}  # location -> (mmap, [appended, settled])
         self.run_id = self.run_dir.name
         self.max_message_bytes = max_message_bytes
         self.owner = owner
@@ -117,7 +148,9 @@ class ShmBus:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, root: str | None = None, *, max_message_bytes: int = 1 << 20) -> "ShmBus":
+    def create(
+        cls, root: str | None = None, *, max_message_bytes: int = 1 << 20, inbox_depth: int = 0, full_timeout: float = 30.0
+    ) -> "ShmBus":
         """Make a new private run directory (coordinator side)."""
         root = root or default_root()
         if not os.path.isdir(root):
@@ -132,9 +165,9 @@ class ShmBus:
             raise BusError(
                 f"bus root {root!r} is too long for doorbell sockets (paths up to 107 bytes); use a shorter [bus] root"
             )
-        for sub in ("cursor", "bell", "dead", "state"):
+        for sub in ("cursor", "bell", "dead", "state", "count"):
             os.mkdir(os.path.join(run_dir, sub), 0o700)
-        bus = cls(run_dir, max_message_bytes=max_message_bytes, owner=True)
+        bus = cls(run_dir, max_message_bytes=max_message_bytes, owner=True, inbox_depth=inbox_depth, full_timeout=full_timeout)
         me = os.getpid()
         bus._write_atomic(
             Path(run_dir) / "owner.json",
@@ -143,11 +176,13 @@ class ShmBus:
         return bus
 
     @classmethod
-    def attach(cls, run_dir: str | os.PathLike, *, max_message_bytes: int = 1 << 20) -> "ShmBus":
+    def attach(
+        cls, run_dir: str | os.PathLike, *, max_message_bytes: int = 1 << 20, inbox_depth: int = 0, full_timeout: float = 30.0
+    ) -> "ShmBus":
         """Open an existing run directory (agent side) after checking it is private and ours."""
         run_dir = os.fspath(run_dir)
         check_private_dir(run_dir)
-        return cls(run_dir, max_message_bytes=max_message_bytes)
+        return cls(run_dir, max_message_bytes=max_message_bytes, inbox_depth=inbox_depth, full_timeout=full_timeout)
 
     def after_fork(self) -> None:
         """Forget descriptors inherited through fork (a forked agent opens its own)."""
@@ -156,6 +191,7 @@ class ShmBus:
         for inbox in self._inboxes.values():
             _close(inbox.fd)
             _close(inbox.cursor_fd)
+        self._unmap_counts()
         for sock in self._bells.values():
             sock.close()
         if self._ringer is not None:
@@ -173,6 +209,7 @@ class ShmBus:
         for inbox in self._inboxes.values():
             _close(inbox.fd)
             _close(inbox.cursor_fd)
+        self._unmap_counts()
         for sock in self._bells.values():
             sock.close()
         if self._ringer is not None:
@@ -192,54 +229,161 @@ class ShmBus:
             raise BusError(f"inbox location {location!r} escapes the run directory")
         return self.run_dir / location
 
+    def _open_in_run(self, rel: str, flags: int) -> int:
+        """Open ``run_dir/rel`` following no symlink below (or at) the run directory.
+
+        Missing directories are created (mode 0700) when ``flags`` has ``O_CREAT``.
+        A symlink, or anything but a regular file, planted at any component is
+        refused with a BusError: nobody can redirect an inbox, cursor or state file.
+        """
+        dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+        *dirs, name = rel.split("/")
+        try:
+            dfd = os.open(self.run_dir, dir_flags)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise BusError(f"run directory {self.run_dir} is not a plain directory (a symlink was planted there)") from None
+            if exc.errno == errno.ENOENT:
+                raise BusError(f"run directory {self.run_dir} does not exist (its coordinator has ended)") from None
+            raise
+        try:
+            for part in dirs:
+                try:
+                    nfd = os.open(part, dir_flags, dir_fd=dfd)
+                except FileNotFoundError:
+                    if not flags & os.O_CREAT:
+                        raise
+                    try:
+                        os.mkdir(part, 0o700, dir_fd=dfd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(part, dir_flags, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise BusError(
+                    f"refusing {self.run_dir / rel}: a symlink or non-directory was planted in the run directory"
+                ) from None
+            raise
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BusError(f"refusing {self.run_dir / rel}: not a regular file (something was planted there)")
+        return fd
+
     def _append_fd(self, location: str) -> int:
         fd = self._append_fds.get(location)
         if fd is None:
-            path = self._path(location)
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            try:
-                fd = os.open(path, flags, 0o600)
-            except FileNotFoundError:
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(path, flags, 0o600)
+            self._path(location)  # refuses a location that escapes the run directory
+            fd = self._open_in_run(location, os.O_RDWR | os.O_APPEND | os.O_CREAT)
             if len(self._append_fds) >= _MAX_CACHED_FDS:
                 _close(self._append_fds.pop(next(iter(self._append_fds))))
             self._append_fds[location] = fd
         return fd
 
+    def _count_map(self, location: str):
+        """``[appended, settled]`` record counts of an inbox, shared by every process of the run."""
+        entry = self._counts.get(location)
+        if entry is None:
+            fd = self._open_in_run(f"count/{location}", os.O_RDWR | os.O_CREAT)
+            try:
+                # allocate the page now: a store into a mapping of a full tmpfs would be a SIGBUS
+                os.posix_fallocate(fd, 0, 16)
+                mm = mmap.mmap(fd, 16)
+            except OSError as exc:
+                raise BusError(f"bus {self.run_dir} cannot hold the counters of inbox {location}: {exc.strerror}") from None
+            finally:
+                os.close(fd)
+            entry = self._counts[location] = (mm, (ctypes.c_uint64 * 2).from_buffer(mm))
+        return entry[1]
+
+    def _unmap_counts(self) -> None:
+        maps = list(self._counts.values())
+        self._counts = {}
+        for inbox in self._inboxes.values():
+            inbox.counts = None
+        while maps:
+            mm, counts = maps.pop()
+            del counts
+            try:
+                mm.close()
+            except BufferError:
+                pass  # still referenced somewhere; the garbage collector unmaps it
+
     def deliver(self, dst: str, location: str, records: list[bytes]) -> None:
-        """Append all ``records`` under one lock, atomically, then ring ``dst``'s doorbell."""
+        """Append all ``records`` under one lock, atomically, then ring ``dst``'s doorbell.
+
+        With ``inbox_depth`` set, waits (up to ``full_timeout``) while the inbox
+        holds that many unsettled records, then raises :class:`InboxFull`.
+        """
         data = records[0] if len(records) == 1 else b"".join(records)
         fd = self._append_fd(location)
-        stats = self.lock_wait
-        if stats is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            t0 = time.perf_counter_ns()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            key = location.rpartition("/")[0] or location
-            stats[key] = stats.get(key, 0) + time.perf_counter_ns() - t0
+        depth = self.inbox_depth
+        counts = self._count_map(location) if depth and not dst.startswith("_") else None
+        n = data.count(b"\n") if counts is not None else 0
+        deadline = None
+        delay = 0.0005
+        while True:
+            stats = self.lock_wait
+            if stats is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                t0 = time.perf_counter_ns()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                key = location.rpartition("/")[0] or location
+                stats[key] = stats.get(key, 0) + time.perf_counter_ns() - t0
+            unread = 0
+            try:
+                if counts is not None:
+                    unread = counts[0] - counts[1]
+                    if not (unread > 0 and unread + n > depth):
+                        unread = 0
+                if not unread:
+                    self._append_locked(fd, dst, data, len(records), counts, n)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            if not unread:
+                break
+            # full: wait without the lock for the reader to settle some
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.full_timeout
+            elif now >= deadline:
+                raise InboxFull(
+                    f"inbox of {dst} holds {unread} unsettled messages ([bus] inbox_depth = {depth}) and its "
+                    f"reader settled none in {self.full_timeout:g}s; {len(records)} message(s) were not sent. "
+                    "The reader is stuck or too slow: raise [bus] inbox_depth (0: unlimited) or send less"
+                )
+            time.sleep(min(delay, max(deadline - now, 0.0)))
+            delay = min(delay * 2, 0.05)
+        self.ring(dst)
+
+    def _append_locked(self, fd: int, dst: str, data: bytes, count: int, counts, n: int) -> None:
+        """The append itself, under the inbox's flock: all of ``data`` or nothing."""
+        size = os.fstat(fd).st_size
+        torn = 0
         try:
-            size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 # a sender died in the middle of a write: close the torn record
                 os.write(fd, b"\n")
                 size += 1
-            try:
-                written = os.write(fd, data)
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-            except OSError as exc:
-                os.ftruncate(fd, size)  # no half-written batch is ever visible
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise BusError(
-                        f"bus {self.run_dir} is full ({exc.strerror}): {len(records)} message(s) to {dst} "
-                        "were not written; free space in the bus root or set [bus] root elsewhere"
-                    ) from None
-                raise
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        self.ring(dst)
+                torn = 1
+            written = os.write(fd, data)
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as exc:
+            os.ftruncate(fd, size)  # no half-written batch is ever visible
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise BusError(
+                    f"bus {self.run_dir} is full ({exc.strerror}): {count} message(s) to {dst} "
+                    "were not written; free space in the bus root or set [bus] root elsewhere"
+                ) from None
+            raise
+        if counts is not None:
+            counts[0] += torn + n  # one aligned 8-byte store
 
     def ring(self, dst: str) -> None:
         """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet."""
@@ -256,15 +400,27 @@ class ShmBus:
     def _inbox(self, agent_id: str, location: str) -> _Inbox:
         inbox = self._inboxes.get(agent_id)
         if inbox is None:
-            path = self._path(location)
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            cursor_fd = os.open(
-                self.run_dir / "cursor" / agent_id, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-            )
+            self._path(location)  # refuses a location that escapes the run directory
+            if "/" in agent_id or agent_id in ("", ".", ".."):
+                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            fd = self._open_in_run(location, os.O_RDONLY | os.O_CREAT)
+            try:
+                cursor_fd = self._open_in_run(f"cursor/{agent_id}", os.O_RDWR | os.O_CREAT)
+            except BaseException:
+                os.close(fd)
+                raise
             raw = os.pread(cursor_fd, 8, 0)
             pos = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-            inbox = self._inboxes[agent_id] = _Inbox(fd, pos, cursor_fd)
+            inbox = _Inbox(fd, pos, cursor_fd)
+            if self.inbox_depth and not agent_id.startswith("_"):
+                # recount what is settled: exact even if a predecessor died between two writes
+                settled = 0
+                for off in range(0, pos, _READ_CHUNK):
+                    settled += os.pread(fd, min(_READ_CHUNK, pos - off), off).count(b"\n")
+                inbox.counts = self._count_map(location)
+                inbox.acked_count = settled
+                inbox.counts[1] = settled
+            self._inboxes[agent_id] = inbox
         return inbox
 
     def read(self, agent_id: str, location: str) -> list[tuple[bytes, int]]:
@@ -309,16 +465,19 @@ class ShmBus:
             self.ack(other, rs)
         if inbox is None:
             return
-        moved = False
+        moved = 0
         while pending:
             first = next(iter(pending))
             if not pending[first]:
                 break
             del pending[first]
             inbox.acked_to = first
-            moved = True
+            moved += 1
         if moved:
             os.pwrite(inbox.cursor_fd, inbox.acked_to.to_bytes(8, "little"), 0)
+            if inbox.counts is not None:
+                inbox.acked_count += moved
+                inbox.counts[1] = inbox.acked_count  # senders waiting on a full inbox see room
 
     def unread_bytes(self, agent_id: str, location: str) -> int:
         """Bytes in the inbox past the settled cursor (what a replacement would re-read)."""
@@ -375,11 +534,9 @@ class ShmBus:
     def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
         fd = self._dead_fds.get(agent_id)
         if fd is None:
-            fd = os.open(
-                self.run_dir / "dead" / f"{agent_id}.jsonl",
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                0o600,
-            )
+            if "/" in agent_id:
+                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            fd = self._open_in_run(f"dead/{agent_id}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             self._dead_fds[agent_id] = fd
         line = json.dumps({"reason": reason, "raw_b64": base64.b64encode(record[:65536]).decode()}) + "\n"
         os.write(fd, line.encode())
@@ -415,9 +572,14 @@ class ShmBus:
     def get_state(self, key: str) -> bytes | None:
         check_agent_id(key)
         try:
-            return (self.run_dir / "state" / key).read_bytes()
+            fd = self._open_in_run(f"state/{key}", os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------- helpers used by `cfn clean`
