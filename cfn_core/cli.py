@@ -33,12 +33,18 @@ RUN_FLAGS = {
 }
 
 
-class Terminated(Exception):
-    """SIGTERM arrived."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived.  A KeyboardInterrupt, so every cleanup path treats it like Ctrl-C
+    (and no ``except Exception`` in a plugin or handler can swallow it)."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    # Only the first signal interrupts; later ones are ignored so that the shutdown it
+    # starts (bounded by [run] shutdown_timeout, then SIGKILL) removes every agent and
+    # the run directory instead of being cut short half way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _overrides(args) -> dict:
@@ -96,18 +102,19 @@ def cmd_run(args) -> int:
     config = _load(args)
     progress = _Progress()
     coord = Coordinator(config, progress=progress)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
     try:
         with coord:
             result = coord.run()
         code = result.exit_code
-    except KeyboardInterrupt:
-        code = 130
     except Terminated:
         code = 143
+    except KeyboardInterrupt:
+        code = 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         progress.done()
     result = coord.partial
     if result is None:

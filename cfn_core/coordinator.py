@@ -634,8 +634,8 @@ class Coordinator:
         finally:
             self._account(r, t_round)
             ctx._round = None
-            if partial is not None:
-                partial.rounds.remove(res)
+            if partial is not None and not res.interrupted:
+                partial.rounds.remove(res)  # run() appends the finished round; an interrupted one stays
         self.pm.hook.cfn_coordination_finish(ctx=ctx, result=res)
         return res
 
