@@ -18,10 +18,15 @@ Why it cannot lose a message:
 
 * A sender appends under ``flock`` with one ``write`` of whole records.  If the
   write fails half way (disk full) the file is truncated back to where it was,
-  still under the lock, so no half record is ever visible.  A sender killed in
-  the middle of a write can leave a torn tail; the next sender sees the file
-  does not end in ``\\n`` and terminates it, turning the fragment into one
-  malformed record that the reader dead-letters (its sender never saw it sent).
+  still under the lock, so no half record is ever visible.
+* A write is a batch: its records are joined by ``\\x1e`` (ASCII record
+  separator, which JSON never contains unescaped) and only its last record
+  ends in ``\\n``.  The reader only takes data up to the last ``\\n``, so it
+  sees a batch whole or not at all.  A sender killed in the middle of a write
+  (SIGKILL can cut a write to tmpfs at a page boundary) leaves a torn tail
+  without ``\\n``; the next sender, under the lock, truncates that tail back
+  to the last ``\\n`` and appends one malformed marker record in its place,
+  which the reader dead-letters (its sender never saw it sent).
 * The reader never truncates or rewrites: it keeps an offset and only takes
   records up to the last ``\\n``, so it cannot race with appends.
 * The cursor advances only over acked records, so a replacement of a dead agent
@@ -76,6 +81,27 @@ def bell_name(agent_id: str) -> str:
 
     return "h" + hashlib.blake2b(agent_id.encode(), digest_size=15).hexdigest()
 _READ_CHUNK = 1 << 20
+#: joins the records of one write; only the write's last record ends in b"\n"
+RECORD_SEP = b"\x1e"
+#: what replaces a write torn by its sender's death (dead-lettered by the reader)
+TORN_RECORD = b"\x1ftorn write: its sender died while writing it\n"
+
+
+def _record_count(data: bytes) -> int:
+    """Records ending in ``data`` (each ends in a record separator or a newline)."""
+    return data.count(b"\n") + data.count(RECORD_SEP)
+
+
+def _end_of_last_write(fd: int, size: int) -> int:
+    """Offset just past the last ``\\n`` before ``size`` (0 if none): where the torn write began."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
 
 
 def default_root() -> str:
@@ -319,11 +345,11 @@ class ShmBus:
         With ``inbox_depth`` set, waits (up to ``full_timeout``) while the inbox
         holds that many unsettled records, then raises :class:`InboxFull`.
         """
-        data = records[0] if len(records) == 1 else b"".join(records)
+        data = records[0] if len(records) == 1 else b"".join(records).replace(b"\n", RECORD_SEP, len(records) - 1)
         fd = self._append_fd(location)
         depth = self.inbox_depth
         counts = self._count_map(location) if depth and not dst.startswith("_") else None
-        n = data.count(b"\n") if counts is not None else 0
+        n = len(records) if counts is not None else 0
         deadline = None
         delay = 0.0005
         while True:
@@ -367,9 +393,12 @@ class ShmBus:
         torn = 0
         try:
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                # a sender died in the middle of a write: close the torn record
-                os.write(fd, b"\n")
-                size += 1
+                # a sender died in the middle of a write: remove the torn write whole (a batch
+                # is visible all or nothing) and leave one malformed record in its place
+                size = _end_of_last_write(fd, size)
+                os.ftruncate(fd, size)
+                os.write(fd, TORN_RECORD)
+                size += len(TORN_RECORD)
                 torn = 1
             written = os.write(fd, data)
             while written < len(data):
@@ -416,7 +445,7 @@ class ShmBus:
                 # recount what is settled: exact even if a predecessor died between two writes
                 settled = 0
                 for off in range(0, pos, _READ_CHUNK):
-                    settled += os.pread(fd, min(_READ_CHUNK, pos - off), off).count(b"\n")
+                    settled += _record_count(os.pread(fd, min(_READ_CHUNK, pos - off), off))
                 inbox.counts = self._count_map(location)
                 inbox.acked_count = settled
                 inbox.counts[1] = settled
@@ -433,6 +462,8 @@ class ShmBus:
         end = data.rfind(b"\n")
         if end < 0:
             return []
+        if RECORD_SEP in data:  # a batch: split its records like lines (same offsets, same length)
+            data = data.replace(RECORD_SEP, b"\n")
         out = []
         start = 0
         base = inbox.pos
