@@ -569,10 +569,16 @@ class Coordinator:
             payload = "x" * w.payload_bytes
             count = w.tasks or w.agents
             return [Task(id=f"r{number}-t{i:06d}", payload=payload) for i in range(count)]
-        return [
+        tasks = [
             t if isinstance(t, Task) and number == 1 else Task(id=f"r{number}-t{i:06d}", payload=getattr(t, "payload", t))
             for i, t in enumerate(given)
         ]
+        seen: set[str] = set()
+        for t in tasks:
+            if t.id in seen:  # results are keyed by task id: a duplicate would silently vanish
+                raise ConfigError(f"task id {t.id!r} appears more than once in the tasks given to Coordinator.run")
+            seen.add(t.id)
+        return tasks
 
     @contextmanager
     def _phase(self, r: _Round, name: str):
