@@ -98,7 +98,9 @@ def cfn_launch_agent(ctx, agent_id):
 def cfn_spawn(ctx, agent_ids):
     timeout = ctx.config.run.spawn_timeout
     for agent_id in agent_ids:
-        ctx.launch(agent_id)
+        handle = ctx.agents.get(agent_id)
+        if handle is None or not handle.alive:  # a plugin that failed half way may have launched some
+            ctx.launch(agent_id)
         ctx.wait_ready([agent_id], timeout)
     return ctx.spawn_report(agent_ids)
 
