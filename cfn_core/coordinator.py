@@ -144,7 +144,9 @@ class CoordinatorContext:
         """Hand messages to ``cfn_send`` (and count them)."""
         if messages:
             self.counters["sent"] += len(messages)
-            self.metrics.messages_sent.inc(len(messages))
+            tasks = sum(1 for m in messages if m.kind == "task")
+            if tasks:  # the metric counts workload messages, like the summary (not stop/ping)
+                self.metrics.messages_sent.inc(tasks)
             self.hook.cfn_send(ctx=self, messages=messages)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
@@ -299,7 +301,6 @@ class CoordinatorContext:
             else:
                 self.counters["unexpected"] += 1
         self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
-        self.metrics.messages_delivered.inc(len(messages))
         if self._in_execute and self._round is not None:
             self._round.collect += time.perf_counter() - t0
 
@@ -344,8 +345,13 @@ class CoordinatorContext:
         if sent is not None:
             r.latencies.append(now - sent)
         peers_sent = body.get("peers_sent", 0)
-        if isinstance(peers_sent, int):
-            r.peers_sent += peers_sent
+        if not isinstance(peers_sent, int) or isinstance(peers_sent, bool):
+            peers_sent = 0
+        r.peers_sent += peers_sent
+        # live counters that end equal to the round's figures: the result and the peer messages
+        # its agent sent; delivered: the task (its result proves it), the result, its peers received
+        self.metrics.messages_sent.inc(1 + peers_sent)
+        self.metrics.messages_delivered.inc(2 + r.results[msg.task].peers_received)
 
     def _reap(self, handle: AgentHandle) -> None:
         if handle.pidfd is not None:

@@ -28,8 +28,8 @@ class Metrics:
             "cfn_phase_seconds", "Time per phase of a round", ["phase"], buckets=_SECONDS, registry=r
         )
         self.delivery_rate = Gauge("cfn_delivery_rate", "Delivered / planned messages of the last round", registry=r)
-        self.messages_sent = Counter("cfn_messages_sent", "Messages put on the bus (coordinator and agents)", registry=r)
-        self.messages_delivered = Counter("cfn_messages_delivered", "Messages that reached their receiver", registry=r)
+        self.messages_sent = Counter("cfn_messages_sent", "Workload messages put on the bus: tasks, results, mesh peer messages (as in the summary)", registry=r)
+        self.messages_delivered = Counter("cfn_messages_delivered", "Workload messages that reached their receiver, counted as the summary counts them", registry=r)
         self.messages_dead_lettered = Counter(
             "cfn_messages_dead_lettered", "Malformed records set aside in dead-letter files", registry=r
         )
