@@ -1,0 +1,145 @@
+"""``[bench]`` -> the list of cells to time.
+
+A cell is one combination of plugins, one agent count and one workload.  The
+baseline (no plugin) is always in the matrix, because every figure of the
+report is a ratio to it; the reference rows (ProcessPoolExecutor,
+multiprocessing with pipes) are cells too, for the star workload.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from attrs import define
+
+from ..errors import ConfigError
+
+#: reference rows: key -> what the report calls them
+REFERENCES = {
+    "processpool": "concurrent.futures.ProcessPoolExecutor",
+    "mp-pipes": "multiprocessing.Process + Pipe",
+}
+
+#: words allowed in [bench] combinations besides explicit ones
+KEYWORDS = ("default", "all", "each", "combined", "baseline")
+
+
+@define(frozen=True)
+class Cell:
+    """One cell of the matrix.
+
+    :ivar plugins: the enabled plugins (empty: the baseline); for a reference row, empty.
+    :ivar reference: ``""`` for a cfn cell, else a key of :data:`REFERENCES`.
+    """
+
+    plugins: tuple[str, ...]
+    agents: int
+    workload: str
+    reference: str = ""
+
+    @property
+    def combination(self) -> str:
+        """``pool+batch``, ``baseline`` or ``ref-processpool``: the row's name in ids and tables."""
+        if self.reference:
+            return f"ref-{self.reference}"
+        return "+".join(self.plugins) or "baseline"
+
+    @property
+    def label(self) -> str:
+        return REFERENCES[self.reference] if self.reference else self.combination
+
+    @property
+    def id(self) -> str:
+        """The test id: ``pool+batch-500``, ``baseline-100-mesh``."""
+        suffix = "" if self.workload == "star" else f"-{self.workload}"
+        return f"{self.combination}-{self.agents}{suffix}"
+
+    @property
+    def kind(self) -> str:
+        return "reference" if self.reference else "cfn"
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "combination": self.combination,
+            "label": self.label,
+            "plugins": list(self.plugins),
+            "agents": self.agents,
+            "workload": self.workload,
+            "reference": self.reference,
+        }
+
+
+def matrix_plugins(bench, installed: list[str]) -> list[str]:
+    """The plugins the keyword combinations are built from: ``[bench] plugins`` or every installed one."""
+    names = list(bench.plugins) or sorted(installed)
+    for name in names:
+        if name not in installed:
+            raise unknown(name, installed, "[bench] plugins")
+    return names
+
+
+def unknown(name: str, installed: list[str], where: str) -> ConfigError:
+    from ..errors import did_you_mean
+
+    listing = ", ".join(sorted(installed)) or "none (pip install -r requirements.txt installs the bundled ones)"
+    return ConfigError(
+        f"{where}: unknown plugin {name!r}{did_you_mean(name, installed)}; only installed plugins can be benchmarked, "
+        f"installed: {listing}"
+    )
+
+
+def combinations(bench, installed: list[str]) -> list[tuple[str, ...]]:
+    """Expand ``[bench] combinations`` into plugin tuples, baseline first, without duplicates."""
+    names = matrix_plugins(bench, installed)
+    out: list[tuple[str, ...]] = [()]
+    for item in bench.combinations:
+        word = item.strip()
+        if word == "default":
+            out += [(n,) for n in names] + [tuple(names)]
+        elif word == "all":
+            out += [c for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+        elif word == "each":
+            out += [(n,) for n in names]
+        elif word == "combined":
+            out.append(tuple(names))
+        elif word in ("baseline", "", "none"):
+            continue
+        else:
+            combo = tuple(p.strip() for p in word.split("+") if p.strip())
+            for name in combo:
+                if name in KEYWORDS:
+                    raise ConfigError(f"[bench] combinations: {word!r}: {name!r} is a keyword, not a plugin")
+                if name not in installed:
+                    raise unknown(name, installed, f"[bench] combinations {word!r}")
+            if len(set(combo)) != len(combo):
+                raise ConfigError(f"[bench] combinations: {word!r} names a plugin twice")
+            out.append(combo)
+    seen, unique = set(), []
+    for combo in out:
+        key = frozenset(combo)
+        if key not in seen:
+            seen.add(key)
+            unique.append(combo)
+    return unique
+
+
+def expand(bench, installed: list[str]) -> list[Cell]:
+    """Every cell of the matrix, smallest N first (early cells give early feedback)."""
+    combos = combinations(bench, installed)
+    cells = []
+    for n in sorted(set(bench.agents)):
+        for workload in dict.fromkeys(bench.workloads):
+            cells += [Cell(plugins=c, agents=n, workload=workload) for c in combos]
+            if bench.references and workload == "star":
+                cells += [Cell(plugins=(), agents=n, workload=workload, reference=r) for r in REFERENCES]
+    if not cells:
+        raise ConfigError("[bench] agents and workloads must not be empty")
+    return cells
+
+
+def installed_plugins() -> list[str]:
+    from ..plugins import installed
+
+    return sorted(installed())

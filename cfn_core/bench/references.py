@@ -1,0 +1,90 @@
+"""Reference rows: what a Python user would write instead of cfn, on the same workload.
+
+N worker processes each receive one payload of ``[workload] payload_bytes``,
+echo it back once and exit: the star workload with the echo handler.  Timed
+from the first process start to the last one reaped, like a cfn cell.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+
+def _echo(payload):
+    return payload
+
+
+def _pipe_worker(conn) -> None:
+    conn.send(conn.recv())
+    conn.close()
+
+
+def processpool(agents: int, payload: str) -> dict:
+    """``ProcessPoolExecutor(max_workers=N)``, N tasks submitted at once.
+
+    With the fork start method the executor starts all N workers inside the
+    first ``submit``, so that time is reported as spawn.
+    """
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=agents) as pool:
+        futures = [pool.submit(_echo, payload) for _ in range(agents)]
+        t_sent = time.perf_counter()
+        results = [f.result() for f in futures]
+        t_done = time.perf_counter()
+    t_end = time.perf_counter()
+    ok = sum(1 for r in results if r == payload)
+    return {
+        "seconds": t_end - t0,
+        "phases": {"spawn": t_sent - t0, "execute": t_done - t_sent, "shutdown": t_end - t_done},
+        "planned": 2 * agents,
+        "delivered": 2 * ok,
+        "failed": agents - ok,
+    }
+
+
+def mp_pipes(agents: int, payload: str) -> dict:
+    """N ``multiprocessing.Process`` with a ``Pipe`` each: start all, send, receive, join."""
+    ctx = multiprocessing.get_context()
+    t0 = time.perf_counter()
+    procs, conns = [], []
+    try:
+        for _ in range(agents):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_pipe_worker, args=(child,), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+        t_spawned = time.perf_counter()
+        for conn in conns:
+            conn.send(payload)
+        t_sent = time.perf_counter()
+        ok = 0
+        for conn in conns:
+            try:
+                ok += conn.recv() == payload
+            except EOFError:
+                pass
+        t_done = time.perf_counter()
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            proc.close()
+        for conn in conns:
+            conn.close()
+    t_end = time.perf_counter()
+    return {
+        "seconds": t_end - t0,
+        "phases": {"spawn": t_spawned - t0, "distribute": t_sent - t_spawned, "execute": t_done - t_sent, "shutdown": t_end - t_done},
+        "planned": 2 * agents,
+        "delivered": 2 * ok,
+        "failed": agents - ok,
+    }
+
+
+RUNNERS = {"processpool": processpool, "mp-pipes": mp_pipes}

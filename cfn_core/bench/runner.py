@@ -1,0 +1,283 @@
+"""Time the cells of the matrix.
+
+One repetition of a cfn cell is one fresh ``Coordinator`` on the cell's
+configuration: open (session start: a pool's zygote and pre-spawned agents),
+``rounds`` coordinations, close.  Its time is that whole span, what ``cfn run``
+costs a user from a cold start; later rounds are also reported alone (warm
+reuse).  Each repetition is measured while :class:`ResourceSampler` watches the
+process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from ..errors import CfnError
+from ..report import percentile
+from .matrix import Cell
+from .resources import ResourceSampler
+
+#: phases of a cell, in the order a coordination goes through them
+PHASES = ("session", "spawn", "ready", "distribute", "execute", "collect", "shutdown")
+
+Step = Callable[[str], None]
+
+
+def cell_config(base, bench, cell: Cell):
+    """The configuration one repetition of ``cell`` runs with (validated like a file)."""
+    mesh = cell.workload == "mesh"
+    return base.evolve(
+        plugins=list(cell.plugins),
+        workload={
+            "agents": cell.agents,
+            "rounds": bench.rounds,
+            "topology": cell.workload,
+            "tasks": 0,
+            "messages_per_agent": bench.mesh_messages if mesh else 0,
+        },
+        run={"max_agents": max(base.run.max_agents, cell.agents), "metrics_port": 0, "metrics_file": ""},
+    )
+
+
+def _run_cfn(config, step: Step | None) -> dict:
+    from ..coordinator import Coordinator
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if step is not None:
+            step(f"{phase} {done}/{total}")
+
+    rep: dict = {"error": None}
+    t0 = time.perf_counter()
+    coord = Coordinator(config, progress=progress)
+    try:
+        coord.open()
+        t_open = time.perf_counter()
+        result = coord.run()
+        t_run = time.perf_counter()
+    finally:
+        t_closing = time.perf_counter()
+        coord.close()
+        t_end = time.perf_counter()
+    rep["seconds"] = t_end - t0
+    phases = {p: 0.0 for p in PHASES}
+    phases["session"] = (t_open - t0) + (t_end - t_closing)
+    for name, value in result.phases().items():
+        phases[name] = phases.get(name, 0.0) + value
+    phases["other"] = max(0.0, (t_run - t_open) - sum(r.seconds for r in result.rounds))
+    rep["phases"] = phases
+    rep["rounds"] = [
+        {
+            "seconds": r.seconds,
+            "ok": r.failed == 0 and r.delivered == r.planned,
+            "planned": r.planned,
+            "delivered": r.delivered,
+            "failed": r.failed,
+            "retries": r.retries,
+            "latency_p50": r.latency_p50,
+            "latency_p99": r.latency_p99,
+            "errors": sorted({x.error for x in r.results.values() if x.error})[:3],
+        }
+        for r in result.rounds
+    ]
+    rep["planned"] = result.planned
+    rep["delivered"] = result.delivered
+    rep["failed"] = result.failed
+    rep["fallbacks"] = sum(int(f.get("count", 1)) for f in result.fallbacks)
+    rep["plugin_figures"] = result.plugin_figures
+    return rep
+
+
+def _run_reference(cell: Cell, payload: str) -> dict:
+    from .references import RUNNERS
+
+    rep = RUNNERS[cell.reference](cell.agents, payload)
+    rep["error"] = None
+    ok = rep["failed"] == 0 and rep["delivered"] == rep["planned"]
+    rep["rounds"] = [
+        {"seconds": rep["seconds"], "ok": ok, "planned": rep["planned"], "delivered": rep["delivered"],
+         "failed": rep["failed"], "latency_p50": None, "latency_p99": None, "errors": []}
+    ]
+    return rep
+
+
+def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
+    """Time ``cell``: up to ``[bench] repetitions`` runs, fewer once ``cell_budget`` is spent."""
+    reps: list[dict] = []
+    started = time.perf_counter()
+    payload = "x" * base.workload.payload_bytes
+    for i in range(bench.repetitions):
+        prefix = f"{cell.id} rep {i + 1}/{bench.repetitions}"
+        if step is not None:
+            step(prefix)
+        sampler = ResourceSampler().start()
+        stop_now = False
+        try:
+            if cell.reference:
+                rep = _run_reference(cell, payload)
+            else:
+                rep = _run_cfn(cell_config(base, bench, cell), (lambda s: step(f"{prefix} {s}")) if step else None)
+        except CfnError as exc:  # a configuration this cell cannot run: the same every time
+            rep = {"error": f"{type(exc).__name__}: {exc}", "seconds": None, "rounds": []}
+            stop_now = True
+        except Exception as exc:  # noqa: BLE001  (a crash is a measured error of this combination)
+            rep = {"error": f"{type(exc).__name__}: {exc}", "seconds": None, "rounds": []}
+        finally:
+            resources = sampler.stop()
+        rep["resources"] = resources
+        reps.append(rep)
+        if stop_now:
+            break
+        if bench.cell_budget and time.perf_counter() - started >= bench.cell_budget:
+            break
+    return summarize(cell, reps, bench)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(cell: Cell, reps: list[dict], bench) -> dict:
+    """The figures of one cell from its repetitions (raw repetitions kept under ``reps``)."""
+    timed = [r for r in reps if r.get("seconds") is not None]
+    seconds = [r["seconds"] for r in timed]
+    rounds = [x for r in timed for x in r["rounds"]]
+    warm = [x["seconds"] for r in timed for x in r["rounds"][1:]]
+    planned = sum(r.get("planned", 0) for r in timed)
+    delivered = sum(r.get("delivered", 0) for r in timed)
+    coordinations = sum(max(1, len(r.get("rounds") or [])) for r in reps) if reps else 0
+    errors = sum(1 for r in reps if r.get("error")) + sum(1 for x in rounds if not x["ok"])
+    messages = []
+    for r in timed:
+        if r["seconds"] > 0:
+            messages.append(r.get("delivered", 0) / r["seconds"])
+    phase_names = list(PHASES) + sorted({k for r in timed for k in r.get("phases", {})} - set(PHASES))
+    phases = {p: _median([r.get("phases", {}).get(p, 0.0) for r in timed]) for p in phase_names}
+    res = [r["resources"] for r in reps]
+    error_messages = []
+    for r in reps:
+        for msg in [r.get("error")] + [e for x in r.get("rounds", []) for e in x.get("errors", [])]:
+            if msg and msg not in error_messages:
+                error_messages.append(msg)
+    out = cell.to_dict()
+    out.update(
+        {
+            "repetitions": len(reps),
+            "rounds": bench.rounds,
+            "coordinations": coordinations,
+            "seconds": seconds,
+            "p50": percentile(seconds, 50),
+            "p95": percentile(seconds, 95),
+            "p99": percentile(seconds, 99),
+            "min": min(seconds) if seconds else None,
+            "warm_round_p50": percentile(warm, 50),
+            "messages_planned": planned,
+            "messages_delivered": delivered,
+            "delivery_rate": delivered / planned if planned else (None if not timed else 1.0),
+            "messages_per_second": _median(messages),
+            "phases": phases,
+            "latency_p50": _median([x.get("latency_p50") for x in rounds]),
+            "latency_p99": _median([x.get("latency_p99") for x in rounds]),
+            "peak_pss_bytes": max((x["peak_pss_bytes"] or 0 for x in res), default=0) or None,
+            "pss_estimated": any(x["pss_estimated"] for x in res),
+            "peak_fds": max((x["peak_fds"] or 0 for x in res), default=0) or None,
+            "peak_processes": max((x["peak_processes"] for x in res), default=0),
+            "cpu_percent": _median([x["cpu_percent"] for x in res]),
+            "sampling_seconds": sum(x["sampling_seconds"] for x in res),
+            "errors": errors,
+            "error_rate_per_1000": 1000.0 * errors / coordinations if coordinations else None,
+            "error_messages": error_messages[:5],
+            "fallbacks": sum(r.get("fallbacks", 0) for r in timed),
+            "plugin_figures": timed[-1].get("plugin_figures", {}) if timed else {},
+            "reps": reps,
+        }
+    )
+    return out
+
+
+def cell_problems(summary: dict, min_delivery: float) -> list[str]:
+    """Why a cell did not work (a crash, failed tasks, delivery under the floor); [] when it did."""
+    problems = list(summary["error_messages"])
+    rate = summary["delivery_rate"]
+    if rate is not None and rate < min_delivery:
+        problems.append(f"delivery {rate:.2%} is below the floor {min_delivery:.0%}")
+    if summary["errors"] and not problems:
+        problems.append(f"{summary['errors']} of {summary['coordinations']} coordinations failed")
+    return problems
+
+
+def machine_info() -> dict:
+    """Where the numbers come from: cores, CPU, memory, Python, versions, load at the start."""
+    import importlib.metadata as md
+
+    import psutil
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("cfn-core", "pluggy", "psutil", "orjson", "attrs", "pytest", "pytest-xdist", "matplotlib", "redis"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        from ..plugins import installed
+
+        for name, ep in sorted(installed().items()):
+            if ep.dist is not None:
+                versions[ep.dist.metadata["Name"]] = ep.dist.version
+    except Exception:  # noqa: BLE001  (machine info must never stop a benchmark)
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cpu_model": model,
+        "memory_bytes": psutil.virtual_memory().total,
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "start_method": __import__("multiprocessing").get_start_method(),
+        "load_average": list(os.getloadavg()),
+        "versions": versions,
+    }
+
+
+def new_report(bench, base, *, tool: str, overlap: bool, workers: int) -> dict:
+    """The report skeleton: machine, mode, settings; cells are appended as they finish."""
+    import attrs
+
+    mode = "parallel" if overlap else "serial"
+    return {
+        "format": "cfn-bench-report/1",
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "runner": {
+            "tool": tool,
+            "mode": mode,
+            "workers": workers,
+            "description": (
+                f"{tool}; {'timing cells overlapped on ' + str(workers) + ' workers' if overlap else 'one timing cell at a time'}"
+                f" on {os.cpu_count()} cores"
+            ),
+        },
+        "machine": machine_info(),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(bench).items()},
+        "workload": {
+            "handler": base.workload.handler,
+            "command": base.workload.command,
+            "payload_bytes": base.workload.payload_bytes,
+        },
+        "cells": [],
+    }
