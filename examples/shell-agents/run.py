@@ -1,0 +1,43 @@
+"""Give each agent one prompt, print every answer, failure and timeout.
+
+    python run.py                 # the prompts below
+    python run.py "a prompt" ...  # your own
+
+Each agent runs `[workload] command` from cfn.toml once per task, with the
+prompt on stdin.  Exit status: 0 when every prompt was answered, 1 otherwise
+(as `cfn run`).
+"""
+
+import sys
+from pathlib import Path
+
+from cfn_core import Coordinator, load_config
+
+PROMPTS = [
+    "summarize the plan in one line",
+    "list three risks",
+    "[fail] a prompt the tool rejects",
+    "[hang] a prompt the tool never finishes",
+]
+
+
+def main(prompts: list[str]) -> int:
+    config = load_config(Path(__file__).with_name("cfn.toml"))
+    config = config.evolve(workload={"agents": len(prompts)})  # one agent per prompt
+    with Coordinator(config) as coord:
+        result = coord.run(prompts)
+    # task ids are r<round>-t<index>, in the order the payloads were given
+    for (task_id, res), prompt in zip(sorted(result.results.items()), prompts):
+        print(f"{task_id} {prompt!r}")
+        if res.ok:
+            print(f"    ok     {res.value.strip()}")
+        else:
+            print(f"    FAILED {res.error}")
+            if res.stderr:
+                print(f"    stderr {res.stderr.strip()}")
+    print(f"{result.delivered}/{result.planned} messages delivered, {result.failed} task(s) failed")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or PROMPTS))
