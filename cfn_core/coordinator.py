@@ -49,10 +49,15 @@ class AgentHandle:
     ``state`` is ``starting`` (launched), ``ready`` (answered), ``stopping``
     (asked to exit) or ``exited``.  ``outstanding`` maps task ids sent to it
     and not yet answered to the monotonic time they were sent, oldest first.
+
+    A *remote* agent (started on another machine by a transport plugin such as
+    cfn-redis) has ``remote`` set, an object with ``kill(handle, reason)``, and
+    no pidfd (``pid`` may be None until known); its plugin reports its end with
+    :meth:`CoordinatorContext.reap`.
     """
 
     id: str
-    pid: int
+    pid: int | None
     pidfd: int | None = None
     popen: Any = None
     launched_at: float = field(factory=time.monotonic)
@@ -64,6 +69,7 @@ class AgentHandle:
     outstanding: dict[str, float] = field(factory=dict)
     last_seen: float = field(factory=time.monotonic)
     info: dict[str, Any] = field(factory=dict)
+    remote: Any = None
 
     @property
     def alive(self) -> bool:
@@ -105,7 +111,7 @@ class CoordinatorContext:
     Besides the common attributes (``config``, ``hook``, ``bus``, ``route``,
     ``metrics``, ``state``), plugins use: ``agents`` (id -> :class:`AgentHandle`),
     ``launch``, ``new_handle``, ``wait_ready``, ``spawn_report``, ``pump``,
-    ``stop_agents``, ``kill``, ``round_state`` (cleared every round) and
+    ``stop_agents``, ``kill``, ``reap``, ``round_state`` (cleared every round) and
     ``run_ref`` (what an agent needs to attach to the bus).
     """
 
@@ -175,7 +181,8 @@ class CoordinatorContext:
         self.spawn_failures.pop(agent_id, None)
         self.metrics.agents.inc()
         if handle.pidfd is None:
-            self._reap(handle)
+            if handle.remote is None:
+                self._reap(handle)
         else:
             self._selector.register(handle.pidfd, selectors.EVENT_READ, handle)
         return handle
@@ -219,6 +226,9 @@ class CoordinatorContext:
         if not handle.alive:
             return
         handle.killed_reason = reason
+        if handle.remote is not None:
+            handle.remote.kill(handle, reason)
+            return
         try:
             if handle.pidfd is not None:
                 signal.pidfd_send_signal(handle.pidfd, signal.SIGKILL)
@@ -308,7 +318,7 @@ class CoordinatorContext:
         if handle is None or handle.state != "starting":
             return
         body = msg.body if isinstance(msg.body, dict) else {}
-        if body.get("pid") not in (None, handle.pid):
+        if handle.pid is not None and body.get("pid") not in (None, handle.pid):
             return  # from an earlier incarnation
         handle.state = "ready"
         handle.ready_at = now
@@ -352,6 +362,13 @@ class CoordinatorContext:
         # its agent sent; delivered: the task (its result proves it), the result, its peers received
         self.metrics.messages_sent.inc(1 + peers_sent)
         self.metrics.messages_delivered.inc(2 + r.results[msg.task].peers_received)
+
+    def reap(self, handle: AgentHandle, exit_code: int | None = None) -> None:
+        """A plugin learned that a remote agent ended: handle it like a death seen through a pidfd."""
+        if handle.alive:
+            if exit_code is not None:
+                handle.exit_code = exit_code
+            self._reap(handle)
 
     def _reap(self, handle: AgentHandle) -> None:
         if handle.pidfd is not None:
