@@ -480,6 +480,14 @@ class Coordinator:
                 f"[workload] payload_bytes = {w.payload_bytes} does not fit in a message: "
                 f"[bus] max_message_bytes = {self.config.bus.max_message_bytes} (allow ~512 bytes of envelope)"
             )
+        if self.config.run.metrics_file:
+            parent = os.path.dirname(os.path.abspath(self.config.run.metrics_file))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                # found now, not after the run when the file is written
+                raise ConfigError(
+                    f"[run] metrics_file = {self.config.run.metrics_file!r}: directory {parent} "
+                    "does not exist or is not writable"
+                )
         self.progress = progress
         self.pm = None
         self.ctx: CoordinatorContext | None = None

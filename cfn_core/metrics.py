@@ -49,7 +49,15 @@ class Metrics:
 
     def serve(self, port: int):
         """Serve /metrics on 127.0.0.1:``port`` (a daemon thread) and return the server."""
-        server, _thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"[run] metrics_port = {port}: cannot serve /metrics on 127.0.0.1:{port}: {exc.strerror}; "
+                "choose another port"
+            ) from None
         return server
 
     def write(self, path: str) -> None:
