@@ -174,8 +174,15 @@ def cmd_clean(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (like every other cfn error), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfn", description="coordinate agent processes over a lossless message bus")
+    parser = _Parser(prog="cfn", description="coordinate agent processes over a lossless message bus")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
@@ -215,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands that live in their own modules (bench, agent)."""
     out = []
-    for modname in ("cfn_core.bench.cli",):
+    for modname in ("cfn_core.bench.cli", "cfn_redis.cli"):
         try:
             module = __import__(modname, fromlist=["add_parser"])
         except ImportError:
