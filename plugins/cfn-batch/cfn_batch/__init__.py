@@ -1,0 +1,161 @@
+"""cfn-batch: buffer outgoing messages per destination and write each buffer at once.
+
+Enable with ``plugins = ["batch"]``; settings in ``[batch]`` (see :class:`BatchSettings`).
+Acts on both sides: the coordinator and every agent run a
+:class:`~cfn_batch.batcher.Batcher` (one buffer per destination, one locked
+write per destination per flush, send order kept, a flusher thread for the
+timeout).
+
+Hook implementations:
+
+* ``cfn_settings`` / ``cfn_configure``: the ``[batch]`` table and its checks.
+* ``cfn_session_start`` (coordinator) / ``cfn_agent_init`` (agents, also after
+  a fork): create the process's batcher and start its flusher thread; on the
+  coordinator register the ``cfn_batch_*`` metrics.
+* ``cfn_send``: encode and buffer; a buffer that reaches the (adaptive) size is
+  delivered by the sender at once.  Returns ``True``.
+* ``cfn_flush``: deliver every buffer (``explicit`` before each sleep,
+  ``shutdown`` before exit).
+* ``cfn_agent_exit`` / ``cfn_session_finish``: final flush, stop the flusher;
+  anything sent later is delivered at once.
+* ``cfn_read`` (wrapper, coordinator): keep each agent's ``batch.*`` counters
+  from its result messages, so the coordinator reports the whole run.
+* ``cfn_report``: messages per batch, flushes by reason, added latency,
+  flusher deaths and restarts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from attrs import define
+from cfn_core import ConfigError, hookimpl, setting
+
+from .batcher import Batcher, optimal_batch_size
+from .stats import AgentFigures, BatchCollector, BatchStats, figures, merge, only_batch
+
+__all__ = ["BatchSettings", "Batcher", "optimal_batch_size"]
+
+NAME = "batch"
+
+
+@define(frozen=True)
+class BatchSettings:
+    """``[batch]``: buffered, destination-grouped sends (cfn-batch)."""
+
+    size: int = setting(
+        50, "messages buffered per destination before they are written (the floor of the adaptive size)", min=1, max=1_000_000
+    )
+    timeout_ms: int = setting(
+        100, "longest time a buffered message waits before it is written, in milliseconds", env=("CFN_BATCH_TIMEOUT",), min=1, max=600_000
+    )
+    max_size: int = setting(
+        500, "most messages one destination's buffer holds; when full the sender writes it (never drops)", min=1, max=1_000_000
+    )
+    adaptive: bool = setting(True, "raise the batch size from size toward max_size when the observed message rate allows")
+
+
+@hookimpl
+def cfn_settings():
+    return {NAME: BatchSettings}
+
+
+@hookimpl
+def cfn_configure(config):
+    s = config.section(NAME)
+    if s.max_size < s.size:
+        raise ConfigError(
+            f"[batch] max_size = {s.max_size} is smaller than [batch] size = {s.size}: "
+            "max_size caps the buffer, so it must be >= size"
+        )
+
+
+# ---------------------------------------------------------------------- the process's batcher
+
+
+def _new_batcher(ctx, counters: dict) -> Batcher:
+    s = ctx.config.section(NAME)
+    stats = BatchStats(counters, min(s.size, s.max_size))
+    batcher = Batcher(ctx.bus, ctx.route, s, ctx.config.bus.max_message_bytes, stats)
+    ctx.state[NAME] = batcher
+    return batcher
+
+
+def _batcher(ctx) -> Batcher:
+    batcher = ctx.state.get(NAME)
+    if batcher is None or batcher.pid != os.getpid():
+        # first use without an init hook, or a fork inherited the parent's batcher: start afresh
+        # (a child never re-sends what its parent buffered)
+        counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("batch.counters", {})
+        batcher = _new_batcher(ctx, counters)
+        batcher.start()
+    return batcher
+
+
+@hookimpl
+def cfn_agent_init(ctx):
+    ctx.state.pop(NAME, None)
+    _batcher(ctx)
+
+
+@hookimpl
+def cfn_session_start(ctx):
+    ctx.state["batch.agents"] = AgentFigures()
+    batcher = _batcher(ctx)
+
+    def totals() -> dict:
+        return merge([only_batch(dict(batcher.stats.c)), *ctx.state["batch.agents"].snapshots()])
+
+    ctx.state["batch.totals"] = totals
+    ctx.metrics.registry.register(BatchCollector(totals))
+
+
+@hookimpl
+def cfn_send(ctx, messages):
+    _batcher(ctx).send(messages)
+    return True
+
+
+@hookimpl
+def cfn_flush(ctx, reason):
+    batcher = ctx.state.get(NAME)
+    if batcher is not None and batcher.pid == os.getpid():
+        batcher.flush(reason)
+
+
+@hookimpl
+def cfn_agent_exit(ctx):
+    batcher = ctx.state.get(NAME)
+    if batcher is not None and batcher.pid == os.getpid():
+        batcher.close()
+
+
+@hookimpl
+def cfn_session_finish(ctx):
+    batcher = ctx.state.get(NAME)
+    if batcher is not None and batcher.pid == os.getpid():
+        batcher.close()
+
+
+@hookimpl(wrapper=True)
+def cfn_read(ctx, agent_id):
+    messages = yield
+    if messages and ctx.side == "coordinator":
+        agents = ctx.state.get("batch.agents")
+        if agents is not None:
+            agents.take(messages)
+    return messages
+
+
+@hookimpl
+def cfn_report(ctx):
+    totals = ctx.state.get("batch.totals")
+    batcher = ctx.state.get(NAME)
+    if totals is None or batcher is None:
+        return None
+    s = ctx.config.section(NAME)
+    out = figures(totals())
+    out["coordinator"] = figures(only_batch(dict(batcher.stats.c)))
+    out["agent_processes"] = len(ctx.state["batch.agents"].latest)
+    out["settings"] = {"size": s.size, "timeout_ms": s.timeout_ms, "max_size": s.max_size, "adaptive": s.adaptive}
+    return {NAME: out}

@@ -1,0 +1,266 @@
+"""The per-process batcher: one buffer per destination, flushed as one locked write.
+
+Every process that sends (the coordinator and each agent) has one
+:class:`Batcher`.  ``send`` encodes each message once (orjson, through
+``Message.encode``) and appends the bytes to its destination's buffer; a
+buffer is handed to ``bus.deliver`` as one call, which the shm bus writes
+under one flock with one ``write`` (all of it visible, or none of it), so the
+records of a batch land together and in send order.
+
+A buffer is flushed
+
+* on size: when it holds ``size`` records (``size`` adapts to the observed
+  message rate, see :func:`optimal_batch_size`, never beyond ``max_size``);
+* on time: a flusher thread delivers every buffer whose oldest record has
+  waited half of ``timeout_ms`` (so none waits ``timeout_ms``);
+* on ``flush(reason)``: the kernel's ``cfn_flush`` before every sleep and at
+  shutdown.
+
+One lock serializes every use of the bus by the batcher (the ShmBus object is
+not thread-safe, and flock does not exclude two threads sharing a descriptor).
+The flusher cannot die silently: if it raises, the death is counted and logged,
+sends are delivered unbatched until it is restarted (on the next send or flush,
+with a back-off), and the restart is counted.  Nothing is ever dropped: a
+delivery that fails leaves the records at the head of their buffer and raises
+to the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from .stats import BatchStats
+
+log = logging.getLogger("cfn.batch")
+
+#: seconds of traffic over which the message rate is measured
+RATE_WINDOW = 0.25
+#: flusher restarts back off from this many seconds, doubling, up to RESTART_MAX
+RESTART_MIN = 0.01
+RESTART_MAX = 5.0
+
+
+def optimal_batch_size(rate: float, timeout_s: float, floor: int, ceiling: int) -> int:
+    """The batch size for one destination receiving ``rate`` messages per second.
+
+    A size flush should carry the traffic, not the timeout: a buffer of size
+    ``s`` fills in ``s / rate`` seconds, so the largest size that still fills
+    within half of the timeout is ``rate * timeout_s / 2``.  Bigger batches
+    amortize the per-write cost (lock, ``write``, wake-up) over more messages;
+    smaller ones than ``floor`` are not worth it because the kernel flushes
+    explicitly before every sleep anyway (a burst never waits for a size flush).
+
+    :param rate: observed messages per second per destination (>= 0).
+    :param timeout_s: the latency budget (``timeout_ms / 1000``).
+    :param floor: smallest size returned (the configured ``size``).
+    :param ceiling: largest size returned (``max_size``).
+    :return: an integer in ``[floor, ceiling]``.
+    """
+    if ceiling < floor:
+        raise ValueError(f"ceiling {ceiling} < floor {floor}")
+    if not rate > 0 or not timeout_s > 0:
+        return floor
+    return max(floor, min(ceiling, int(rate * timeout_s / 2)))
+
+
+class Batcher:
+    """Buffers of one process.  Thread-safe; see the module docstring.
+
+    :param bus: the process's bus (``ctx.bus``).
+    :param route: ``ctx.route`` (destination id -> location).
+    :param settings: the ``[batch]`` table.
+    :param max_message_bytes: ``[bus] max_message_bytes`` (checked when encoding).
+    :param stats: where figures go (:class:`~cfn_batch.stats.BatchStats`).
+    """
+
+    def __init__(self, bus, route, settings, max_message_bytes: int, stats: BatchStats):
+        self.bus = bus
+        self.route = route
+        self.limit = max_message_bytes
+        self.timeout = settings.timeout_ms / 1000.0
+        self.floor = min(settings.size, settings.max_size)
+        self.max_size = settings.max_size
+        self.adaptive = settings.adaptive
+        self.size = self.floor
+        self.stats = stats
+        self.pid = os.getpid()
+        self.cond = threading.Condition(threading.Lock())
+        self.buffers: dict[str, list[bytes]] = {}  # only non-empty buffers, in first-use order
+        self.first_at: dict[str, float] = {}  # destination -> monotonic time of its oldest record
+        self.closed = False  # after close(): every send is delivered at once
+        self.thread: threading.Thread | None = None
+        self.idle = False  # the flusher waits for a first record
+        self.restart_at = 0.0
+        self.restart_delay = RESTART_MIN
+        self.fault = None  # tests: an exception the flusher raises once (see test_batch_flusher)
+        self._window_start = time.monotonic()
+        self._window_msgs = 0
+        self._window_dsts: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the flusher thread (idempotent)."""
+        with self.cond:
+            if not self.closed and (self.thread is None or not self.thread.is_alive()):
+                self._start_locked()
+
+    def _start_locked(self) -> None:
+        self.thread = threading.Thread(target=self._flusher, name="cfn-batch-flusher", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Deliver everything (reason ``shutdown``), stop the flusher; later sends go out at once."""
+        with self.cond:
+            self.closed = True
+            try:
+                self._flush_all_locked("shutdown")
+            finally:
+                self.cond.notify_all()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+
+    def _flusher_ok(self, now: float) -> bool:
+        """Is the flusher running?  Restart a dead one (with back-off).  Lock held."""
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            return True
+        if self.closed:
+            return False
+        if thread is None or now >= self.restart_at:
+            if thread is not None:
+                self.stats.flusher_restart()
+                log.warning("cfn-batch: flusher thread restarted (pid %d)", os.getpid())
+            self._start_locked()
+            return True
+        return False
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, messages) -> None:
+        """Buffer ``messages`` (encoded now: an oversized message raises here, nothing is buffered)."""
+        limit = self.limit
+        records = [(m.dst, m.encode(limit)) for m in messages]
+        now = time.monotonic()
+        with self.cond:
+            if not self._flusher_ok(now):
+                self._send_unbatched_locked(records, now)
+                return
+            buffers, first_at = self.buffers, self.first_at
+            size = self.size
+            was_empty = not buffers
+            self._window_msgs += len(records)
+            dsts = self._window_dsts
+            for dst, rec in records:
+                buf = buffers.get(dst)
+                if buf is None:
+                    buffers[dst] = [rec]
+                    first_at[dst] = now
+                    dsts.add(dst)
+                    if size <= 1:
+                        self._flush_locked(dst, "size", now)
+                    continue
+                buf.append(rec)
+                if len(buf) >= size:
+                    self._flush_locked(dst, "size", now)
+            if self.adaptive and now - self._window_start >= RATE_WINDOW:
+                self._adapt_locked(now)
+            if was_empty and buffers and self.idle:
+                self.cond.notify()
+
+    def _send_unbatched_locked(self, records, now: float) -> None:
+        """The flusher is down: every record goes out at once, after whatever is buffered for its destination."""
+        for dst, rec in records:
+            buf = self.buffers.get(dst)
+            if buf is None:
+                self.buffers[dst] = [rec]
+                self.first_at[dst] = now
+            else:
+                buf.append(rec)
+            self._flush_locked(dst, "unbatched" if not self.closed else "closed", now)
+        if not self.closed:
+            self.stats.unbatched(len(records))
+
+    def flush(self, reason: str) -> None:
+        """Deliver every buffer now."""
+        with self.cond:
+            if self.buffers:
+                self._flush_all_locked(reason)
+            if not self.closed:
+                self._flusher_ok(time.monotonic())
+
+    def _flush_all_locked(self, reason: str) -> None:
+        now = time.monotonic()
+        for dst in list(self.buffers):
+            self._flush_locked(dst, reason, now)
+
+    def _flush_locked(self, dst: str, reason: str, now: float) -> None:
+        """One ``deliver`` of ``dst``'s whole buffer.  On failure the records stay, at the head, and it raises."""
+        buf = self.buffers.pop(dst)
+        since = self.first_at.pop(dst)
+        try:
+            self.bus.deliver(dst, self.route(dst), buf)
+        except BaseException:
+            later = self.buffers.pop(dst, None)
+            self.buffers[dst] = buf + later if later else buf
+            self.first_at[dst] = since
+            raise
+        self.stats.batch(reason, len(buf), sum(map(len, buf)), time.monotonic() - since)
+
+    def _adapt_locked(self, now: float) -> None:
+        elapsed = now - self._window_start
+        per_dst = self._window_msgs / elapsed / max(1, len(self._window_dsts))
+        self.size = optimal_batch_size(per_dst, self.timeout, self.floor, self.max_size)
+        self.stats.size_now(self.size)
+        self._window_start = now
+        self._window_msgs = 0
+        self._window_dsts = set()
+
+    # ------------------------------------------------------------------ the flusher thread
+
+    def _flusher(self) -> None:
+        try:
+            self._flusher_loop()
+        except BaseException as exc:  # counted, logged, restarted by the next send or flush
+            with self.cond:
+                self.stats.flusher_death()
+                self.restart_at = time.monotonic() + self.restart_delay
+                self.restart_delay = min(self.restart_delay * 2, RESTART_MAX)
+            log.warning(
+                "cfn-batch: flusher thread died (%s: %s); sending unbatched until it is restarted",
+                type(exc).__name__,
+                exc,
+            )
+
+    def _flusher_loop(self) -> None:
+        half = self.timeout / 2
+        cond = self.cond
+        with cond:
+            while not self.closed:
+                if self.fault is not None:
+                    exc, self.fault = self.fault, None
+                    raise exc
+                if not self.buffers:
+                    self.idle = True
+                    cond.wait()  # a sender notifies when the first record arrives
+                    self.idle = False
+                    continue
+                now = time.monotonic()
+                oldest = min(self.first_at.values())
+                if now - oldest < half:
+                    cond.wait(oldest + half - now)
+                    continue
+                due = [d for d, t in self.first_at.items() if now - t >= half * 0.5]
+                for dst in due:
+                    try:
+                        self._flush_locked(dst, "timeout", now)
+                    except Exception as exc:  # e.g. a full bus: keep the records, try again later
+                        self.stats.deliver_error()
+                        log.warning("cfn-batch: timed flush to %s failed (%s); will retry", dst, exc)
+                        cond.wait(half)
+                        break
+                self.restart_delay = RESTART_MIN  # a working flusher resets the back-off

@@ -1,0 +1,209 @@
+"""Batch figures: kept as flat integer counters, gathered on the coordinator, exported to Prometheus.
+
+Agents have no metrics registry: their figures live in ``ctx.counters`` under
+``batch.*`` keys, which the kernel copies into every result message.  The
+coordinator keeps the latest copy per agent process (:class:`AgentFigures`,
+fed by a ``cfn_read`` wrapper) and adds its own; :class:`BatchCollector`
+exposes the sum on ``ctx.metrics.registry`` as ``cfn_batch_*`` metrics.
+Agent figures are as of each agent's last result (the batch carrying that
+result is counted in the next one).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable, Mapping
+
+#: histogram bucket upper bounds (the last bucket is +Inf)
+MESSAGES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+#: flush reasons: size, timeout (flusher), explicit/shutdown (cfn_flush), unbatched (flusher down),
+#: closed (sent after shutdown, delivered at once)
+REASONS = ("size", "timeout", "explicit", "shutdown", "unbatched", "closed")
+
+P = "batch."
+_MAXED = (P + "size_now", P + "latency_max_us")
+
+
+def _keys() -> list[str]:
+    keys = [P + k for k in ("batches", "messages", "bytes", "latency_sum_us", "latency_max_us", "size_now")]
+    keys += [P + k for k in ("flusher_deaths", "flusher_restarts", "unbatched_messages", "deliver_errors")]
+    keys += [f"{P}flush.{r}" for r in REASONS]
+    keys += [f"{P}messages_le.{i}" for i in range(len(MESSAGES_BUCKETS) + 1)]
+    keys += [f"{P}bytes_le.{i}" for i in range(len(BYTES_BUCKETS) + 1)]
+    keys += [f"{P}latency_le.{i}" for i in range(len(LATENCY_BUCKETS) + 1)]
+    return keys
+
+
+KEYS = tuple(_keys())
+
+
+class BatchStats:
+    """Counters of one process, written into ``counters`` (an agent's ``ctx.counters``).
+
+    Every key is created up front, so a copy of the dict taken by another
+    thread never sees it change size.  Called with the batcher's lock held.
+    """
+
+    def __init__(self, counters: dict, floor: int):
+        self.c = counters
+        for key in KEYS:
+            counters.setdefault(key, 0)
+        counters[P + "size_now"] = floor
+
+    def batch(self, reason: str, messages: int, nbytes: int, waited: float) -> None:
+        c = self.c
+        c[P + "batches"] += 1
+        c[P + "messages"] += messages
+        c[P + "bytes"] += nbytes
+        if reason not in REASONS:
+            reason = "explicit"  # a plugin's own reason: a flush asked for, like the kernel's
+        c[f"{P}flush.{reason}"] += 1
+        us = int(waited * 1e6)
+        c[P + "latency_sum_us"] += us
+        if us > c[P + "latency_max_us"]:
+            c[P + "latency_max_us"] = us
+        c[f"{P}messages_le.{bisect_left(MESSAGES_BUCKETS, messages)}"] += 1
+        c[f"{P}bytes_le.{bisect_left(BYTES_BUCKETS, nbytes)}"] += 1
+        c[f"{P}latency_le.{bisect_left(LATENCY_BUCKETS, waited)}"] += 1
+
+    def size_now(self, size: int) -> None:
+        self.c[P + "size_now"] = size
+
+    def unbatched(self, n: int) -> None:
+        self.c[P + "unbatched_messages"] += n
+
+    def flusher_death(self) -> None:
+        self.c[P + "flusher_deaths"] += 1
+
+    def flusher_restart(self) -> None:
+        self.c[P + "flusher_restarts"] += 1
+
+    def deliver_error(self) -> None:
+        self.c[P + "deliver_errors"] += 1
+
+
+def only_batch(counters: Mapping) -> dict:
+    return {k: v for k, v in counters.items() if k.startswith(P) and isinstance(v, int)}
+
+
+def merge(snapshots: Iterable[Mapping]) -> dict:
+    """Sum counters over processes (maximum for the gauges)."""
+    out: dict[str, int] = {}
+    for snap in snapshots:
+        for k, v in snap.items():
+            if k in _MAXED:
+                out[k] = max(out.get(k, 0), v)
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+class AgentFigures:
+    """The latest ``batch.*`` counters of every agent process, from the results they sent."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str], tuple[int, dict]] = {}
+
+    def take(self, messages) -> None:
+        for msg in messages:
+            if msg.kind != "result" or not isinstance(msg.body, dict):
+                continue
+            counters = msg.body.get("counters")
+            if not isinstance(counters, dict):
+                continue
+            process = msg.id.rsplit(".", 1)[0]  # "{sender}.{pid}": one incarnation
+            seen = self.latest.get((msg.src, process))
+            if seen is None or msg.seq > seen[0]:
+                self.latest[(msg.src, process)] = (msg.seq, only_batch(counters))
+
+    def snapshots(self) -> list[dict]:
+        return [snap for _, snap in self.latest.values()]
+
+
+def quantile_bound(counters: Mapping, name: str, bounds: tuple, q: float) -> float | None:
+    """Upper bound of the bucket holding the q-quantile (None without data, inf past the last bound)."""
+    counts = [counters.get(f"{P}{name}_le.{i}", 0) for i in range(len(bounds) + 1)]
+    total = sum(counts)
+    if not total:
+        return None
+    need = q * total
+    running = 0
+    for i, n in enumerate(counts):
+        running += n
+        if running >= need:
+            return bounds[i] if i < len(bounds) else float("inf")
+    return float("inf")
+
+
+def figures(counters: Mapping) -> dict:
+    """The summary figures ``cfn_report`` returns for ``counters`` (one process or a merge)."""
+    batches = counters.get(P + "batches", 0)
+    messages = counters.get(P + "messages", 0)
+    p99 = quantile_bound(counters, "latency", LATENCY_BUCKETS, 0.99)
+    return {
+        "batches": batches,
+        "messages": messages,
+        "messages_per_batch": round(messages / batches, 2) if batches else None,
+        "bytes_per_batch": round(counters.get(P + "bytes", 0) / batches, 1) if batches else None,
+        "flushes": {r: counters.get(f"{P}flush.{r}", 0) for r in REASONS},
+        "added_latency_mean_ms": round(counters.get(P + "latency_sum_us", 0) / batches / 1000, 3) if batches else None,
+        "added_latency_p99_ms_at_most": None if p99 is None else (p99 * 1000 if p99 != float("inf") else "inf"),
+        "added_latency_max_ms": counters.get(P + "latency_max_us", 0) / 1000,
+        "batch_size_now": counters.get(P + "size_now", 0),
+        "flusher_deaths": counters.get(P + "flusher_deaths", 0),
+        "flusher_restarts": counters.get(P + "flusher_restarts", 0),
+        "unbatched_messages": counters.get(P + "unbatched_messages", 0),
+        "deliver_errors": counters.get(P + "deliver_errors", 0),
+    }
+
+
+class BatchCollector:
+    """Prometheus collector: the coordinator's and the agents' figures as ``cfn_batch_*`` metrics."""
+
+    def __init__(self, totals):
+        self.totals = totals  # callable -> merged counters
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        c = self.totals()
+
+        def histogram(name, doc, key, bounds, total_sum):
+            buckets, running = [], 0
+            for i, le in enumerate(bounds):
+                running += c.get(f"{P}{key}_le.{i}", 0)
+                buckets.append((repr(float(le)), running))
+            running += c.get(f"{P}{key}_le.{len(bounds)}", 0)
+            buckets.append(("+Inf", running))
+            return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_sum)
+
+        yield histogram(
+            "cfn_batch_messages_per_batch", "Messages per delivered batch", "messages", MESSAGES_BUCKETS, c.get(P + "messages", 0)
+        )
+        yield histogram("cfn_batch_bytes_per_batch", "Bytes per delivered batch", "bytes", BYTES_BUCKETS, c.get(P + "bytes", 0))
+        yield histogram(
+            "cfn_batch_added_latency_seconds",
+            "Time the oldest message of a batch waited in its buffer",
+            "latency",
+            LATENCY_BUCKETS,
+            c.get(P + "latency_sum_us", 0) / 1e6,
+        )
+        flushes = CounterMetricFamily("cfn_batch_flushes", "Batches delivered, by flush reason", labels=["reason"])
+        for r in REASONS:
+            flushes.add_metric([r], c.get(f"{P}flush.{r}", 0))
+        yield flushes
+        for key, doc in (
+            ("messages", "Messages delivered in batches"),
+            ("flusher_deaths", "Flusher threads that died"),
+            ("flusher_restarts", "Flusher threads restarted"),
+            ("unbatched_messages", "Messages sent unbatched while a flusher was down"),
+            ("deliver_errors", "Timed flushes that failed and were retried"),
+        ):
+            yield CounterMetricFamily(f"cfn_batch_{key}", doc, value=c.get(P + key, 0))
+        yield GaugeMetricFamily("cfn_batch_size", "Current (adaptive) batch size, largest over processes", value=c.get(P + "size_now", 0))

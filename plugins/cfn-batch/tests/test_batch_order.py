@@ -1,0 +1,58 @@
+"""Per-destination batches keep send order, whatever triggered the flush."""
+
+from __future__ import annotations
+
+import random
+
+
+
+def test_interleaved_destinations_keep_send_order_per_destination(bus_root, bh):
+    rng = random.Random(7)
+    plan = [rng.choice(["a", "b", "c"]) for _ in range(500)]
+    with bh.batcher_on_bus(bus_root, size=7, max_size=7, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
+        msgs = bh.make_messages("s", plan)
+        for start in range(0, len(msgs), 13):  # several send calls, as a program would make them
+            batcher.send(msgs[start : start + 13])
+        batcher.flush("explicit")
+        for dst in "abc":
+            got = bh.received(bus, dst)
+            want = [m for m in msgs if m.dst == dst]
+            assert [m.id for m in got] == [m.id for m in want]
+            assert [m.seq for m in got] == sorted(m.seq for m in got)
+    # size flushes carried most of it, explicit the rest; one write per destination per flush
+    assert counters["batch.flush.size"] == sum(plan.count(d) // 7 for d in "abc")
+    assert counters["batch.flush.explicit"] == sum(1 for d in "abc" if plan.count(d) % 7)
+    assert counters["batch.messages"] == 500
+
+
+def test_one_write_per_destination_per_flush(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=1000, max_size=1000, timeout_ms=600_000) as (bus, batcher, counters):
+        batcher.send(bh.make_messages("s", ["a", "b"] * 40 + ["c"]))
+        assert bus.read("a", "inbox/a") == []  # nothing written before the flush
+        batcher.flush("explicit")
+        assert counters["batch.batches"] == 3
+        assert counters["batch.messages_le.5"] == 2  # two batches of 40 (bucket <= 50)
+        assert counters["batch.messages_le.0"] == 1  # one of 1
+        assert len(bh.received(bus, "a")) == 40
+
+
+def test_two_senders_each_keep_their_order_in_a_shared_inbox(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=5, max_size=5, adaptive=False, timeout_ms=600_000) as (bus, one, _):
+        from cfn_batch import BatchSettings, Batcher
+        from cfn_batch.stats import BatchStats
+
+        other = Batcher(bus, bh.route, BatchSettings(size=3, max_size=3, adaptive=False), 1 << 20, BatchStats({}, 3))
+        other.start()
+        try:
+            a, b = bh.make_messages("x", ["d"] * 50), bh.make_messages("y", ["d"] * 50)
+            for i in range(0, 50, 4):
+                one.send(a[i : i + 4])
+                other.send(b[i : i + 4])
+            one.flush("explicit")
+            other.flush("explicit")
+        finally:
+            other.close()
+        got = bh.received(bus, "d")
+        assert len(got) == 100
+        for sender, sent in (("x", a), ("y", b)):
+            assert [m.id for m in got if m.src == sender] == [m.id for m in sent]

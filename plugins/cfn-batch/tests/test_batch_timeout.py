@@ -1,0 +1,32 @@
+"""The flusher thread delivers a lone message without any explicit flush."""
+
+from __future__ import annotations
+
+
+def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=50, timeout_ms=100) as (bus, batcher, counters):
+        bus.listen("a")  # the doorbell rings when the flusher writes
+        batcher.send(bh.make_messages("s", ["a"]))
+        assert bh.received(bus, "a") == []  # buffered, not written yet
+        got = []
+        for _ in range(100):  # generous: up to 100 s on a loaded machine, normally one wake-up
+            if bus.wait("a", 1.0):
+                got = bh.received(bus, "a")
+                if got:
+                    break
+        assert len(got) == 1
+        assert counters["batch.flush.timeout"] == 1
+        assert counters["batch.flush.explicit"] == 0
+        # the flusher sends a buffer once its oldest record waited half the timeout
+        assert counters["batch.latency_max_us"] >= 50_000 * 0.5
+
+
+def test_idle_flusher_sleeps_until_the_first_record(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, timeout_ms=20) as (bus, batcher, counters):
+        bus.listen("a")
+        for round_ in range(3):  # each time the buffers empty, the flusher waits for a notify
+            batcher.send(bh.make_messages("s", ["a"]))
+            while not bus.wait("a", 1.0):
+                pass
+            assert len(bh.received(bus, "a")) == 1
+        assert counters["batch.flush.timeout"] == 3
