@@ -136,7 +136,11 @@ def cmd_init(args) -> int:
     path = Path(args.path or CONFIG_NAME)
     if path.exists() and not args.force:
         raise CfnError(f"{path} already exists; use --force to overwrite it")
-    path.write_text(render_default_toml())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_default_toml())
+    except OSError as exc:
+        raise CfnError(f"cannot write {path}: {exc.strerror}") from None
     print(f"wrote {path}")
     return 0
 
