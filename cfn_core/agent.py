@@ -125,7 +125,11 @@ def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
             _stdout, stderr = proc.communicate()
             raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
         if proc.returncode != 0:
-            raise CommandFailed(f"command exited with status {proc.returncode}", _tail(stderr))
+            tail = _tail(stderr)
+            last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+            # the last stderr line in the error itself: it is what the summary shows
+            why = f"command exited with status {proc.returncode}" + (f": {last[:200]}" if last else "")
+            raise CommandFailed(why, tail)
         return stdout.decode("utf-8", "replace")
 
     return run_command
