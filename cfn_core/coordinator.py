@@ -132,6 +132,7 @@ class CoordinatorContext:
         self.counters: dict[str, int] = defaultdict(int)
         self.fallbacks: dict[str, dict] = {}
         self.spawn_failures: dict[str, str] = {}
+        self._early_ready: dict[str, Message] = {}  # ready messages that arrived before their launch returned
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: _Round | None = None
@@ -185,6 +186,9 @@ class CoordinatorContext:
                 self._reap(handle)
         else:
             self._selector.register(handle.pidfd, selectors.EVENT_READ, handle)
+        early = self._early_ready.pop(agent_id, None)
+        if early is not None and handle.alive:
+            self._on_ready(early, handle, time.monotonic())
         return handle
 
     def wait_ready(self, agent_ids: Iterable[str], timeout: float) -> SpawnReport:
@@ -315,7 +319,12 @@ class CoordinatorContext:
             self._round.collect += time.perf_counter() - t0
 
     def _on_ready(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
-        if handle is None or handle.state != "starting":
+        if handle is None or handle.state == "exited":
+            # a launcher that starts agents ahead of their launch (cfn-pool's zygote pipelining):
+            # kept until launch() registers the handle, which checks the pid
+            self._early_ready[msg.src] = msg
+            return
+        if handle.state != "starting":
             return
         body = msg.body if isinstance(msg.body, dict) else {}
         if handle.pid is not None and body.get("pid") not in (None, handle.pid):
