@@ -1,0 +1,84 @@
+"""Adaptive spawn window: halve it while the machine is under pressure, double it back when calm.
+
+Signals, sampled at most every 100 ms during a burst: machine CPU use since
+the previous sample (``psutil.cpu_percent``, the only one that reacts within a
+sub-second burst), the 1-minute load average per CPU (slow, but it catches a
+machine that was already busy), and available memory from /proc/meminfo.
+CPU or load pressure halves the window down to a floor (spawning never stalls
+because of CPU alone); memory pressure drops it to one agent at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+_SAMPLE_EVERY = 0.1
+
+
+def memory_available_percent() -> float:
+    """MemAvailable / MemTotal in percent (psutil's figure when /proc/meminfo lacks them)."""
+    fields = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    fields[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    if len(fields) == 2 and fields["MemTotal"]:
+        return 100.0 * fields["MemAvailable"] / fields["MemTotal"]
+    return 100.0 - psutil.virtual_memory().percent
+
+
+class Throttle:
+    """The window of one spawn burst, plus what it saw."""
+
+    def __init__(self, settings, metrics=None):
+        self.s = settings
+        self.ncpu = os.cpu_count() or 1
+        self.floor = min(settings.parallelism, settings.min_window or 4 * self.ncpu)
+        self.window = settings.parallelism
+        self.metrics = metrics
+        self.next_sample = 0.0
+        self.engaged = 0
+        self.min_window = self.window
+        self.cpu: list[float] = []
+        self.load: list[float] = []
+        self.memory_low = 0
+
+    def begin(self) -> None:
+        self.window = self.s.parallelism
+        psutil.cpu_percent(None)  # start the CPU measurement interval
+        self.next_sample = time.monotonic() + _SAMPLE_EVERY
+
+    def current(self, now: float) -> int:
+        if not self.s.throttle:
+            return self.s.parallelism
+        if now < self.next_sample:
+            return self.window
+        self.next_sample = now + _SAMPLE_EVERY
+        cpu = psutil.cpu_percent(None)
+        load = os.getloadavg()[0]
+        self.cpu.append(cpu)
+        self.load.append(load)
+        if self.metrics is not None:
+            self.metrics.cpu.set(cpu)
+            self.metrics.load.set(load)
+        if memory_available_percent() < self.s.min_free_memory_percent:
+            new = 1
+            self.memory_low += 1
+        elif cpu > self.s.max_cpu_percent or load / self.ncpu > self.s.max_load:
+            new = max(self.floor, self.window // 2)
+        else:
+            new = min(self.s.parallelism, self.window * 2)
+        if new < self.window:
+            self.engaged += 1
+        self.window = new
+        self.min_window = min(self.min_window, new)
+        if self.metrics is not None:
+            self.metrics.window.set(new)
+        return new

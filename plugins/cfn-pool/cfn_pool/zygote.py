@@ -1,0 +1,371 @@
+"""The zygote: a pre-warmed process that forks ready-to-run agents.
+
+Started once per session by the coordinator as a fresh interpreter::
+
+    python -m cfn_pool.zygote --run RUN_DIR --parent COORDINATOR_PID --fd N
+
+It dies with the coordinator (``PR_SET_PDEATHSIG``), loads the run's
+configuration, builds the plugin manager, imports the workload's handler and
+everything the agent loop uses, freezes the heap (``gc.freeze``: forked
+children then share those pages instead of copying them when the collector
+would touch them), says ``R`` and serves requests on the socket ``fd``.
+
+The protocol is one ASCII line per message, so requests can be pipelined:
+
+=====================  ===============================================
+coordinator -> zygote  ``F <agent_id>``  fork an agent with that id
+                       ``S <pid>``       exit status of a child that ended
+zygote -> coordinator  ``R``             ready to fork
+                       ``P <agent_id> <pid>``  forked
+                       ``E <agent_id> <reason>``  could not fork
+                       ``X <pid> <status>``  exit status (``?`` if unknown)
+=====================  ===============================================
+
+End of file on the socket means "shut down": the zygote kills any child still
+running (the coordinator has already stopped them), reaps them and exits.
+Every forked child calls ``die_with_parent(zygote)``, so no agent outlives the
+zygote and no zygote outlives the coordinator.
+
+:class:`Zygote` is the coordinator's side of the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+
+_MAX_STATUSES = 20_000
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not be started or stopped answering."""
+
+
+# ---------------------------------------------------------------------- coordinator side
+
+
+class Zygote:
+    """The coordinator's handle on one zygote process."""
+
+    def __init__(self, run_ref: str, *, start_timeout: float):
+        t0 = time.perf_counter()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cfn_pool.zygote",
+            "--run",
+            run_ref,
+            "--parent",
+            str(os.getpid()),
+            "--fd",
+            str(theirs.fileno()),
+        ]
+        try:
+            # agents' stdout goes to our stderr, like the baseline launcher's
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = self.proc.pid
+        self._buf = b""
+        self._forked: dict[str, int] = {}
+        self._errors: dict[str, str] = {}
+        self._statuses: dict[int, int | None] = {}
+        self._ready = False
+        self._requested: set[str] = set()  # fork requests sent and not taken yet
+        try:
+            self._wait(lambda: self._ready, start_timeout, "to start")
+        except BaseException:
+            self.close(1.0)
+            raise
+        self.start_seconds = time.perf_counter() - t0
+
+    @property
+    def alive(self) -> bool:
+        return self.sock is not None and self.proc.poll() is None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._requested)
+
+    def requested(self, agent_id: str) -> bool:
+        return agent_id in self._requested
+
+    def request(self, agent_ids) -> None:
+        """Ask for forks without waiting (pipelined; :meth:`take` collects each pid)."""
+        ids = [a for a in agent_ids if a not in self._requested]
+        if ids:
+            self._send("".join(f"F {a}\n" for a in ids))
+            self._requested.update(ids)
+
+    def take(self, agent_id: str, timeout: float = 10.0) -> int:
+        """The pid forked for ``agent_id`` (requesting it now unless it was requested ahead)."""
+        self.request([agent_id])
+        try:
+            self._wait(lambda: agent_id in self._forked or agent_id in self._errors, timeout, f"to fork {agent_id}")
+        finally:
+            self._requested.discard(agent_id)
+        if agent_id in self._errors:
+            raise ZygoteError(f"the zygote could not fork {agent_id}: {self._errors.pop(agent_id)}")
+        return self._forked.pop(agent_id)
+
+    def cancel_unclaimed(self, timeout: float = 5.0) -> int:
+        """Kill agents forked ahead that nobody took (the spawn ended without them)."""
+        killed = 0
+        deadline = time.monotonic() + timeout
+        while self._requested and time.monotonic() < deadline:
+            for agent_id in list(self._requested):
+                pid = self._forked.pop(agent_id, None)
+                if pid is not None or self._errors.pop(agent_id, None) is not None:
+                    self._requested.discard(agent_id)
+                if pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGKILL)  # our grandchild: the zygote reaps it
+                    except ProcessLookupError:
+                        pass
+                    killed += 1
+            if self._requested and not self._pump(max(0.0, deadline - time.monotonic())):
+                break
+        return killed
+
+    def exit_status(self, pid: int, timeout: float = 1.0) -> int | None:
+        """Exit status of a child that has ended (negative: killed by that signal), None if unknown."""
+        try:
+            self._send(f"S {pid}\n")
+            self._wait(lambda: pid in self._statuses, timeout, f"to report pid {pid}")
+        except ZygoteError:
+            return None
+        return self._statuses.pop(pid)
+
+    def close(self, timeout: float) -> None:
+        """Shut the zygote down (end of file on its socket), kill it if it does not exit in time."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    # ------------------------------------------------------------------ the socket
+
+    def _send(self, text: str) -> None:
+        if self.sock is None:
+            raise ZygoteError("the zygote is closed")
+        try:
+            self.sock.sendall(text.encode())
+        except OSError as exc:
+            raise ZygoteError(f"the zygote (pid {self.pid}) is gone: {exc}") from None
+
+    def _wait(self, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ZygoteError(f"the zygote (pid {self.pid}) took more than {timeout:g}s {what}")
+            if not self._pump(remaining):
+                if self.proc.poll() is not None:
+                    raise ZygoteError(f"the zygote (pid {self.pid}) exited with status {self.proc.returncode}")
+
+    def _pump(self, timeout: float) -> bool:
+        """Read and parse what the zygote sent; False on timeout or end of file."""
+        if self.sock is None:
+            return False
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return False
+        data = self.sock.recv(1 << 16)
+        if not data:
+            self.sock.close()
+            self.sock = None
+            self.proc.wait(1.0)
+            return False
+        lines = (self._buf + data).split(b"\n")
+        self._buf = lines.pop()
+        for line in lines:
+            kind, _, rest = line.decode().partition(" ")
+            if kind == "P":
+                agent_id, _, pid = rest.partition(" ")
+                self._forked[agent_id] = int(pid)
+            elif kind == "E":
+                agent_id, _, reason = rest.partition(" ")
+                self._errors[agent_id] = reason
+            elif kind == "X":
+                pid, _, status = rest.partition(" ")
+                self._statuses[int(pid)] = None if status == "?" else int(status)
+            elif kind == "R":
+                self._ready = True
+        return True
+
+
+# ---------------------------------------------------------------------- zygote side
+
+
+def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: int, control: list) -> None:
+    """In the forked child: become agent ``agent_id`` and never return."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for obj in control:
+            obj.close() if hasattr(obj, "close") else os.close(obj)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from cfn_core.process import die_with_parent
+
+        die_with_parent(zygote_pid)
+        gc.enable()
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"cfn agent {agent_id}: %(message)s"))
+        from cfn_core.agent import run_agent
+        from cfn_core.errors import CfnError
+
+        try:
+            code = run_agent(config, pm, agent_id, run_ref, handler=handler)
+        except CfnError as exc:
+            print(f"cfn agent {agent_id}: {exc}", file=sys.stderr)
+            code = 3
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
+    """Fork agents on request until the socket reaches end of file."""
+    me = os.getpid()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
+    statuses: OrderedDict[int, int] = OrderedDict()
+    control = [sock, wake_r, wake_w]
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            statuses[pid] = os.waitstatus_to_exitcode(status)
+            if len(statuses) > _MAX_STATUSES:
+                statuses.popitem(last=False)
+
+    sock.sendall(b"R\n")
+    buf = b""
+    while True:
+        try:
+            readable, _, _ = select.select([sock, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in readable:
+            try:
+                while os.read(wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            reap()
+        if sock not in readable:
+            continue
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        lines = (buf + data).split(b"\n")
+        buf = lines.pop()
+        out = []
+        for line in lines:
+            kind, _, arg = line.decode().partition(" ")
+            if kind == "F":
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    out.append(f"E {arg} fork failed: {exc.strerror}\n")
+                    continue
+                if pid == 0:
+                    _agent_child(arg, run_ref, config, pm, handler, me, control)
+                children.add(pid)
+                out.append(f"P {arg} {pid}\n")
+            elif kind == "S":
+                pid = int(arg)
+                if pid not in statuses and pid in children:
+                    try:  # the coordinator saw it end: it is a zombie, this does not block for long
+                        _, status = os.waitpid(pid, 0)
+                        children.discard(pid)
+                        statuses[pid] = os.waitstatus_to_exitcode(status)
+                    except ChildProcessError:
+                        children.discard(pid)
+                status = statuses.pop(pid, None)
+                out.append(f"X {pid} {'?' if status is None else status}\n")
+        if out:
+            sock.sendall("".join(out).encode())
+    # shutdown: the coordinator has stopped its agents; make sure, then reap
+    for pid in list(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for pid in list(children):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfn_pool.zygote", description="cfn-pool's fork server")
+    parser.add_argument("--run", required=True, help="run reference (the shm run directory)")
+    parser.add_argument("--parent", type=int, required=True, help="coordinator pid; the zygote dies with it")
+    parser.add_argument("--fd", type=int, required=True, help="the control socket inherited from the coordinator")
+    args = parser.parse_args(argv)
+    from cfn_core.process import die_with_parent
+
+    die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    logging.basicConfig(level=logging.WARNING, format="cfn zygote: %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    try:
+        from cfn_core.agent import bootstrap_shm, load_handler
+        from cfn_core.errors import CfnError
+        from cfn_core.plugins import make_plugin_manager
+
+        import cfn_core.agent  # noqa: F401  (the agent loop and everything it imports)
+        import cfn_core.bus.shm  # noqa: F401
+        import cfn_core.messages  # noqa: F401
+
+        config = bootstrap_shm(args.run)
+        pm = make_plugin_manager(config)
+        handler = load_handler(config.workload)
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which falls back
+        print(f"cfn zygote: cannot prepare agents: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    gc.collect()
+    gc.freeze()  # children share the warm heap instead of copying pages the collector would touch
+    serve(sock, args.run, config, pm, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
