@@ -1,0 +1,277 @@
+"""The Redis Streams bus as a process sees it: a local spool plus, on the coordinator, Redis.
+
+Every machine taking part in a run has one *spool*: a private run directory
+of the kernel's /dev/shm bus (:class:`cfn_core.bus.shm.ShmBus`) and one
+*relay* process that moves messages between the spool and Redis:
+
+* a sender appends each ``deliver`` call as one batch to the spool's
+  ``relay/outbox`` (one ``dst TAB location TAB record`` line per message, the
+  batch visible whole or not at all like any shm batch) and rings the relay;
+  the relay turns each run of consecutive lines for one inbox into one
+  ``XADD`` on that inbox's stream (pipelined, ``transaction=False``) and
+  settles the outbox lines only after Redis accepted them;
+* the relay holds the one blocking ``XREADGROUP`` for every local reader,
+  appends what it reads to the reader's spool inbox and rings its doorbell;
+  it ``XACK``\\ s an entry once the reader's settled cursor has passed it, so
+  at-least-once holds end to end.
+
+So agents never import ``redis`` nor hold a connection: connections scale
+with machines, not agents, and an agent starts as fast as on the shm bus.
+:class:`LocalBus` is what agents (and forked pool agents) get;
+:class:`HubBus` is the coordinator's, which also creates the run in Redis,
+starts the local relay and answers run-wide questions (state, dead letters).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+
+from cfn_core import BusError
+from cfn_core.bus.shm import ShmBus
+
+from . import keys
+
+log = logging.getLogger("cfn.redis")
+
+#: the relay's reader id in the spool, and its outbox location
+RELAY_ID = "_relay"
+OUTBOX = "relay/outbox"
+#: the shm bus's batch separator (JSON never contains a raw 0x1e)
+RS = b"\x1e"
+#: spool state file naming the Redis run
+RUN_STATE = "redis.run"
+#: spool file where a relay leaves the reason it stopped
+FATAL = "relay.fatal"
+
+
+def outbox_records(dst: str, location: str, records: list[bytes]) -> list[bytes]:
+    """One outbox line per message: ``dst TAB location TAB record``."""
+    head = b"%s\t%s\t" % (dst.encode(), location.encode())
+    return [head + (r if r.endswith(b"\n") else r + b"\n") for r in records]
+
+
+class LocalBus(ShmBus):
+    """An agent's view: read and ack the local spool, send through the relay."""
+
+    name = "redis"
+
+    def __init__(self, run_dir, **kwargs):
+        super().__init__(run_dir, **kwargs)
+        self.run_ref = os.fspath(self.run_dir)
+        self._registered: dict[str, str] = {}
+        info = self._run_info()
+        self.run_id = info.get("run", self.run_dir.name)
+
+    def _run_info(self) -> dict:
+        try:
+            return json.loads((self.run_dir / "state" / RUN_STATE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+
+    def after_fork(self) -> None:
+        super().after_fork()
+        self._registered = {}
+
+    # ------------------------------------------------------------------ through the relay
+
+    def _to_relay(self, line: bytes) -> None:
+        ShmBus.deliver(self, RELAY_ID, OUTBOX, [line])
+
+    def deliver(self, dst: str, location: str, records: list[bytes]) -> None:
+        """One outbox batch per call: the relay makes it (at least) one stream entry, whole."""
+        if records:
+            ShmBus.deliver(self, RELAY_ID, OUTBOX, outbox_records(dst, location, records))
+
+    def read(self, agent_id: str, location: str):
+        if self._registered.get(agent_id) != location:
+            # the relay starts reading this inbox's stream (and reclaims what a dead host held)
+            self._registered[agent_id] = location
+            self._to_relay(b"!reg\t%s\t%s\n" % (agent_id.encode(), location.encode()))
+        return super().read(agent_id, location)
+
+    def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
+        doc = orjson.dumps({"agent": agent_id, "reason": reason, "raw_b64": base64.b64encode(record[:65536]).decode()})
+        self._to_relay(b"!dead\t%s\t%s\n" % (agent_id.encode(), doc))
+
+    def put_state(self, key: str, data: bytes) -> None:
+        super().put_state(key, data)
+        self._to_relay(b"!state\t%s\t%s\n" % (key.encode(), base64.b64encode(data)))
+
+    def close(self) -> None:
+        if self._registered and self._pid == os.getpid():
+            try:
+                for agent_id in self._registered:
+                    self._to_relay(b"!bye\t%s\n" % agent_id.encode())
+            except OSError:
+                pass
+        self._registered = {}
+        super().close()
+
+
+class HubBus(LocalBus):
+    """The coordinator's bus: creates the run in Redis, runs the local relay, removes it all at the end."""
+
+    def __init__(self, run_dir, **kwargs):
+        super().__init__(run_dir, **kwargs)
+        self.link = None
+        self.relay = None
+        self.settings = None
+        self.host_id = None
+        self.url = None
+
+    @classmethod
+    def open(cls, config) -> "HubBus":
+        """Connect (a clear error if Redis cannot be reached), create the run, start the relay."""
+        from .client import Link
+
+        settings = config.section("redis")
+        run = secrets.token_hex(8)
+        link = Link(settings.url, None, settings.reconnect_timeout)
+        spool = ShmBus.create(config.bus.root or None, max_message_bytes=config.bus.max_message_bytes)
+        spool.close()
+        host_id = f"c-{socket.gethostname()[:24]}-{os.getpid()}-{run[:6]}"
+        spool._write_atomic(
+            spool.run_dir / "state" / RUN_STATE, json.dumps({"run": run, "host": host_id}).encode()
+        )
+        bus = cls(spool.run_dir, max_message_bytes=config.bus.max_message_bytes, owner=True)
+        bus.link, bus.settings, bus.host_id, bus.url = link, settings, host_id, settings.url
+        try:
+            meta = keys.run_key(run, "meta")
+            lease_ms = int(settings.lease * 1000)
+
+            def create(r):
+                p = r.pipeline(transaction=False)
+                p.hset(meta, mapping={"created": time.time(), "host": host_id, "hostname": socket.gethostname(), "pid": os.getpid()})
+                p.pexpire(meta, lease_ms)
+                p.zadd(keys.RUNS, {run: time.time()})
+                p.execute()
+
+            link.call(create)
+            link.meta_key = meta
+            bus._start_relay(config)
+        except BaseException:
+            bus.destroy()
+            raise
+        return bus
+
+    def _start_relay(self, config) -> None:
+        s = self.settings
+        cmd = [
+            sys.executable, "-m", "cfn_redis.relay",
+            "--spool", self.run_ref,
+            "--run", self.run_id,
+            "--host-id", self.host_id,
+            "--parent", str(os.getpid()),
+            "--settings", json.dumps({k: getattr(s, k) for k in ("lease", "key_ttl", "reconnect_timeout", "max_deliveries", "pipeline", "read_count")}),
+            "--coordinator",
+        ]
+        env = dict(os.environ, CFN_REDIS_URL=self.url)  # never on a command line: it may hold a password
+        self.relay = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, close_fds=True)
+        deadline = time.monotonic() + max(30.0, s.reconnect_timeout)
+        line = b""
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([self.relay.stdout], [], [], 0.2)
+                if ready:
+                    line = self.relay.stdout.readline()
+                    break
+                if self.relay.poll() is not None:
+                    break
+        finally:
+            self.relay.stdout.close()
+        if line.strip() != b"ready":
+            raise BusError(f"the Redis relay did not start: {self.relay_failure() or 'no reason given'}")
+
+    def relay_failure(self) -> str | None:
+        """Why the relay stopped, or None while it runs."""
+        try:
+            reason = (self.run_dir / FATAL).read_text().strip()
+        except OSError:
+            reason = None
+        if self.relay is not None and self.relay.poll() is not None:
+            return reason or f"the relay process exited with status {self.relay.returncode}"
+        return reason
+
+    def check(self) -> None:
+        """Raise BusError when the relay failed or Redis lost the run (called every coordinator tick)."""
+        reason = self.relay_failure()
+        if reason:
+            raise BusError(f"Redis bus failed: {reason}")
+
+    # ------------------------------------------------------------------ run-wide answers from Redis
+
+    def put_state(self, key: str, data: bytes) -> None:
+        ShmBus.put_state(self, key, data)  # local agents read it from the spool
+        self.link.call(lambda r: r.hset(keys.run_key(self.run_id, "state"), key, data))
+
+    def get_state(self, key: str) -> bytes | None:
+        return self.link.call(lambda r: r.hget(keys.run_key(self.run_id, "state"), key))
+
+    def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
+        fields = {"agent": agent_id, "reason": reason, "raw_b64": base64.b64encode(record[:65536])}
+        self.link.call(lambda r: r.xadd(keys.run_key(self.run_id, "dead"), fields))
+
+    def dead_letter_count(self) -> int:
+        return self.link.call(lambda r: r.xlen(keys.run_key(self.run_id, "dead")))
+
+    def dead_letters(self) -> list[dict]:
+        entries = self.link.call(lambda r: r.xrange(keys.run_key(self.run_id, "dead")))
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+    # ------------------------------------------------------------------ end of the run
+
+    def stop_relay(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return
+        if relay.poll() is None:
+            relay.send_signal(signal.SIGTERM)
+            try:
+                relay.wait(10)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait()
+
+    def destroy(self) -> None:
+        """Stop the relay, remove every key of the run and the spool."""
+        try:
+            self.stop_relay()
+        finally:
+            try:
+                if self.link is not None and self.link.client is not None:
+                    try:
+                        remove_run(self.link.client, self.run_id)
+                    except Exception as exc:  # Redis gone: the keys expire on their own
+                        log.warning("could not remove run %s from Redis (%s); its keys expire after [redis] key_ttl", self.run_id, exc)
+            finally:
+                if self.link is not None:
+                    self.link.close()
+                super().destroy()
+
+
+def remove_run(client, run: str) -> int:
+    """Delete every key of ``run`` (SCAN + UNLINK) and its discovery entry."""
+    removed = 0
+    for pattern in keys.run_patterns(run):
+        batch = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += client.unlink(*batch)
+    client.zrem(keys.RUNS, run)
+    return removed

@@ -1,0 +1,625 @@
+"""The relay: one per machine and run, the only process there that talks to Redis.
+
+Two threads, two connections, whatever the number of local agents:
+
+* the *reader* holds one blocking ``XREADGROUP`` (consumer group ``cfn``,
+  consumer = this host's id) over the inbox streams of every local reader and
+  the host's control stream, appends each entry to the reader's spool inbox
+  in one locked write and rings its doorbell;
+* the *main* thread drains the spool outbox into pipelined ``XADD``\\ s, acks
+  (``XACK`` + ``XDEL``) entries once the reader's settled cursor passed them,
+  registers new readers (creating the group, reclaiming with ``XCLAIM`` what a
+  dead host left pending, dead-lettering entries handed out ``max_deliveries``
+  times), renews the leases and, on a ``cfn agent`` host, starts and watches
+  agent processes on the coordinator's request.
+
+A lost connection is retried with backoff; if Redis comes back without the
+run (restarted with ``--save ""``) the relay stops with the reason in the
+spool's ``relay.fatal``, which fails the coordination loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+
+from cfn_core import BusError, check_agent_id
+from cfn_core.bus.shm import ShmBus
+
+from . import keys
+from .bus import FATAL, OUTBOX, RELAY_ID, RS
+from .client import Link, RunLost, describe
+
+log = logging.getLogger("cfn.redis")
+
+_BLOCK_MS = 1000
+
+
+class _Track:
+    """One local reader: its inbox location, stream key, and entries written locally but not yet acked."""
+
+    __slots__ = ("agent", "location", "key", "pending")
+
+    def __init__(self, agent: str, location: str, key: str):
+        self.agent = agent
+        self.location = location
+        self.key = key
+        self.pending: deque = deque()  # (end offset in the spool inbox, entry id)
+
+
+class _Child:
+    __slots__ = ("agent", "token", "popen", "pidfd")
+
+    def __init__(self, agent, token, popen, pidfd):
+        self.agent, self.token, self.popen, self.pidfd = agent, token, popen, pidfd
+
+
+class RunEnded(Exception):
+    """The coordinator removed the run (normal end, for a `cfn agent` host)."""
+
+
+def append_local(bus: ShmBus, location: str, chunks: list[bytes]) -> list[int]:
+    """Append ``chunks`` to a spool inbox as one shm batch (one locked write); the end offset of each."""
+    fd = bus._append_fd(location)
+    data = b"".join(chunks)
+    data = data[:-1].replace(b"\n", RS) + b"\n"  # visible whole or not at all, same offsets
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
+            size += 1
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    ends, pos = [], size
+    for chunk in chunks:
+        pos += len(chunk)
+        ends.append(pos)
+    return ends
+
+
+class Relay:
+    """See the module docstring.  ``capacity > 0`` makes it a `cfn agent` host that launches agents."""
+
+    def __init__(self, url: str, run: str, spool: str, host_id: str, settings: dict, *, capacity: int = 0, coordinator: bool = False):
+        self.url = url
+        self.run = run
+        self.spool = spool
+        self.host_id = host_id
+        self.host_b = host_id.encode()
+        self.coordinator = coordinator
+        self.capacity = capacity
+        self.lease = float(settings.get("lease", 5.0))
+        self.key_ttl = int(settings.get("key_ttl", 86400))
+        self.max_deliveries = int(settings.get("max_deliveries", 5))
+        self.pipeline = int(settings.get("pipeline", 512))
+        self.read_count = int(settings.get("read_count", 1000))
+        reconnect = float(settings.get("reconnect_timeout", 30.0))
+        self.meta = keys.run_key(run, "meta")
+        self.ctl = keys.run_key(run, f"ctl:{host_id}")
+        self.ctl_b = self.ctl.encode()
+        self.events = keys.run_key(run, "events")
+        self.main = Link(url, self.meta, reconnect)
+        self.reader_link = Link(url, self.meta, reconnect, blocking=True)
+        self.main.check_run()
+        self.mbus = ShmBus.attach(spool)
+        self.rbus = ShmBus.attach(spool)
+        self.tracks: dict[str, _Track] = {}
+        self.key_agent: dict[bytes, _Track] = {}
+        self.reading: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.control: deque = deque()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopping = False
+        self.fatal: str | None = None
+        self.ended = False
+        self.children: dict[int, _Child] = {}
+        self.expiring: set[str] = set()
+        self.sel = selectors.DefaultSelector()
+        self.stats = defaultdict(int)
+        self._reader = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        lease_ms = int(self.lease * 1000)
+
+        def setup(r):
+            self._create_group(r, self.ctl)
+            if not self.coordinator:
+                p = r.pipeline(transaction=False)
+                p.hset(keys.run_key(self.run, "hosts"), self.host_id, json.dumps(
+                    {"hostname": socket.gethostname(), "pid": os.getpid(), "capacity": self.capacity}))
+                p.set(keys.run_key(self.run, f"lease:{self.host_id}"), b"1", px=lease_ms)
+                p.expire(keys.run_key(self.run, "hosts"), self.key_ttl)
+                p.execute()
+
+        self.main.call(setup)
+        self.mbus.listen(RELAY_ID)
+        self.sel.register(self.mbus.wake_fd(RELAY_ID), selectors.EVENT_READ, "bell")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self._reader = threading.Thread(target=self._read_loop, name="cfn-redis-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self) -> None:
+        """Ask the main loop to finish (signal-safe)."""
+        self.stopping = True
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    def _fail(self, reason: str) -> None:
+        if self.fatal is None:
+            self.fatal = reason
+        self.stop()
+
+    def _create_group(self, r, key: str) -> None:
+        import redis
+
+        try:
+            r.xgroup_create(key, keys.GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        if key not in self.expiring:
+            r.expire(key, self.key_ttl)
+            self.expiring.add(key)
+
+    def run_forever(self) -> int:
+        """The main loop.  Returns 0 after a normal end, 1 after a failure (reason in ``fatal``)."""
+        next_ack = next_lease = 0.0
+        try:
+            while not self.stopping:
+                busy = any(t.pending for t in self.tracks.values())
+                for key, _ in self.sel.select(0.05 if busy else min(0.5, self.lease / 3)):
+                    if key.data == "bell":
+                        self.mbus.drain_wakeups(RELAY_ID)
+                    elif key.data == "wake":
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._child_exited(key.data)
+                self.pump_outbox()
+                self._handle_control()
+                now = time.monotonic()
+                if now >= next_ack:
+                    self.ack_settled()
+                    next_ack = now + 0.05
+                if now >= next_lease:
+                    self._renew()
+                    next_lease = now + self.lease / 3
+            self.pump_outbox()
+            self.ack_settled()
+        except RunEnded:
+            self.ended = True
+        except RunLost as exc:
+            self._fail(str(exc))
+        except BusError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug must still fail the run loudly
+            log.exception("relay failed")
+            self._fail(f"relay error: {type(exc).__name__}: {exc}")
+        finally:
+            self._shutdown()
+        return 1 if self.fatal else 0
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        for child in list(self.children.values()):
+            try:
+                child.popen.kill()
+            except OSError:
+                pass
+        for child in list(self.children.values()):
+            self._child_exited(child, report=not self.ended and self.fatal is None)
+        if self.main.client is not None and not self.coordinator and not self.fatal:
+            try:
+                p = self.main.client.pipeline(transaction=False)
+                p.hdel(keys.run_key(self.run, "hosts"), self.host_id)
+                p.delete(keys.run_key(self.run, f"lease:{self.host_id}"))
+                p.execute()
+            except Exception:
+                pass
+        try:  # wake the blocked reader so it sees `stopping`
+            self.main.client.xadd(self.ctl, {"op": "nudge"}, maxlen=100, approximate=True, nomkstream=True)
+        except Exception:
+            pass
+        if self._reader is not None:
+            self._reader.join(2.0)
+        if self.fatal:
+            try:
+                self.mbus._write_atomic(self.mbus.run_dir / FATAL, self.fatal.encode())
+            except OSError:
+                pass
+        self.main.close()
+        if self._reader is None or not self._reader.is_alive():
+            self.reader_link.close()
+        self.mbus.close()
+        self.rbus.close()
+        self.sel.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # ------------------------------------------------------------------ reader thread
+
+    def _read_loop(self) -> None:
+        import redis
+
+        count = self.read_count
+        try:
+            while not self.stopping:
+                with self.lock:
+                    streams = dict(self.reading)
+                streams[self.ctl] = ">"
+                try:
+                    resp = self.reader_link.call(
+                        lambda r: r.xreadgroup(keys.GROUP, self.host_id, streams, count=count, block=_BLOCK_MS)
+                    )
+                except redis.ResponseError as exc:
+                    if self.stopping:
+                        return
+                    if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):  # the run's keys were removed
+                        if not self.reader_link.client.exists(self.meta):
+                            if self.coordinator:
+                                raise RunLost(
+                                    f"Redis at {describe(self.url)} no longer holds this run (its streams and groups are "
+                                    "gone): it restarted without persistence or the keys were deleted; messages were lost"
+                                ) from None
+                            self.ended = True
+                            self.stop()
+                            return
+                    raise
+                for key, entries in resp or ():
+                    if key == self.ctl_b:
+                        self.control.extend(entries)
+                        os.write(self.wake_w, b"!")
+                    else:
+                        track = self.key_agent.get(key)
+                        if track is not None:
+                            self._deliver_local(self.rbus, track, entries)
+        except RunLost as exc:
+            self._fail(str(exc))
+        except BusError as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            if not self.stopping:
+                log.exception("relay reader failed")
+                self._fail(f"relay reader error: {type(exc).__name__}: {exc}")
+
+    def _deliver_local(self, bus: ShmBus, track: _Track, entries) -> None:
+        chunks, ids = [], []
+        for eid, fields in entries:
+            data = fields.get(b"m") if fields else None
+            if data is None:
+                continue  # deleted (already settled) entry
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            chunks.append(data)
+            ids.append(eid)
+        if not chunks:
+            return
+        ends = append_local(bus, track.location, chunks)
+        track.pending.extend(zip(ends, ids))
+        self.stats["received"] += len(chunks)
+        bus.ring(track.agent)
+
+    # ------------------------------------------------------------------ outbox -> Redis
+
+    def _execute(self, ops: list) -> None:
+        """Run ``(method, args, kwargs)`` ops, in pipelines of ``[redis] pipeline`` (1: one round trip each)."""
+        if not ops:
+            return
+        size = self.pipeline
+        if size <= 1:
+            for name, args, kwargs in ops:
+                self.main.call(lambda r: getattr(r, name)(*args, **kwargs))
+            return
+        for i in range(0, len(ops), size):
+            chunk = ops[i : i + size]
+
+            def run(r, chunk=chunk):
+                p = r.pipeline(transaction=False)
+                for name, args, kwargs in chunk:
+                    getattr(p, name)(*args, **kwargs)
+                return p.execute()
+
+            self.main.call(run)
+
+    def pump_outbox(self) -> None:
+        records = self.mbus.read(RELAY_ID, OUTBOX)
+        if not records:
+            return
+        ops: list = []
+        fresh: list[str] = []
+        run_key, run_body = None, []  # consecutive messages for one inbox become one entry
+
+        def end_run():
+            nonlocal run_key, run_body
+            if run_key is not None:
+                ops.append(("xadd", (run_key, {"m": b"".join(run_body)}), {}))
+                if run_key not in self.expiring:
+                    ops.append(("expire", (run_key, self.key_ttl), {}))
+                    fresh.append(run_key)
+            run_key, run_body = None, []
+
+        for raw, _ in records:
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if line.startswith(b"!"):
+                end_run()
+            if line.startswith(b"!"):
+                op, _, rest = line.partition(b"\t")
+                if op == b"!reg":
+                    agent, _, location = rest.partition(b"\t")
+                    self._execute(ops)
+                    ops = []
+                    self.register(agent.decode(), location.decode())
+                elif op == b"!bye":
+                    self.unregister(rest.decode())
+                elif op == b"!dead":
+                    agent, _, doc = rest.partition(b"\t")
+                    try:
+                        fields = json.loads(doc)
+                    except ValueError:
+                        fields = {"agent": agent.decode(), "reason": "unreadable dead letter", "raw_b64": base64.b64encode(doc).decode()}
+                    ops.append(("xadd", (keys.run_key(self.run, "dead"), fields), {}))
+                elif op == b"!state":
+                    key, _, data = rest.partition(b"\t")
+                    ops.append(("hset", (keys.run_key(self.run, "state"), key, base64.b64decode(data)), {}))
+                else:
+                    self._dead_line(line, "unknown control line in the outbox")
+                continue
+            parts = line.split(b"\t", 2)
+            try:
+                if len(parts) != 3:
+                    raise ValueError
+                key = keys.inbox_key(self.run, parts[1].decode())
+            except ValueError:
+                end_run()
+                ops.append(self._dead_op(line, "outbox line without a destination (a torn write of a killed sender)"))
+                continue
+            if key != run_key:
+                end_run()
+                run_key = key
+            run_body.append(parts[2] + b"\n")
+            self.stats["sent"] += 1
+        end_run()
+        self._execute(ops)
+        self.expiring.update(fresh)
+        self.mbus.ack(RELAY_ID, [receipt for _, receipt in records])
+
+    def _dead_op(self, raw: bytes, reason: str):
+        self.stats["dead"] += 1
+        fields = {"agent": self.host_id, "reason": reason, "raw_b64": base64.b64encode(raw[:65536])}
+        return ("xadd", (keys.run_key(self.run, "dead"), fields), {})
+
+    def _dead_line(self, raw: bytes, reason: str) -> None:
+        self._execute([self._dead_op(raw, reason)])
+
+    # ------------------------------------------------------------------ readers come and go
+
+    def register(self, agent: str, location: str) -> None:
+        key = keys.inbox_key(self.run, location)
+        track = self.tracks.get(agent)
+        if track is None or track.key != key:
+            track = _Track(agent, location, key)
+            self.main.call(lambda r: self._create_group(r, key))
+            self._reclaim(track)
+            self.tracks[agent] = track
+            self.key_agent[key.encode()] = track
+        with self.lock:
+            self.reading[key] = ">"
+        self.main.call(lambda r: r.xadd(self.ctl, {"op": "nudge"}, maxlen=100, approximate=True, nomkstream=True))
+
+    def unregister(self, agent: str) -> None:
+        track = self.tracks.get(agent)
+        if track is not None:
+            with self.lock:
+                self.reading.pop(track.key, None)
+
+    def _reclaim(self, track: _Track) -> None:
+        """Take over what other (dead) hosts were handed for this inbox and never acked."""
+        key = track.key
+        pending = self.main.call(lambda r: r.xpending_range(key, keys.GROUP, min="-", max="+", count=1_000_000))
+        others = [p for p in pending if p["consumer"] != self.host_b]
+        if not others:
+            return
+        poison = [p["message_id"] for p in others if p["times_delivered"] >= self.max_deliveries]
+        claim = [p["message_id"] for p in others if p["times_delivered"] < self.max_deliveries]
+        if poison:
+            ops = []
+            for eid in poison:
+                entries = self.main.call(lambda r, eid=eid: r.xrange(key, eid, eid))
+                raw = entries[0][1].get(b"m", b"") if entries else b""
+                ops.append(self._dead_op(raw, f"entry {eid.decode()} of {key} was handed out {self.max_deliveries} times "
+                                              "without being settled (poison message)"))
+            ops.append(("xack", (key, keys.GROUP, *poison), {}))
+            ops.append(("xdel", (key, *poison), {}))
+            self._execute(ops)
+        for i in range(0, len(claim), 1000):
+            ids = claim[i : i + 1000]
+            entries = self.main.call(lambda r, ids=ids: r.xclaim(key, keys.GROUP, self.host_id, 0, ids))
+            entries = sorted(entries, key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
+            self._deliver_local(self.mbus, track, entries)
+            self.stats["reclaimed"] += len(entries)
+
+    # ------------------------------------------------------------------ settle
+
+    def ack_settled(self) -> None:
+        acks = defaultdict(list)
+        cursor_dir = self.mbus.run_dir / "cursor"
+        for track in list(self.tracks.values()):
+            pending = track.pending
+            if not pending:
+                continue
+            try:
+                with open(cursor_dir / track.agent, "rb") as f:
+                    raw = f.read(8)
+            except FileNotFoundError:
+                continue
+            cursor = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            while pending and pending[0][0] <= cursor:
+                acks[track.key].append(pending.popleft()[1])
+        if acks:
+            ops = []
+            for key, ids in acks.items():
+                ops.append(("xack", (key, keys.GROUP, *ids), {}))
+                ops.append(("xdel", (key, *ids), {}))
+                self.stats["acked"] += len(ids)
+            self._execute(ops)
+
+    # ------------------------------------------------------------------ leases
+
+    def _renew(self) -> None:
+        lease_ms = int(self.lease * 1000)
+        if self.coordinator:
+            if not self.main.call(lambda r: r.pexpire(self.meta, lease_ms)):
+                raise RunLost(f"Redis at {describe(self.url)} no longer holds this run ({self.meta} is gone); messages were lost")
+            return
+
+        def renew(r):
+            p = r.pipeline(transaction=False)
+            p.exists(self.meta)
+            p.set(keys.run_key(self.run, f"lease:{self.host_id}"), b"1", px=lease_ms, xx=True)
+            return p.execute()
+
+        alive, renewed = self.main.call(renew)
+        if not alive:
+            raise RunEnded()
+        if not renewed:
+            raise BusError(
+                f"host {self.host_id} missed its lease ({self.lease:g}s, [redis] lease): the coordinator has given its "
+                "agents to other hosts; stopping"
+            )
+
+    # ------------------------------------------------------------------ agents of a `cfn agent` host
+
+    def _handle_control(self) -> None:
+        done = []
+        while self.control:
+            eid, fields = self.control.popleft()
+            done.append(eid)
+            op = fields.get(b"op")
+            if op == b"launch":
+                self._launch(fields[b"id"].decode(), fields.get(b"token", b"").decode())
+            elif op == b"kill":
+                agent, token = fields[b"id"].decode(), fields.get(b"token", b"").decode()
+                for child in self.children.values():
+                    if child.agent == agent and child.token == token:
+                        try:
+                            child.popen.kill()
+                        except OSError:
+                            pass
+        if done:
+            self._execute([("xack", (self.ctl, keys.GROUP, *done), {}), ("xdel", (self.ctl, *done), {})])
+
+    def _event(self, **fields) -> None:
+        fields["host"] = self.host_id
+        self.main.call(lambda r: r.xadd(self.events, {k: str(v) for k, v in fields.items()}))
+
+    def sync_state(self) -> None:
+        """Copy the run's shared state into the spool (agents read it there at start)."""
+        state = self.main.call(lambda r: r.hgetall(keys.run_key(self.run, "state")))
+        for key, value in state.items():
+            try:
+                name = check_agent_id(key.decode())
+            except Exception:
+                continue
+            self.mbus._write_atomic(self.mbus.run_dir / "state" / name, value)
+
+    def _launch(self, agent: str, token: str) -> None:
+        try:
+            check_agent_id(agent)
+        except Exception as exc:
+            self._event(op="exited", id=agent, token=token, code="", reason=str(exc))
+            return
+        if len(self.children) >= self.capacity:
+            self._event(op="exited", id=agent, token=token, code="", reason=f"host {self.host_id} is full ({self.capacity} agents)")
+            return
+        self.sync_state()
+        cmd = [sys.executable, "-m", "cfn_core.agent", "--run", self.spool, "--id", agent, "--parent", str(os.getpid())]
+        try:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
+        except OSError as exc:
+            self._event(op="exited", id=agent, token=token, code="", reason=f"cannot start: {exc}")
+            return
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except ProcessLookupError:
+            popen.wait()
+            self._event(op="exited", id=agent, token=token, code=popen.returncode, reason="")
+            return
+        child = _Child(agent, token, popen, pidfd)
+        self.children[pidfd] = child
+        self.sel.register(pidfd, selectors.EVENT_READ, child)
+        self.stats["launched"] += 1
+        self._event(op="started", id=agent, token=token, pid=popen.pid)
+
+    def _child_exited(self, child: _Child, report: bool = True) -> None:
+        if self.children.pop(child.pidfd, None) is None:
+            return
+        try:
+            self.sel.unregister(child.pidfd)
+        except (KeyError, ValueError):
+            pass
+        os.close(child.pidfd)
+        code = child.popen.wait()
+        if report:
+            try:
+                self._event(op="exited", id=child.agent, token=child.token, code=code, reason="")
+            except Exception:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cfn_redis.relay``: the coordinator machine's relay (started by :class:`~cfn_redis.bus.HubBus`)."""
+    parser = argparse.ArgumentParser(prog="python -m cfn_redis.relay")
+    parser.add_argument("--spool", required=True)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--host-id", required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--settings", default="{}")
+    parser.add_argument("--coordinator", action="store_true")
+    args = parser.parse_args(argv)
+    from cfn_core.process import die_with_parent
+
+    die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    logging.basicConfig(level=logging.WARNING, format="cfn redis relay: %(message)s")
+    url = os.environ.get("CFN_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        relay = Relay(url, args.run, args.spool, args.host_id, json.loads(args.settings), coordinator=args.coordinator)
+        relay.start()
+    except BusError as exc:
+        ShmBus.attach(args.spool)._write_atomic(ShmBus.attach(args.spool).run_dir / FATAL, str(exc).encode())
+        print(f"cfn redis relay: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.dup2(2, 1)  # the coordinator closed its end of the pipe; later output goes to stderr
+    code = relay.run_forever()
+    if relay.fatal:
+        print(f"cfn redis relay: {relay.fatal}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
