@@ -237,9 +237,10 @@ def _item_type(fld: attrs.Attribute) -> type:
 def _coerce(value: Any, fld: attrs.Attribute, where: str, from_text: bool):
     typ = type(_default(fld))
     meta = fld.metadata
+    given = value  # the error shows what the user wrote, not what it was converted to
 
     def bad():
-        return ConfigError(f"{where} = {value!r}: must be {describe_allowed(fld)}")
+        return ConfigError(f"{where} = {given!r}: must be {describe_allowed(fld)}")
 
     if from_text and isinstance(value, str):
         text = value.strip()
