@@ -84,9 +84,20 @@ def cfn_agent_exited(ctx, agent, reason):
 
 @hookimpl
 def cfn_tick(ctx, now):
-    if _is_hub(ctx):
-        ctx.bus.check()
+    if not _is_hub(ctx):
+        return
+    from cfn_core import BusError
+
+    bus = ctx.bus
+    if bus.failed:
+        _placement(ctx).abandon(ctx)  # hosts are unreachable: count their agents gone, shut down
+        return
+    try:
+        bus.check()
         _placement(ctx).poll(ctx)
+    except BusError as exc:
+        bus.failed = bus.failed or str(exc)
+        raise
 
 
 @hookimpl

@@ -126,6 +126,7 @@ class HubBus(LocalBus):
     def __init__(self, run_dir, **kwargs):
         super().__init__(run_dir, **kwargs)
         self.link = None
+        self.failed: str | None = None  # set once the run failed: shutdown must not raise again
         self.relay = None
         self.settings = None
         self.host_id = None
@@ -208,6 +209,7 @@ class HubBus(LocalBus):
         """Raise BusError when the relay failed or Redis lost the run (called every coordinator tick)."""
         reason = self.relay_failure()
         if reason:
+            self.failed = reason
             raise BusError(f"Redis bus failed: {reason}")
 
     # ------------------------------------------------------------------ run-wide answers from Redis

@@ -45,11 +45,16 @@ def check_url(url: str, where: str = "[redis] url") -> None:
 def connect(url: str, *, timeout: float = 5.0, blocking: bool = False):
     """A connected client (bytes replies); raises BusError naming host, port and the reason."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     check_url(url)
     try:
         client = redis.Redis.from_url(
             url,
+            # no hidden retries: Link retries, counts reconnections and checks the run survived
+            # (a blocking XREADGROUP whose reply was lost must be followed by a re-read of the PEL)
+            retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=timeout,
             socket_timeout=None if blocking else max(timeout, 10.0),
             socket_keepalive=True,

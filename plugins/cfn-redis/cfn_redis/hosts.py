@@ -37,7 +37,12 @@ class RemoteAgent:
         self.token = token
 
     def kill(self, handle, reason: str) -> None:
-        self.placement.request(self.host, op="kill", id=handle.id, token=self.token)
+        if self.placement.bus.failed:
+            return  # unreachable; the next tick counts it gone
+        try:
+            self.placement.request(self.host, op="kill", id=handle.id, token=self.token)
+        except BusError as exc:
+            self.placement.bus.failed = self.placement.bus.failed or str(exc)
 
 
 class Placement:
@@ -171,6 +176,12 @@ class Placement:
                 )
             ctx.pump(0.05)
             self.refresh(ctx, force=True)
+
+    def abandon(self, ctx) -> None:
+        """The bus failed: remote agents cannot be reached; report them gone (their hosts stop them)."""
+        for handle in list(ctx.agents.values()):
+            if handle.alive and isinstance(handle.remote, RemoteAgent):
+                ctx.reap(handle)
 
     def figures(self) -> dict:
         return {

@@ -264,8 +264,12 @@ class Relay:
         import redis
 
         count = self.read_count
+        seen_reconnects = self.reader_link.reconnects
         try:
             while not self.stopping:
+                if self.reader_link.reconnects != seen_reconnects:
+                    seen_reconnects = self.reader_link.reconnects
+                    self._recover_pel()
                 with self.lock:
                     streams = dict(self.reading)
                 streams[self.ctl] = ">"
@@ -303,6 +307,19 @@ class Relay:
             if not self.stopping:
                 log.exception("relay reader failed")
                 self._fail(f"relay reader error: {type(exc).__name__}: {exc}")
+
+    def _recover_pel(self) -> None:
+        """After a reconnection: entries handed to us whose reply was lost are still in our PEL; deliver them."""
+        for track in list(self.key_agent.values()):
+            known = {eid for _, eid in list(track.pending)}
+            entries = self.reader_link.call(
+                lambda r, key=track.key: r.xreadgroup(keys.GROUP, self.host_id, {key: "0"}, count=1_000_000)
+            )
+            for _, got in entries or ():
+                missing = [(eid, fields) for eid, fields in got if eid not in known]
+                if missing:
+                    self.stats["recovered"] += len(missing)
+                    self._deliver_local(self.rbus, track, missing)
 
     def _deliver_local(self, bus: ShmBus, track: _Track, entries) -> None:
         chunks, ids = [], []
