@@ -59,6 +59,9 @@ class PoolSettings:
     zygote: bool = setting(
         True, "fork agents from a pre-warmed zygote process; false: a fresh interpreter per agent (the baseline launcher)"
     )
+    forkers: int = setting(
+        0, "processes forking agents in parallel (the zygote and copies of it); 0: one per CPU, at most 4", min=0, max=64
+    )
     fork_ahead: int = setting(
         16, "fork requests the zygote gets ahead of the spawn's launches (pipelining); 1: one at a time", min=1, max=10_000
     )

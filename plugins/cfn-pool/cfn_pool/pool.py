@@ -9,6 +9,7 @@ agents keep working and the others age past ``max_idle`` and are retired.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -96,7 +97,8 @@ class Pool:
 
     def _start_zygote(self, ctx) -> None:
         try:
-            self.zygote = Zygote(ctx.run_ref, start_timeout=self.s.warmup_timeout)
+            forkers = self.s.forkers or min(4, os.cpu_count() or 1)
+            self.zygote = Zygote(ctx.run_ref, start_timeout=self.s.warmup_timeout, forkers=forkers)
         except (ZygoteError, OSError) as exc:
             self.zygote_error = str(exc)
             log.warning("cfn-pool: no zygote (%s); agents start as fresh interpreters", exc)

@@ -15,7 +15,7 @@ The protocol is one ASCII line per message, so requests can be pipelined:
 =====================  ===============================================
 coordinator -> zygote  ``F <agent_id>``  fork an agent with that id
                        ``S <pid>``       exit status of a child that ended
-zygote -> coordinator  ``R``             ready to fork
+zygote -> coordinator  ``R <pid>``       ready to fork (the forker's pid)
                        ``P <agent_id> <pid>``  forked
                        ``E <agent_id> <reason>``  could not fork
                        ``X <pid> <status>``  exit status (``?`` if unknown)
@@ -54,39 +54,44 @@ class ZygoteError(RuntimeError):
 
 
 class Zygote:
-    """The coordinator's handle on one zygote process."""
+    """The coordinator's handle on one zygote process and its forkers.
 
-    def __init__(self, run_ref: str, *, start_timeout: float):
+    :param forkers: fork servers: the zygote itself plus ``forkers - 1`` copies
+        it forks of itself once warm.  Forking is the spawn bottleneck (a fork
+        of a ~20 MB interpreter costs milliseconds of page-table copying), so
+        several forkers use several CPUs.  Requests are spread round robin.
+    """
+
+    def __init__(self, run_ref: str, *, start_timeout: float, forkers: int = 1):
         t0 = time.perf_counter()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [
-            sys.executable,
-            "-m",
-            "cfn_pool.zygote",
-            "--run",
-            run_ref,
-            "--parent",
-            str(os.getpid()),
-            "--fd",
-            str(theirs.fileno()),
-        ]
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(max(1, forkers))]
+        cmd = [sys.executable, "-m", "cfn_pool.zygote", "--run", run_ref, "--parent", str(os.getpid())]
+        for _, theirs in pairs:
+            cmd += ["--fd", str(theirs.fileno())]
         try:
             # agents' stdout goes to our stderr, like the baseline launcher's
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), pass_fds=(theirs.fileno(),)
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=sys.stderr.fileno(),
+                pass_fds=[theirs.fileno() for _, theirs in pairs],
             )
         finally:
-            theirs.close()
-        self.sock = ours
+            for _, theirs in pairs:
+                theirs.close()
+        self.socks: list[socket.socket | None] = [ours for ours, _ in pairs]
         self.pid = self.proc.pid
-        self._buf = b""
+        self._bufs = [b""] * len(self.socks)
+        self._next = 0
         self._forked: dict[str, int] = {}
         self._errors: dict[str, str] = {}
         self._statuses: dict[int, int | None] = {}
-        self._ready = False
+        self._owner: dict[int, int] = {}  # agent pid -> index of the forker that forked it
+        self._ready = 0
+        self.forker_pids: list[int] = []
         self._requested: set[str] = set()  # fork requests sent and not taken yet
         try:
-            self._wait(lambda: self._ready, start_timeout, "to start")
+            self._wait(lambda: self._ready >= len(self.socks), start_timeout, "to start")
         except BaseException:
             self.close(1.0)
             raise
@@ -94,7 +99,7 @@ class Zygote:
 
     @property
     def alive(self) -> bool:
-        return self.sock is not None and self.proc.poll() is None
+        return all(s is not None for s in self.socks) and self.proc.poll() is None
 
     @property
     def outstanding(self) -> int:
@@ -106,9 +111,16 @@ class Zygote:
     def request(self, agent_ids) -> None:
         """Ask for forks without waiting (pipelined; :meth:`take` collects each pid)."""
         ids = [a for a in agent_ids if a not in self._requested]
-        if ids:
-            self._send("".join(f"F {a}\n" for a in ids))
-            self._requested.update(ids)
+        if not ids:
+            return
+        per: list[list[str]] = [[] for _ in self.socks]
+        for agent_id in ids:
+            per[self._next].append(f"F {agent_id}\n")
+            self._next = (self._next + 1) % len(self.socks)
+        for i, lines in enumerate(per):
+            if lines:
+                self._send(i, "".join(lines))
+        self._requested.update(ids)
 
     def take(self, agent_id: str, timeout: float = 10.0) -> int:
         """The pid forked for ``agent_id`` (requesting it now unless it was requested ahead)."""
@@ -132,7 +144,7 @@ class Zygote:
                     self._requested.discard(agent_id)
                 if pid is not None:
                     try:
-                        os.kill(pid, signal.SIGKILL)  # our grandchild: the zygote reaps it
+                        os.kill(pid, signal.SIGKILL)  # a forker's child: the forker reaps it
                     except ProcessLookupError:
                         pass
                     killed += 1
@@ -142,31 +154,36 @@ class Zygote:
 
     def exit_status(self, pid: int, timeout: float = 1.0) -> int | None:
         """Exit status of a child that has ended (negative: killed by that signal), None if unknown."""
+        i = self._owner.pop(pid, None)
+        if i is None:
+            return None
         try:
-            self._send(f"S {pid}\n")
+            self._send(i, f"S {pid}\n")
             self._wait(lambda: pid in self._statuses, timeout, f"to report pid {pid}")
         except ZygoteError:
             return None
         return self._statuses.pop(pid)
 
     def close(self, timeout: float) -> None:
-        """Shut the zygote down (end of file on its socket), kill it if it does not exit in time."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        """Shut the zygote down (end of file on its sockets), kill it if it does not exit in time."""
+        for i, sock in enumerate(self.socks):
+            if sock is not None:
+                sock.close()
+                self.socks[i] = None
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.kill()  # its forkers and agents die with it (PR_SET_PDEATHSIG)
             self.proc.wait()
 
-    # ------------------------------------------------------------------ the socket
+    # ------------------------------------------------------------------ the sockets
 
-    def _send(self, text: str) -> None:
-        if self.sock is None:
+    def _send(self, i: int, text: str) -> None:
+        sock = self.socks[i]
+        if sock is None:
             raise ZygoteError("the zygote is closed")
         try:
-            self.sock.sendall(text.encode())
+            sock.sendall(text.encode())
         except OSError as exc:
             raise ZygoteError(f"the zygote (pid {self.pid}) is gone: {exc}") from None
 
@@ -177,38 +194,42 @@ class Zygote:
             if remaining <= 0:
                 raise ZygoteError(f"the zygote (pid {self.pid}) took more than {timeout:g}s {what}")
             if not self._pump(remaining):
-                if self.proc.poll() is not None:
-                    raise ZygoteError(f"the zygote (pid {self.pid}) exited with status {self.proc.returncode}")
+                if self.proc.poll() is not None or any(s is None for s in self.socks):
+                    raise ZygoteError(f"the zygote (pid {self.pid}) exited with status {self.proc.poll()}")
 
     def _pump(self, timeout: float) -> bool:
-        """Read and parse what the zygote sent; False on timeout or end of file."""
-        if self.sock is None:
+        """Read and parse what the forkers sent; False on timeout or end of file."""
+        socks = [s for s in self.socks if s is not None]
+        if not socks:
             return False
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if not ready:
-            return False
-        data = self.sock.recv(1 << 16)
-        if not data:
-            self.sock.close()
-            self.sock = None
-            self.proc.wait(1.0)
-            return False
-        lines = (self._buf + data).split(b"\n")
-        self._buf = lines.pop()
-        for line in lines:
-            kind, _, rest = line.decode().partition(" ")
-            if kind == "P":
-                agent_id, _, pid = rest.partition(" ")
-                self._forked[agent_id] = int(pid)
-            elif kind == "E":
-                agent_id, _, reason = rest.partition(" ")
-                self._errors[agent_id] = reason
-            elif kind == "X":
-                pid, _, status = rest.partition(" ")
-                self._statuses[int(pid)] = None if status == "?" else int(status)
-            elif kind == "R":
-                self._ready = True
-        return True
+        ready, _, _ = select.select(socks, [], [], timeout)
+        got = False
+        for sock in ready:
+            i = self.socks.index(sock)
+            data = sock.recv(1 << 16)
+            if not data:
+                sock.close()
+                self.socks[i] = None
+                continue
+            got = True
+            lines = (self._bufs[i] + data).split(b"\n")
+            self._bufs[i] = lines.pop()
+            for line in lines:
+                kind, _, rest = line.decode().partition(" ")
+                if kind == "P":
+                    agent_id, _, pid = rest.partition(" ")
+                    self._forked[agent_id] = int(pid)
+                    self._owner[int(pid)] = i
+                elif kind == "E":
+                    agent_id, _, reason = rest.partition(" ")
+                    self._errors[agent_id] = reason
+                elif kind == "X":
+                    pid, _, status = rest.partition(" ")
+                    self._statuses[int(pid)] = None if status == "?" else int(status)
+                elif kind == "R":
+                    self._ready += 1
+                    self.forker_pids.append(int(rest))
+        return got
 
 
 # ---------------------------------------------------------------------- zygote side
@@ -273,7 +294,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
             if len(statuses) > _MAX_STATUSES:
                 statuses.popitem(last=False)
 
-    sock.sendall(b"R\n")
+    sock.sendall(f"R {me}\n".encode())
     buf = b""
     while True:
         try:
@@ -338,17 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfn_pool.zygote", description="cfn-pool's fork server")
     parser.add_argument("--run", required=True, help="run reference (the shm run directory)")
     parser.add_argument("--parent", type=int, required=True, help="coordinator pid; the zygote dies with it")
-    parser.add_argument("--fd", type=int, required=True, help="the control socket inherited from the coordinator")
+    parser.add_argument(
+        "--fd", type=int, action="append", required=True, help="a control socket from the coordinator (one per forker)"
+    )
     args = parser.parse_args(argv)
     from cfn_core.process import die_with_parent
 
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     logging.basicConfig(level=logging.WARNING, format="cfn zygote: %(message)s")
-    sock = socket.socket(fileno=args.fd)
+    socks = [socket.socket(fileno=fd) for fd in args.fd]
     try:
         from cfn_core.agent import bootstrap_shm, load_handler
-        from cfn_core.errors import CfnError
         from cfn_core.plugins import make_plugin_manager
 
         import cfn_core.agent  # noqa: F401  (the agent loop and everything it imports)
@@ -363,7 +385,33 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     gc.collect()
     gc.freeze()  # children share the warm heap instead of copying pages the collector would touch
-    serve(sock, args.run, config, pm, handler)
+    me = os.getpid()
+    forkers = []
+    for i, sock in enumerate(socks[1:], 1):
+        pid = os.fork()
+        if pid == 0:  # a forker: the same warm image, serving its own socket
+            code = 0
+            try:
+                for j, other in enumerate(socks):
+                    if j != i:
+                        other.close()
+                die_with_parent(me)
+                serve(sock, args.run, config, pm, handler)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        forkers.append(pid)
+        sock.close()
+    serve(socks[0], args.run, config, pm, handler)
+    for pid in forkers:  # they see end of file on their sockets too
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
     return 0
 
 

@@ -1,0 +1,237 @@
+"""cfn-pool with real processes: fill, reuse, growth, refill, health check, retirement, drain."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+
+from cfn_core import Coordinator, Task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def pool_env(monkeypatch, tmp_path):
+    """Make this directory's handlers importable by the coordinator, the zygote and the agents."""
+    monkeypatch.syspath_prepend(HERE)
+    monkeypatch.setenv("PYTHONPATH", HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return tmp_path
+
+
+def pool_of(coord):
+    return coord.ctx.state["pool"]
+
+
+def pump_until(coord, predicate, timeout=20.0):
+    """Run the coordinator's event loop until ``predicate()`` holds (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        coord.ctx.pump(0.05)
+
+
+def live_agent_pids(coord):
+    return {h.id: h.pid for h in coord.ctx.agents.values() if h.alive}
+
+
+def test_pool_fills_at_open_and_rounds_reuse_the_same_processes(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 4, "rounds": 3}, pool={"size": 4})
+    with Coordinator(config) as coord:
+        pids_at_open = live_agent_pids(coord)
+        assert len(pids_at_open) == 4
+        assert set(pool_of(coord).idle) == set(pids_at_open)
+        result = coord.run()
+        assert live_agent_pids(coord) == pids_at_open  # nothing stopped, nothing started
+    assert result.ok and result.delivery_rate == 1.0
+    assert all(r.agents == 4 for r in result.rounds)
+    assert {r.agent for r in result.results.values()} <= set(pids_at_open)
+    figures = result.plugin_figures["pool"]
+    assert figures["hits"] == 12 and figures["misses"] == 0 and figures["hit_rate"] == 1.0
+    assert figures["zygote"] is True and figures["init_ready"] == 4
+
+
+def test_agents_are_forked_from_the_zygote(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 3}, pool={"size": 3, "forkers": 2})
+    with Coordinator(config) as coord:
+        zygote = psutil.Process(pool_of(coord).zygote.pid)
+        forkers = set(pool_of(coord).zygote.forker_pids)
+        assert len(forkers) == 2 and zygote.pid in forkers
+        for pid in live_agent_pids(coord).values():
+            assert psutil.Process(pid).ppid() in forkers
+        # the agents did not import anything themselves: they share the zygote's warm interpreter
+        assert all(psutil.Process(pid).cmdline() == zygote.cmdline() for pid in live_agent_pids(coord).values())
+
+
+def test_exhaustion_grows_the_pool_and_counts_misses(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 5, "rounds": 2}, pool={"size": 2})
+    with Coordinator(config) as coord:
+        result = coord.run()
+        assert len(pool_of(coord).members) == 5
+    assert result.ok
+    figures = result.plugin_figures["pool"]
+    assert (figures["hits"], figures["misses"]) == (2 + 5, 3)
+    assert figures["hit_rate"] == pytest.approx(7 / 10)
+
+
+def test_100_tasks_on_a_20_agent_pool(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 20, "tasks": 100, "payload_bytes": 8}, pool={"size": 20})
+    with Coordinator(config) as coord:
+        members = set(pool_of(coord).members)
+        result = coord.run()
+    assert result.ok and len(result.results) == 100
+    assert result.delivery_rate == 1.0 and result.rounds[0].duplicates == 0
+    used = {r.agent for r in result.results.values()}
+    assert used <= members and len(used) > 1
+    assert result.plugin_figures["pool"]["misses"] == 0
+    assert result.plugin_figures["pool"]["assign_p99_ms"] is not None
+
+
+def test_idle_agent_killed_is_refilled(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 3}, pool={"size": 3})
+    with Coordinator(config) as coord:
+        pool = pool_of(coord)
+        victim = next(iter(pool.idle))
+        os.kill(coord.ctx.agents[victim].pid, signal.SIGKILL)
+        pump_until(coord, lambda: victim not in pool.members and len(pool.idle) == 3)
+        assert pool.n["refills"] == 1 and pool.n["died_idle"] == 1
+        result = coord.run()
+    assert result.ok
+    assert result.plugin_figures["pool"]["misses"] == 0
+
+
+def test_busy_agent_killed_is_replaced_and_its_task_rerun(make_config, pool_env, no_leaks):
+    tasks = [Task(id=f"t{i}", payload={"key": f"t{i}", "dir": str(pool_env), "hang": i == 1}) for i in range(3)]
+    marker = pool_env / "t1.started"
+    killed = []
+
+    def kill_the_hung_agent(phase, done, total):
+        if phase == "collect" and marker.exists() and not killed:
+            killed.append(int(marker.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    config = make_config(
+        plugins=["pool"], workload={"agents": 3, "handler": "pool_test_handlers:hang_once"}, pool={"size": 3}
+    )
+    with Coordinator(config, progress=kill_the_hung_agent) as coord:
+        result = coord.run(tasks)
+        pool = pool_of(coord)
+        assert len(pool.members) == 3 and len(pool.idle) == 3  # the replacement went back to the pool
+    assert killed
+    assert result.ok and {r.value for r in result.results.values()} == {"t0", "t1", "t2"}
+    assert result.results["t1"].attempts == 2
+    assert result.plugin_figures["pool"]["relaunched"] == 1
+    assert result.plugin_figures["pool"]["died_busy"] == 1
+
+
+def test_unresponsive_idle_agent_is_replaced_before_it_gets_work(make_config, no_leaks):
+    config = make_config(
+        plugins=["pool"],
+        workload={"agents": 3},
+        pool={"size": 3, "health_interval": 0.0, "health_timeout": 0.3},
+    )
+    with Coordinator(config) as coord:
+        pool = pool_of(coord)
+        frozen = next(iter(pool.idle))
+        os.kill(coord.ctx.agents[frozen].pid, signal.SIGSTOP)  # alive, but it will not answer
+        result = coord.run()
+        assert frozen not in pool.members
+    assert result.ok and result.rounds[0].agents == 3
+    assert frozen not in {r.agent for r in result.results.values()}
+    assert result.plugin_figures["pool"]["unhealthy"] == 1
+
+
+def test_idle_agents_older_than_max_idle_are_retired_down_to_min_size(make_config, no_leaks):
+    config = make_config(
+        plugins=["pool"], workload={"agents": 4}, pool={"size": 4, "min_size": 1, "max_idle": 0.2}
+    )
+    with Coordinator(config) as coord:
+        pool = pool_of(coord)
+        result = coord.run()
+        pump_until(coord, lambda: len(pool.members) == 1 and not pool.retiring)
+        assert pool.n["retired"] == 3
+        assert len([h for h in coord.ctx.agents.values() if h.alive]) == 1
+        again = coord.run()  # the pool grows again on demand
+        assert again.ok and again.plugin_figures["pool"]["misses"] == 3
+    assert result.ok
+
+
+def test_drain_leaves_no_process_and_no_zygote(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 6}, pool={"size": 6})
+    coord = Coordinator(config)
+    coord.open()
+    zygote_pid = pool_of(coord).zygote.pid
+    coord.run()
+    assert len(psutil.Process().children(recursive=True)) >= 7
+    coord.close()
+    assert psutil.Process().children(recursive=True) == []
+    assert not psutil.pid_exists(zygote_pid) or psutil.Process(zygote_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_without_zygote_agents_are_fresh_interpreters_and_still_pooled(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 2, "rounds": 2}, pool={"size": 2, "zygote": False})
+    with Coordinator(config) as coord:
+        for pid in live_agent_pids(coord).values():
+            assert "cfn_core.agent" in psutil.Process(pid).cmdline()
+        result = coord.run()
+    assert result.ok
+    assert result.plugin_figures["pool"]["zygote"] is False
+    assert result.plugin_figures["pool"]["hits"] == 4
+
+
+def test_a_dead_zygote_is_restarted(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 2}, pool={"size": 2})
+    with Coordinator(config) as coord:
+        pool = pool_of(coord)
+        old = pool.zygote.pid
+        os.kill(old, signal.SIGKILL)  # its agents die with it (PR_SET_PDEATHSIG)
+        pump_until(coord, lambda: not pool.idle or pool.zygote.pid != old)
+        result = coord.run()
+        assert pool.zygote.pid != old
+    assert result.ok and result.rounds[0].agents == 2
+
+
+def test_exit_status_of_an_agent_that_died_is_known(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 1}, pool={"size": 1, "min_size": 0})
+    with Coordinator(config) as coord:
+        handle = next(iter(coord.ctx.agents.values()))
+        os.kill(handle.pid, signal.SIGKILL)
+        pump_until(coord, lambda: not handle.alive)
+        assert handle.exit_code == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ({"pool": {"size": -1}}, "[pool] size = -1: must be an integer from 0 to 1000000"),
+        ({"pool": {"min_size": 9, "size": 3}}, "[pool] min_size = 9 is larger than [pool] size = 3"),
+        ({"pool": {"max_idle": 0}}, "[pool] max_idle = 0: must be a number from 0.001"),
+        ({"pool": {"zygote": "yes"}}, "[pool] zygote = 'yes': must be true or false"),
+        ({"pool": {"sise": 3}}, "unknown key 'sise' in [pool] (did you mean 'size'?)"),
+    ],
+)
+def test_bad_settings_give_clear_errors(make_config, tables, message):
+    from cfn_core import CfnError
+
+    with pytest.raises(CfnError) as info:
+        Coordinator(make_config(plugins=["pool"], workload={"agents": 1}, **tables)).open()
+    assert message in str(info.value)
+
+
+def test_environment_names_of_the_plan():
+    from cfn_core import CfnError, load_config
+
+    env = {"CFN_POOL_SIZE": "7", "CFN_POOL_MIN_SIZE": "3", "CFN_POOL_MAX_IDLE": "9.5", "CFN_POOL_WARMUP_TIME": "4"}
+    s = load_config(None, env=env, discover=False).section("pool")
+    assert (s.size, s.min_size, s.max_idle, s.warmup_timeout) == (7, 3, 9.5, 4.0)
+    with pytest.raises(CfnError, match=re.escape("environment variable CFN_POOL_SIZE: [pool] size = 'many': must be an integer")):
+        load_config(None, env={"CFN_POOL_SIZE": "many"}, discover=False)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
