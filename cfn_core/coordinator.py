@@ -360,6 +360,8 @@ class CoordinatorContext:
             seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0,
             stderr=body.get("stderr") if isinstance(body.get("stderr"), str) else None,
         )
+        if not r.results[msg.task].ok:
+            self.metrics.task_failures.inc()  # as the summary's "failed" counts it
         sent = r.sent_at.get(msg.task)
         if sent is not None:
             r.latencies.append(now - sent)
@@ -693,6 +695,7 @@ class Coordinator:
                 r.results[task_id] = TaskResult(
                     task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
                 )
+                self.ctx.metrics.task_failures.inc()
             return
         tasks = [r.tasks[t] for t in r.order]
         preassigned: dict[str, str] = {}
