@@ -125,3 +125,22 @@ def test_kernel_metrics_are_all_on_the_dashboard(exported):
     families = {re.sub(r"_(bucket|sum|count|total|created)$", "", n) for n in exported["kernel"]}
     shown = {re.sub(r"_(bucket|sum|count|total|created)$", "", n) for n in used}
     assert families - shown == set(), "kernel metrics no panel shows"
+
+
+def test_prometheus_yml_scrapes_what_cfn_serves(make_config, no_leaks):
+    import socket
+    import urllib.request
+
+    text = (ROOT / "docs" / "prometheus.yml").read_text()
+    port = re.search(r'targets: \["127\.0\.0\.1:(\d+)"\]', text).group(1)
+    assert "metrics_path: /metrics" in text
+    assert f"--metrics-port {port}" in (ROOT / "docs" / "OPERATIONS.md").read_text()
+    # the endpoint itself, on a free port (the documented one may be taken on this machine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with Coordinator(make_config(workload={"agents": 2}, run={"metrics_port": free})) as coord:
+        assert coord.run().ok
+        body = urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics", timeout=10).read().decode()
+    assert "cfn_coordination_seconds_count 1.0" in body
+    assert "cfn_delivery_rate 1.0" in body
