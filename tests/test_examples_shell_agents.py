@@ -32,7 +32,7 @@ def test_run_py_reports_answers_failures_and_timeouts(bus_root, no_leaks):
     out = proc.stdout
     assert "ok     answer to a 6-word prompt: SUMMARIZE THE PLAN IN ONE LINE" in out
     assert "ok     answer to a 3-word prompt: LIST THREE RISKS" in out
-    assert "FAILED command exited with status 3\n    stderr fake-llm: cannot answer: [fail]" in out
+    assert "FAILED command exited with status 3: fake-llm: cannot answer: [fail] a prompt the tool rejects\n" in out
     assert "FAILED command timed out after 2s\n    stderr fake-llm: thinking about '[hang]" in out
     assert "8/8 messages delivered, 2 task(s) failed" in out
     # the timeout killed the command's whole process group: no `sleep 600` survives it

@@ -33,8 +33,9 @@ def main(prompts: list[str]) -> int:
             print(f"    ok     {res.value.strip()}")
         else:
             print(f"    FAILED {res.error}")
-            if res.stderr:
-                print(f"    stderr {res.stderr.strip()}")
+            tail = (res.stderr or "").strip()  # the last 2,000 bytes of the command's stderr
+            if tail and tail not in res.error:  # (a failed command's last line is in the error already)
+                print(f"    stderr {tail}")
     print(f"{result.delivered}/{result.planned} messages delivered, {result.failed} task(s) failed")
     return result.exit_code
 
