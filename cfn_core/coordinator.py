@@ -442,13 +442,18 @@ class CoordinatorContext:
         """Kill agents whose oldest task has run longer than ``[workload] timeout``."""
         if self._round is None:
             return
-        limit = self.config.workload.timeout
+        w = self.config.workload
+        limit = w.timeout
+        # a command workload's agent enforces the timeout itself (it kills the command's
+        # process group and reports its stderr): give it time to do so before killing the
+        # agent, which would orphan the command and lose the stderr
+        grace = max(1.0, 0.25 * limit) if w.command else 0.0
         for handle in self.agents.values():
             if not handle.outstanding or not handle.alive or handle.killed_reason:
                 continue
             oldest_task, sent = next(iter(handle.outstanding.items()))
             started = max(sent, handle.last_seen)
-            if now - started > limit:
+            if now - started > limit + grace:
                 self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
 
 
