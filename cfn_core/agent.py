@@ -26,6 +26,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
+import orjson
+
 from .errors import CfnError, ConfigError
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
 
@@ -199,6 +201,11 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
             body.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        if body["ok"]:
+            try:  # checked here: a send (or a batching plugin's later flush) must not crash the agent
+                orjson.dumps(body["value"])
+            except TypeError as exc:
+                body.update(ok=False, value=None, error=f"handler returned a value that is not JSON: {exc}")
         body["seconds"] = time.perf_counter() - t0
         body["peers_received"] = len(peers_seen.get(msg.round, ()))
         body["peers_sent"] = len(work.peers)
@@ -220,6 +227,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                 bodies = list(scatter(work.payload, list(work.peers)))
                 if len(bodies) != len(work.peers):
                     raise ValueError(f"scatter returned {len(bodies)} bodies for {len(work.peers)} peers")
+                orjson.dumps(bodies)  # a body that is not JSON would crash the send below
             except Exception as exc:  # the peers still get their (empty) messages: nobody waits forever
                 log.warning("scatter failed for task %s: %s", msg.task, exc)
                 bodies = [None] * len(work.peers)
