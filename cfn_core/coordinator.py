@@ -27,6 +27,7 @@ from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
+import orjson
 from attrs import define, field
 
 from .config import Config, load_config
@@ -625,6 +626,10 @@ class Coordinator:
             if t.id in seen:  # results are keyed by task id: a duplicate would silently vanish
                 raise ConfigError(f"task id {t.id!r} appears more than once in the tasks given to Coordinator.run")
             seen.add(t.id)
+            try:  # found now, not as a TypeError half way through sending
+                orjson.dumps(t.payload)
+            except TypeError as exc:
+                raise ConfigError(f"task {t.id}: payload is not JSON: {exc}") from None
         return tasks
 
     @contextmanager
