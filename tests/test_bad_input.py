@@ -374,3 +374,24 @@ def test_mesh_needs_two_agents(cli):
 def test_agents_over_max_agents(cli):
     line = error_line(cli("run", "--agents", "50", "--set", "run.max_agents=10"))
     assert "[workload] agents = 50 exceeds [run] max_agents = 10" in line
+
+
+def test_handler_returning_something_that_is_not_json(make_config, no_leaks):
+    # builtins:set turns the payload into a set, which JSON cannot carry
+    config = make_config(workload={"agents": 1, "handler": "builtins:set"})
+    with Coordinator(config) as coord:
+        result = coord.run(["ab", "cd"])
+        incarnations = [h.incarnation for h in coord.ctx.agents.values()]
+    assert [r.error for r in result.results.values()] == [
+        "handler returned a value that is not JSON: Type is not JSON serializable: set"
+    ] * 2
+    assert incarnations == [1] and result.rounds[0].retries == 0  # the agent did not crash
+    assert result.delivery_rate == 1.0
+
+
+def test_task_payload_that_is_not_json_is_refused_before_the_run(make_config, no_leaks):
+    config = make_config(workload={"agents": 1})
+    with Coordinator(config) as coord:
+        with pytest.raises(ConfigError, match=r"task r1-t000001: payload is not JSON: Type is not JSON serializable: set"):
+            coord.run(["fine", {1, 2}])
+        assert coord.ctx.agents == {}  # refused before any agent started
