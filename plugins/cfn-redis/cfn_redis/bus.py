@@ -157,6 +157,7 @@ class HubBus(LocalBus):
                 p.hset(meta, mapping={"created": time.time(), "host": host_id, "hostname": socket.gethostname(), "pid": os.getpid()})
                 p.pexpire(meta, lease_ms)
                 p.zadd(keys.RUNS, {run: time.time()})
+                p.zremrangebyscore(keys.RUNS, "-inf", time.time() - settings.key_ttl)  # runs of crashed coordinators
                 p.execute()
 
             link.call(create)
@@ -216,14 +217,26 @@ class HubBus(LocalBus):
 
     def put_state(self, key: str, data: bytes) -> None:
         ShmBus.put_state(self, key, data)  # local agents read it from the spool
-        self.link.call(lambda r: r.hset(keys.run_key(self.run_id, "state"), key, data))
+        self._write(lambda p: p.hset(keys.run_key(self.run_id, "state"), key, data), "state")
+
+    def _write(self, op, name: str) -> None:
+        """One write to a run-wide key, which expires after ``[redis] key_ttl`` if the run is never removed."""
+        key = keys.run_key(self.run_id, name)
+
+        def run(r):
+            p = r.pipeline(transaction=False)
+            op(p)
+            p.expire(key, int(self.settings.key_ttl))
+            p.execute()
+
+        self.link.call(run)
 
     def get_state(self, key: str) -> bytes | None:
         return self.link.call(lambda r: r.hget(keys.run_key(self.run_id, "state"), key))
 
     def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
         fields = {"agent": agent_id, "reason": reason, "raw_b64": base64.b64encode(record[:65536])}
-        self.link.call(lambda r: r.xadd(keys.run_key(self.run_id, "dead"), fields))
+        self._write(lambda p: p.xadd(keys.run_key(self.run_id, "dead"), fields), "dead")
 
     def dead_letter_count(self) -> int:
         return self.link.call(lambda r: r.xlen(keys.run_key(self.run_id, "dead")))

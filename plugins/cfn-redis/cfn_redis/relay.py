@@ -133,6 +133,7 @@ class Relay:
         self.sel = selectors.DefaultSelector()
         self.stats = defaultdict(int)
         self._reader = None
+        self._next_lease = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,7 +184,7 @@ class Relay:
 
     def run_forever(self) -> int:
         """The main loop.  Returns 0 after a normal end, 1 after a failure (reason in ``fatal``)."""
-        next_ack = next_lease = 0.0
+        next_ack = 0.0
         try:
             while not self.stopping:
                 busy = any(t.pending for t in self.tracks.values())
@@ -203,9 +204,7 @@ class Relay:
                 if now >= next_ack:
                     self.ack_settled()
                     next_ack = now + 0.05
-                if now >= next_lease:
-                    self._renew()
-                    next_lease = now + self.lease / 3
+                self._renew_due()
             self.pump_outbox()
             self.ack_settled()
         except RunEnded:
@@ -346,10 +345,13 @@ class Relay:
             return
         size = self.pipeline
         if size <= 1:
-            for name, args, kwargs in ops:
+            for i, (name, args, kwargs) in enumerate(ops):
                 self.main.call(lambda r: getattr(r, name)(*args, **kwargs))
+                if i % 64 == 63:
+                    self._renew_due()
             return
         for i in range(0, len(ops), size):
+            self._renew_due()  # a long backlog must not starve the leases
             chunk = ops[i : i + size]
 
             def run(r, chunk=chunk):
@@ -396,10 +398,12 @@ class Relay:
                         fields = json.loads(doc)
                     except ValueError:
                         fields = {"agent": agent.decode(), "reason": "unreadable dead letter", "raw_b64": base64.b64encode(doc).decode()}
+                    ops += self._expire_once(keys.run_key(self.run, "dead"))
                     ops.append(("xadd", (keys.run_key(self.run, "dead"), fields), {}))
                 elif op == b"!state":
                     key, _, data = rest.partition(b"\t")
                     ops.append(("hset", (keys.run_key(self.run, "state"), key, base64.b64decode(data)), {}))
+                    ops += self._expire_once(keys.run_key(self.run, "state"))
                 else:
                     self._dead_line(line, "unknown control line in the outbox")
                 continue
@@ -428,7 +432,14 @@ class Relay:
         return ("xadd", (keys.run_key(self.run, "dead"), fields), {})
 
     def _dead_line(self, raw: bytes, reason: str) -> None:
-        self._execute([self._dead_op(raw, reason)])
+        self._execute([self._dead_op(raw, reason)] + self._expire_once(keys.run_key(self.run, "dead")))
+
+    def _expire_once(self, key: str) -> list:
+        """The op that makes ``key`` expire after ``[redis] key_ttl`` (if the coordinator never removes it)."""
+        if key in self.expiring:
+            return []
+        self.expiring.add(key)
+        return [("expire", (key, self.key_ttl), {})]
 
     # ------------------------------------------------------------------ readers come and go
 
@@ -480,18 +491,30 @@ class Relay:
     # ------------------------------------------------------------------ settle
 
     def ack_settled(self) -> None:
+        """XACK (and XDEL) what local readers settled.
+
+        Cursors are read *before* the outbox is drained: a reader settles a
+        message only after the messages it caused are in the outbox, so once
+        the outbox is forwarded nothing the settled entries led to can be lost
+        with this host.
+        """
         acks = defaultdict(list)
         cursor_dir = self.mbus.run_dir / "cursor"
+        cursors = []
         for track in list(self.tracks.values()):
-            pending = track.pending
-            if not pending:
+            if not track.pending:
                 continue
             try:
                 with open(cursor_dir / track.agent, "rb") as f:
                     raw = f.read(8)
             except FileNotFoundError:
                 continue
-            cursor = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            cursors.append((track, int.from_bytes(raw, "little") if len(raw) == 8 else 0))
+        if not cursors:
+            return
+        self.pump_outbox()
+        for track, cursor in cursors:
+            pending = track.pending
             while pending and pending[0][0] <= cursor:
                 acks[track.key].append(pending.popleft()[1])
         if acks:
@@ -503,6 +526,12 @@ class Relay:
             self._execute(ops)
 
     # ------------------------------------------------------------------ leases
+
+    def _renew_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_lease:
+            self._next_lease = now + self.lease / 3
+            self._renew()
 
     def _renew(self) -> None:
         lease_ms = int(self.lease * 1000)
@@ -549,7 +578,8 @@ class Relay:
 
     def _event(self, **fields) -> None:
         fields["host"] = self.host_id
-        self.main.call(lambda r: r.xadd(self.events, {k: str(v) for k, v in fields.items()}))
+        ops = [("xadd", (self.events, {k: str(v) for k, v in fields.items()}), {})] + self._expire_once(self.events)
+        self._execute(ops)
 
     def sync_state(self) -> None:
         """Copy the run's shared state into the spool (agents read it there at start)."""

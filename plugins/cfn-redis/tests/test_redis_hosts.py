@@ -166,3 +166,19 @@ def test_a_host_in_another_network_namespace_joins(no_leaks, netns, make_config,
     assert result.ok and result.delivery_rate == 1.0
     assert all(placed.values())
     assert outcomes[0][0] == 0, outcomes[0][1]
+
+
+def test_cfn_agent_errors_are_one_clear_line(redis_url):
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "cfn_core", "agent", "--bus", "redis://:pw@127.0.0.1:1/0", "--wait", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert unreachable.returncode == 2
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in unreachable.stderr and "pw" not in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    no_run = subprocess.run(
+        [sys.executable, "-m", "cfn_core", "agent", "--bus", redis_url, "--run", "0000000000000000", "--wait", "0.2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert no_run.returncode == 2
+    assert "found no run 0000000000000000" in no_run.stderr
