@@ -165,8 +165,13 @@ def cmd_plugins(args) -> int:
 def cmd_clean(args) -> int:
     from .bus.shm import find_runs, remove_tree
 
+    root = args.root
+    if root is None:  # the root runs are created in: [bus] root of cfn.toml / CFN_BUS_ROOT
+        from .config import load_config
+
+        root = load_config(args.config).bus.root or None
     removed = kept = 0
-    for path, stale in find_runs(args.root):
+    for path, stale in find_runs(root):
         if stale:
             if not args.dry_run:
                 remove_tree(path)
@@ -214,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(func=cmd_plugins)
 
     clean = sub.add_parser("clean", help="remove run directories left by coordinators that died")
-    clean.add_argument("--root", help="bus root (default /dev/shm)")
+    clean.add_argument("--root", help="bus root (default: [bus] root of the configuration, else /dev/shm)")
+    clean.add_argument("--config", metavar="PATH", help="cfn.toml whose [bus] root to clean (default: found upward)")
     clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     clean.set_defaults(func=cmd_clean)
 
