@@ -30,7 +30,7 @@ def cli(tmp_path, bus_root):
         return subprocess.run(
             [sys.executable, "-m", "cfn_core", *args],
             cwd=tmp_path,
-            env={**env, **(extra_env or {})},
+            env={k: v for k, v in {**env, **(extra_env or {})}.items() if v is not None},
             text=True,
             timeout=120,
             **kw,
@@ -301,3 +301,17 @@ def test_metrics_port_serves_during_the_run(cli, tmp_path):
     # and the port is closed once the run ended
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_clean_uses_the_configured_bus_root(cli, tmp_path, bus_root):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = write_run(bus_root, "cfn-stale1", {"pid": dead.pid, "start": "1", "created": 0})
+    # CFN_BUS_ROOT (set by the fixture) names the root, as [bus] root in cfn.toml would
+    proc = cli("clean")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"removed {stale}", "1 stale run(s) removed, 0 live run(s) kept"]
+    stale = write_run(bus_root, "cfn-stale2", {"pid": dead.pid, "start": "1", "created": 0})
+    (tmp_path / "clean.toml").write_text(f'[bus]\nroot = "{bus_root}"\n')
+    proc = cli("clean", "--config", "clean.toml", extra_env={"CFN_BUS_ROOT": None})
+    assert proc.stdout.splitlines() == [f"removed {stale}", "1 stale run(s) removed, 0 live run(s) kept"]

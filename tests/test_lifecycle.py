@@ -22,7 +22,7 @@ from cfn_core.messages import decode
 
 
 def test_nothing_is_left_after_runs(make_config, bus_root, no_leaks):
-    config = make_config(workload={"agents": 5, "rounds": 2, "topology": "mesh", "messages_per_agent": 2})
+    config = make_config(workload={"agents": 3, "rounds": 2, "topology": "mesh", "messages_per_agent": 2})
     for _ in range(2):
         with Coordinator(config) as coord:
             run_dir = coord.ctx.bus.run_dir
