@@ -168,12 +168,18 @@ def describe_plugins(config) -> list[dict]:
         try:
             plugin = load_plugin(name)
             row["hooks"] = sorted(n for n in dir(plugin) if n.startswith("cfn_") and callable(getattr(plugin, n)))
-            if name in enabled and not pm.is_registered(plugin):
-                pm.register(plugin, name=name)
         except PluginError as exc:
             row["status"] = "broken"
             row["error"] = str(exc)
         rows.append(row)
+    # register in the configuration's order, as make_plugin_manager does: the call order
+    # shown must be the one a run uses (the last listed plugin is asked first)
+    broken = {row["name"] for row in rows if row["status"] == "broken"}
+    for name in config.enabled():
+        if name not in broken:
+            plugin = load_plugin(name)
+            if not pm.is_registered(plugin):
+                pm.register(plugin, name=name)
     order = hook_call_order(pm)
     for modname in BUILTIN_PLUGINS:
         short = modname.rsplit(".", 1)[1]
