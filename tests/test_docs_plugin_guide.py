@@ -86,3 +86,19 @@ def test_the_settings_sample_validates_like_a_kernel_table():
         assert "[mine] mode = 'quick': must be one of fast, safe" in str(exc)
     else:
         raise AssertionError("an invalid choice was accepted")
+
+
+def test_the_ordering_rule_holds_and_cfn_plugins_shows_it():
+    """The guide: the last listed plugin is asked first, and `cfn plugins` prints the real order."""
+    import pytest
+
+    from cfn_core.plugins import describe_plugins, hook_call_order, installed, make_plugin_manager
+
+    if not {"pool", "parallel"} <= set(installed()):
+        pytest.skip("needs the bundled pool and parallel plugins (pip install -r requirements.txt)")
+    for plugins in (["pool", "parallel"], ["parallel", "pool"]):
+        config = config_from_dict({"plugins": plugins})
+        real = hook_call_order(make_plugin_manager(config))["cfn_agent_started"]
+        assert real == plugins[::-1]
+        shown = {row["name"]: row["call_order"] for row in describe_plugins(config)}
+        assert shown["pool"]["cfn_agent_started"] == real
