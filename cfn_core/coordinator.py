@@ -31,7 +31,7 @@ import orjson
 from attrs import define, field
 
 from .config import Config, load_config
-from .errors import CfnError, ConfigError
+from .errors import CfnError, ConfigError, PluginError
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
@@ -721,8 +721,10 @@ class Coordinator:
                 batch = []
                 ctx.pump(_TICK)  # wait for an agent to become free
                 continue
+            handle = ctx.agents.get(agent_id)
+            if handle is None:  # a plugin bug; a KeyError traceback would not say whose
+                raise PluginError(f"cfn_assign returned {agent_id!r} for task {task.id}, which is not an agent of this run")
             pending.popleft()
-            handle = ctx.agents[agent_id]
             now = time.monotonic()
             handle.outstanding[task.id] = now
             r.sent_at[task.id] = now
