@@ -308,3 +308,20 @@ def test_metrics_match_the_summary(make_config, no_leaks):
     assert rate == 1.0
     assert (rounds, spawns, alive) == (1, 4, 0)
     assert exits == {"stopped": 4, "died": None, "killed": None}
+
+
+class AssignsAStranger:
+    name = "stranger"
+
+    @hookimpl
+    def cfn_assign(self, ctx, task, agent_ids):
+        return "agent-9999"
+
+
+def test_assign_returning_an_unknown_agent_is_a_plugin_error(make_config, no_leaks):
+    from cfn_core.errors import PluginError
+
+    config = make_config(workload={"agents": 1})
+    with Coordinator(config, extra_plugins=[AssignsAStranger()]) as coord:
+        with pytest.raises(PluginError, match=r"cfn_assign returned 'agent-9999' for task r1-t000000, which is not an agent"):
+            coord.run()
