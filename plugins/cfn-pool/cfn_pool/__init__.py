@@ -65,6 +65,9 @@ class PoolSettings:
     fork_ahead: int = setting(
         16, "fork requests the zygote gets ahead of the spawn's launches (pipelining); 1: one at a time", min=1, max=10_000
     )
+    sched_batch: bool = setting(
+        False, "agents run under SCHED_BATCH (Linux): a woken agent does not preempt the coordinator's burst of sends"
+    )
     health_interval: float = setting(
         5.0, "idle agents not heard from for this many seconds are pinged before they get work", min=0.0, max=1e9
     )

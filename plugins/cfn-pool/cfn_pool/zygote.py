@@ -247,6 +247,9 @@ def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: i
         from cfn_core.process import die_with_parent
 
         die_with_parent(zygote_pid)
+        if _sched_batch(config) and hasattr(os, "SCHED_BATCH"):
+            # a woken agent does not preempt the coordinator in the middle of a burst of sends
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         gc.enable()
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"cfn agent {agent_id}: %(message)s"))
@@ -269,6 +272,13 @@ def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: i
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _sched_batch(config) -> bool:
+    try:
+        return bool(config.section("pool").sched_batch)
+    except KeyError:
+        return False
 
 
 def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
