@@ -257,3 +257,23 @@ def test_agents_load_the_same_plugins_as_the_coordinator(site, make_config, no_l
     assert result.ok
     assert result.plugin_figures == {"tracer": {"seen": True}}
     assert {p.name: int(p.read_text()) for p in markers.iterdir()} == pids
+
+
+def test_every_installed_plugin_loads_and_describes_itself():
+    installed.cache_clear()
+    rows = describe_plugins(cfg())
+    for row in rows:
+        assert row["status"] in ("builtin", "installed"), row
+        assert row["distribution"] and row["version"], row
+        assert row["hooks"], f"{row['name']} implements no hook"
+        assert all(h.startswith("cfn_") for h in row["hooks"])
+
+
+@pytest.mark.parametrize("name", ["pool", "batch", "parallel", "shard"])
+def test_bundled_plugins_come_first_before_the_baseline(name):
+    if name not in installed():
+        pytest.skip(f"{name} is not installed")
+    pm = make_plugin_manager(cfg([name]))
+    for hook, order in hook_call_order(pm).items():
+        if "builtin" in order and name in order:
+            assert order.index(name) < order.index("builtin"), (hook, order)
