@@ -70,3 +70,21 @@ def test_exit_codes_match_the_cli():
     doc = cli.__doc__
     for code in table:
         assert code in doc
+
+
+def test_the_user_guide_python_example_runs(tmp_path, bus_root, no_leaks):
+    import subprocess
+    import sys
+
+    if not {"pool", "batch"} <= set(installed()):
+        pytest.skip("the example enables the bundled pool and batch plugins")
+    text = (ROOT / "docs" / "USER_GUIDE.md").read_text()
+    section = text.split("## From Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "cfn.toml").write_text(f'[bus]\nroot = "{bus_root}"\n')
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("True 0 1.0 {")
+    assert lines[1].startswith("r1-t000000 True payload 1 None ")  # then the agent id
+    assert lines[2].startswith("r1-t000001 True {'x': 2} None ")
