@@ -32,7 +32,7 @@ from attrs import define
 from cfn_core import ConfigError, hookimpl, setting
 
 from .batcher import Batcher, optimal_batch_size
-from .stats import AgentFigures, BatchCollector, BatchStats, figures, merge, only_batch
+from .stats import AgentFigures, BatchCollector, BatchStats, figures, merge, only_batch, publish_exit_state
 
 __all__ = ["BatchSettings", "Batcher", "optimal_batch_size"]
 
@@ -104,7 +104,9 @@ def cfn_session_start(ctx):
     batcher = _batcher(ctx)
 
     def totals() -> dict:
-        return merge([only_batch(dict(batcher.stats.c)), *ctx.state["batch.agents"].snapshots()])
+        agents = ctx.state["batch.agents"]
+        agents.take_exit_states(ctx.bus, ctx.agents.values())
+        return merge([only_batch(dict(batcher.stats.c)), *agents.snapshots()])
 
     ctx.state["batch.totals"] = totals
     ctx.metrics.registry.register(BatchCollector(totals))
@@ -128,6 +130,8 @@ def cfn_agent_exit(ctx):
     batcher = ctx.state.get(NAME)
     if batcher is not None and batcher.pid == os.getpid():
         batcher.close()
+        # the final figures: a result only carries them up to the batch that carries it
+        publish_exit_state(ctx.bus, ctx.agent_id, os.getpid(), only_batch(ctx.counters))
 
 
 @hookimpl

@@ -202,6 +202,7 @@ class Batcher:
         """One ``deliver`` of ``dst``'s whole buffer.  On failure the records stay, at the head, and it raises."""
         buf = self.buffers.pop(dst)
         since = self.first_at.pop(dst)
+        started = time.monotonic()  # the wait in the buffer ends here; the write itself is not batching's
         try:
             self.bus.deliver(dst, self.route(dst), buf)
         except BaseException:
@@ -209,7 +210,7 @@ class Batcher:
             self.buffers[dst] = buf + later if later else buf
             self.first_at[dst] = since
             raise
-        self.stats.batch(reason, len(buf), sum(map(len, buf)), time.monotonic() - since)
+        self.stats.batch(reason, len(buf), sum(map(len, buf)), started - since)
 
     def _adapt_locked(self, now: float) -> None:
         elapsed = now - self._window_start

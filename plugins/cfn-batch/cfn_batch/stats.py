@@ -5,14 +5,18 @@ Agents have no metrics registry: their figures live in ``ctx.counters`` under
 coordinator keeps the latest copy per agent process (:class:`AgentFigures`,
 fed by a ``cfn_read`` wrapper) and adds its own; :class:`BatchCollector`
 exposes the sum on ``ctx.metrics.registry`` as ``cfn_batch_*`` metrics.
-Agent figures are as of each agent's last result (the batch carrying that
-result is counted in the next one).
+A result only carries the figures up to the batch that carries it, so an
+agent that exits normally also leaves its final figures in the run's shared
+state (``bus.put_state``), which replace its last result's copy.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from typing import Iterable, Mapping
+
+import orjson
+from cfn_core import CfnError
 
 #: histogram bucket upper bounds (the last bucket is +Inf)
 MESSAGES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -101,6 +105,21 @@ def merge(snapshots: Iterable[Mapping]) -> dict:
     return out
 
 
+_FINAL = float("inf")
+
+
+def _exit_key(agent_id: str, pid: int) -> str:
+    return f"batch.exit.{agent_id}.{pid}"
+
+
+def publish_exit_state(bus, agent_id: str, pid: int, counters: dict) -> None:
+    """An agent's final ``batch.*`` counters, left in the run's shared state as it exits."""
+    try:
+        bus.put_state(_exit_key(agent_id, pid), orjson.dumps(counters))
+    except (CfnError, OSError):  # an id too long for a state key, a bus without room: the result snapshots stand
+        pass
+
+
 class AgentFigures:
     """The latest ``batch.*`` counters of every agent process, from the results they sent."""
 
@@ -118,6 +137,25 @@ class AgentFigures:
             seen = self.latest.get((msg.src, process))
             if seen is None or msg.seq > seen[0]:
                 self.latest[(msg.src, process)] = (msg.seq, only_batch(counters))
+
+    def take_exit_states(self, bus, handles) -> None:
+        """Prefer the final figures an agent published when it exited normally (see :func:`publish_exit_state`)."""
+        for h in handles:
+            key = (h.id, f"{h.id}.{h.pid}")
+            seen = self.latest.get(key)
+            if seen is not None and seen[0] == _FINAL:
+                continue
+            try:
+                raw = bus.get_state(_exit_key(h.id, h.pid))
+            except (CfnError, OSError):  # an id too long for a state key: the result snapshots stand
+                continue
+            if raw:
+                try:
+                    snap = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(snap, dict):
+                    self.latest[key] = (_FINAL, only_batch(snap))
 
     def snapshots(self) -> list[dict]:
         return [snap for _, snap in self.latest.values()]

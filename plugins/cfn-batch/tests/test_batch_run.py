@@ -18,8 +18,9 @@ def test_mesh_round_with_batching_delivers_everything(make_config, no_leaks):
     assert rnd.delivered == rnd.planned == 2 * 8 + 8 * 60
     fig = result.plugin_figures["batch"]
     assert fig["agent_processes"] == 8
-    # every agent's peer messages went out in batches, fewer writes than messages
-    assert fig["messages"] >= 8 * 60
+    # exact, from the figures agents leave as they exit: per agent ready + 60 peers + result,
+    # and the coordinator's 8 tasks and 8 stops; fewer writes than messages
+    assert fig["messages"] == 8 * (1 + 60 + 1) + 8 + 8
     assert fig["batches"] < fig["messages"]
     assert batches == fig["batches"] and explicit == fig["flushes"]["explicit"]
     assert fig["flusher_deaths"] == 0 and fig["unbatched_messages"] == 0
