@@ -150,7 +150,9 @@ class HubBus(LocalBus):
         bus.link, bus.settings, bus.host_id, bus.url = link, settings, host_id, settings.url
         try:
             meta = keys.run_key(run, "meta")
-            lease_ms = int(settings.lease * 1000)
+            from .relay import meta_ttl_ms
+
+            lease_ms = meta_ttl_ms(settings.lease)
 
             def create(r):
                 p = r.pipeline(transaction=False)

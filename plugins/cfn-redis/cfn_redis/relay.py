@@ -66,6 +66,11 @@ class _Child:
         self.agent, self.token, self.popen, self.pidfd = agent, token, popen, pidfd
 
 
+def meta_ttl_ms(lease: float) -> int:
+    """The run's own lease: generous (hosts only need it to notice a coordinator that died)."""
+    return int(max(3 * lease, 15.0) * 1000)
+
+
 class RunEnded(Exception):
     """The coordinator removed the run (normal end, for a `cfn agent` host)."""
 
@@ -368,6 +373,7 @@ class Relay:
             return
         ops: list = []
         fresh: list[str] = []
+        regs: list[tuple[str, str]] = []
         run_key, run_body = None, []  # consecutive messages for one inbox become one entry
 
         def end_run():
@@ -387,10 +393,9 @@ class Relay:
                 op, _, rest = line.partition(b"\t")
                 if op == b"!reg":
                     agent, _, location = rest.partition(b"\t")
-                    self._execute(ops)
-                    ops = []
-                    self.register(agent.decode(), location.decode())
+                    regs.append((agent.decode(), location.decode()))
                 elif op == b"!bye":
+                    regs = [reg for reg in regs if reg[0] != rest.decode()]
                     self.unregister(rest.decode())
                 elif op == b"!dead":
                     agent, _, doc = rest.partition(b"\t")
@@ -424,6 +429,8 @@ class Relay:
         end_run()
         self._execute(ops)
         self.expiring.update(fresh)
+        if regs:
+            self.register(regs)
         self.mbus.ack(RELAY_ID, [receipt for _, receipt in records])
 
     def _dead_op(self, raw: bytes, reason: str):
@@ -443,17 +450,41 @@ class Relay:
 
     # ------------------------------------------------------------------ readers come and go
 
-    def register(self, agent: str, location: str) -> None:
-        key = keys.inbox_key(self.run, location)
-        track = self.tracks.get(agent)
-        if track is None or track.key != key:
-            track = _Track(agent, location, key)
-            self.main.call(lambda r: self._create_group(r, key))
-            self._reclaim(track)
-            self.tracks[agent] = track
-            self.key_agent[key.encode()] = track
+    def register(self, readers: list[tuple[str, str]]) -> None:
+        """Start reading these ``(agent, location)`` inboxes: create their groups, reclaim, nudge the reader."""
+        import redis
+
+        new, keys_now = [], []
+        for agent, location in readers:
+            key = keys.inbox_key(self.run, location)
+            track = self.tracks.get(agent)
+            if track is None or track.key != key:
+                new.append(_Track(agent, location, key))
+            keys_now.append(key)
+        if new:
+            def setup(r):
+                p = r.pipeline(transaction=False)
+                for t in new:
+                    p.xgroup_create(t.key, keys.GROUP, id="0", mkstream=True)
+                    p.expire(t.key, self.key_ttl)
+                for res in p.execute(raise_on_error=False):
+                    if isinstance(res, redis.ResponseError) and "BUSYGROUP" not in str(res):
+                        raise res
+                p = r.pipeline(transaction=False)
+                for t in new:
+                    p.xpending(t.key, keys.GROUP)
+                return p.execute()
+
+            summaries = self.main.call(setup)
+            for track, summary in zip(new, summaries):
+                self.expiring.add(track.key)
+                if summary.get("pending"):
+                    self._reclaim(track)
+                self.tracks[track.agent] = track
+                self.key_agent[track.key.encode()] = track
         with self.lock:
-            self.reading[key] = ">"
+            for key in keys_now:
+                self.reading[key] = ">"
         self.main.call(lambda r: r.xadd(self.ctl, {"op": "nudge"}, maxlen=100, approximate=True, nomkstream=True))
 
     def unregister(self, agent: str) -> None:
@@ -536,7 +567,7 @@ class Relay:
     def _renew(self) -> None:
         lease_ms = int(self.lease * 1000)
         if self.coordinator:
-            if not self.main.call(lambda r: r.pexpire(self.meta, lease_ms)):
+            if not self.main.call(lambda r: r.pexpire(self.meta, meta_ttl_ms(self.lease))):
                 raise RunLost(f"Redis at {describe(self.url)} no longer holds this run ({self.meta} is gone); messages were lost")
             return
 

@@ -51,9 +51,14 @@ def _remote_run(config, url, bus_root, agents_per_host=10, hosts=1, prefix=(), p
             progress.coord, progress.hosts = coord, procs
         result = coord.run()
         placed = {h.id: h.info.get("host") for h in coord.ctx.agents.values()}
-    finally:
+    except BaseException:
         coord.close()
-        outcomes = [finish_host(p) for p in procs]
+        for p in procs:
+            p.kill()
+            p.communicate()
+        raise
+    coord.close()
+    outcomes = [finish_host(p) for p in procs]
     return result, placed, outcomes, run
 
 
