@@ -13,6 +13,16 @@ import math
 MAIN_PHASES = ("session", "spawn", "ready", "distribute", "execute", "collect", "shutdown", "other")
 
 
+def settings_with_defaults(settings: dict | None) -> dict:
+    """The report's [bench] settings, completed with today's defaults (older or hand-written reports)."""
+    import attrs
+
+    from ..config import BenchSettings
+
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(BenchSettings()).items()}
+    return {**defaults, **(settings or {})}
+
+
 def combined_plugins(cells: list[dict]) -> tuple[str, ...]:
     """Every plugin that appears in the matrix, in first-seen order (the "all combined" row)."""
     seen: dict[str, None] = {}
@@ -31,7 +41,7 @@ def bottleneck(phases: dict) -> str | None:
 
 def analyze(report: dict) -> dict:
     """Add the derived figures to ``report`` (in place) and return it."""
-    s = report["settings"]
+    s = report["settings"] = settings_with_defaults(report.get("settings"))
     cells = report["cells"]
     cfn_cells = [c for c in cells if c["kind"] == "cfn"]
     key = lambda c: (frozenset(c["plugins"]), c["agents"], c["workload"])  # noqa: E731

@@ -36,8 +36,9 @@ class ResourceSampler:
 
     def __init__(self) -> None:
         self.me = psutil.Process()
-        self._pss: dict[tuple[int, float], int] = {}  # (pid, create_time) -> last PSS
-        self._measured_at: dict[tuple[int, float], float] = {}
+        self._procs: dict[int, psutil.Process] = {}
+        self._pss: dict[int, int] = {}  # pid -> last PSS measured
+        self._measured_at: dict[int, float] = {}
         self.peak_pss = 0
         self.peak_fds = 0
         self.peak_processes = 0
@@ -86,38 +87,67 @@ class ResourceSampler:
     def sample(self) -> None:
         """One pass: list the tree, measure what the time slice allows, update the peaks."""
         t0 = time.perf_counter()
-        procs = [self.me] + self.me.children(recursive=True)
-        live: dict[tuple[int, float], psutil.Process] = {}
-        for p in procs:
-            try:
-                live[(p.pid, p.create_time())] = p
-            except psutil.Error:
-                continue
+        pids = process_tree(self.me.pid)
+        for pid in [p for p in self._procs if p not in pids]:
+            del self._procs[pid]
+            self._pss.pop(pid, None)
+            self._measured_at.pop(pid, None)
+        for pid in pids:
+            if pid not in self._procs:
+                try:
+                    self._procs[pid] = self.me if pid == self.me.pid else psutil.Process(pid)
+                except psutil.Error:
+                    continue
         try:
             self.peak_fds = max(self.peak_fds, self.me.num_fds())
         except psutil.Error:
             pass
+        live = [p for p in pids if p in self._procs]
         self.peak_processes = max(self.peak_processes, len(live) - 1)
-        for key in [k for k in self._pss if k not in live]:
-            del self._pss[key]
-            self._measured_at.pop(key, None)
         # new processes first, then the stalest
-        order = sorted(live, key=lambda k: self._measured_at.get(k, -1.0))
-        for key in order:
+        for pid in sorted(live, key=lambda p: self._measured_at.get(p, -1.0)):
             if self._pss and time.perf_counter() - t0 > SLICE:
                 break
             try:
-                self._pss[key] = live[key].memory_full_info().pss
-                self._measured_at[key] = time.perf_counter()
+                self._pss[pid] = self._procs[pid].memory_full_info().pss
+                self._measured_at[pid] = time.perf_counter()
             except psutil.Error:
                 continue
         self.samples += 1
-        known = [self._pss[k] for k in live if k in self._pss]
+        known = [self._pss[p] for p in live if p in self._pss]
         if not known:
             return
-        agents = [self._pss[k] for k in live if k in self._pss and k[0] != self.me.pid]
-        missing = sum(1 for k in live if k not in self._pss)
+        agents = [self._pss[p] for p in live if p in self._pss and p != self.me.pid]
+        missing = sum(1 for p in live if p not in self._pss)
         if missing:
             self.estimated = True
         mean = sum(agents) / len(agents) if agents else 0
         self.peak_pss = max(self.peak_pss, int(sum(known) + missing * mean))
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and its descendants, from /proc/PID/task/TID/children (no scan of every process)."""
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        try:
+            return {root} | {c.pid for c in psutil.Process(root).children(recursive=True)}
+        except psutil.Error:
+            return {root}
+    out, stack = {root}, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                continue
+            for kid in kids:
+                k = int(kid)
+                if k not in out:
+                    out.add(k)
+                    stack.append(k)
+    return out

@@ -110,6 +110,7 @@ def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
     """Time ``cell``: up to ``[bench] repetitions`` runs, fewer once ``cell_budget`` is spent."""
     reps: list[dict] = []
     started = time.perf_counter()
+    started_at = time.time()
     payload = "x" * base.workload.payload_bytes
     for i in range(bench.repetitions):
         prefix = f"{cell.id} rep {i + 1}/{bench.repetitions}"
@@ -135,7 +136,9 @@ def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
             break
         if bench.cell_budget and time.perf_counter() - started >= bench.cell_budget:
             break
-    return summarize(cell, reps, bench)
+    summary = summarize(cell, reps, bench)
+    summary["started"], summary["finished"] = started_at, time.time()
+    return summary
 
 
 def _median(values):

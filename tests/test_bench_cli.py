@@ -1,0 +1,87 @@
+"""``cfn bench`` end to end: real coordinations, real reference rows, real report files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cfn_core.plugins import installed
+
+
+def cfn_bench(*args, cwd=None, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "cfn_core", "bench", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.skipif("pool" not in installed(), reason="the pool plugin is not installed")
+def test_baseline_and_pool_end_to_end(tmp_path, bus_root, no_leaks):
+    out = tmp_path / "report"
+    proc = cfn_bench(
+        "--agents", "6", "--combinations", "baseline,pool", "--repetitions", "2",
+        "--set", f"bus.root={bus_root}", "--output", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    # progress on stderr (one line per cell when stderr is not a terminal), the report on stdout
+    assert "cfn bench: [1/4]" in proc.stderr and "cfn bench: [4/4]" in proc.stderr
+    assert "# cfn Optimization Impact Report" in proc.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    cells = {c["id"]: c for c in report["cells"]}
+    assert list(cells) == ["baseline-6", "pool-6", "ref-processpool-6", "ref-mp-pipes-6"]
+    for c in cells.values():
+        assert c["delivery_rate"] == 1.0
+        assert c["repetitions"] == 2 and len(c["seconds"]) == 2
+        assert c["p50"] > 0 and c["peak_pss_bytes"] > 0 and c["peak_processes"] >= 1
+        assert c["error_rate_per_1000"] == 0
+    assert cells["baseline-6"]["improvement"] == 1.0
+    assert cells["pool-6"]["improvement"] == pytest.approx(cells["baseline-6"]["p50"] / cells["pool-6"]["p50"])
+    assert cells["baseline-6"]["phases"]["spawn"] > 0 and cells["baseline-6"]["latency_p50"] > 0
+    assert report["machine"]["cores"] == os.cpu_count() and report["machine"]["python"]
+    assert report["runner"]["mode"] == "serial"
+    assert "cfn-pool" in report["machine"]["versions"]
+    assert (tmp_path / "report.md").read_text().count("| pool |") >= 1
+
+
+def test_unknown_plugin_is_a_one_line_error_naming_the_installed_ones(tmp_path):
+    proc = cfn_bench("--agents", "2", "--combinations", "baseline,poool", "--output", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cfn: error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "unknown plugin 'poool'" in proc.stderr and "installed:" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--agents", "ten"], "[bench] agents = 'ten'"),
+        (["--workloads", "ring"], "each one of star, mesh"),
+        (["--set", "bench.nope=1"], "unknown key 'nope' in [bench]"),
+    ],
+)
+def test_bad_matrix_settings_are_one_line_errors(args, message):
+    proc = cfn_bench(*args, "--list")
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_list_prints_the_cells_without_running_them():
+    proc = cfn_bench("--agents", "100,50", "--combinations", "baseline", "--workloads", "star,mesh", "--list")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "baseline-50", "ref-processpool-50", "ref-mp-pipes-50", "baseline-50-mesh",
+        "baseline-100", "ref-processpool-100", "ref-mp-pipes-100", "baseline-100-mesh",
+    ]
+
+
+def test_mesh_cells_run_and_count_peer_messages(tmp_path, bus_root, no_leaks):
+    proc = cfn_bench(
+        "--agents", "3", "--combinations", "baseline", "--workloads", "mesh", "--repetitions", "1",
+        "--set", "bench.mesh_messages=4", "--set", f"bus.root={bus_root}", "--output", str(tmp_path / "r"), "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (cell,) = json.loads(proc.stdout)["cells"]
+    assert cell["id"] == "baseline-3-mesh"
+    assert cell["messages_planned"] == 2 * 3 + 3 * 4 and cell["delivery_rate"] == 1.0

@@ -1,0 +1,80 @@
+"""[bench] -> cells: keywords, explicit combinations, references, and the errors a user can cause."""
+
+import pytest
+
+from cfn_core.bench.matrix import combinations, expand
+from cfn_core.config import config_from_dict
+from cfn_core.errors import ConfigError
+
+INSTALLED = ["batch", "parallel", "pool", "shard"]
+
+
+def bench(**values):
+    return config_from_dict({"bench": values}).section("bench")
+
+
+def test_default_is_baseline_each_plugin_alone_and_all_combined():
+    combos = combinations(bench(), INSTALLED)
+    assert combos == [(), ("batch",), ("parallel",), ("pool",), ("shard",), ("batch", "parallel", "pool", "shard")]
+
+
+def test_all_is_every_subset_once():
+    combos = combinations(bench(combinations=["all", "pool+batch"], plugins=["pool", "batch", "shard"]), INSTALLED)
+    assert len(combos) == 2**3
+    assert len({frozenset(c) for c in combos}) == 8
+    assert combos[0] == ()
+
+
+def test_explicit_lists_and_joined_strings_are_the_same_combination():
+    combos = combinations(bench(combinations=[["pool", "batch"], "batch+pool", "baseline", []]), INSTALLED)
+    assert combos == [(), ("pool", "batch")]
+
+
+def test_baseline_is_always_in_the_matrix():
+    assert combinations(bench(combinations=["pool"]), INSTALLED) == [(), ("pool",)]
+
+
+def test_cells_ids_and_references_only_for_star():
+    cells = expand(bench(agents=[20, 10], combinations=["pool+batch"], workloads=["star", "mesh"]), INSTALLED)
+    ids = [c.id for c in cells]
+    assert ids == [
+        "baseline-10", "pool+batch-10", "ref-processpool-10", "ref-mp-pipes-10",
+        "baseline-10-mesh", "pool+batch-10-mesh",
+        "baseline-20", "pool+batch-20", "ref-processpool-20", "ref-mp-pipes-20",
+        "baseline-20-mesh", "pool+batch-20-mesh",
+    ]
+    assert [c.id for c in expand(bench(agents=[5], combinations=["baseline"], references=False), INSTALLED)] == ["baseline-5"]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"combinations": ["pool+redis"]}, "unknown plugin 'redis'"),
+        ({"combinations": ["pol"]}, "did you mean 'pool'?"),
+        ({"plugins": ["nope"]}, "[bench] plugins: unknown plugin 'nope'"),
+        ({"combinations": ["pool+all"]}, "'all' is a keyword"),
+        ({"combinations": ["pool+pool"]}, "names a plugin twice"),
+    ],
+)
+def test_unknown_or_wrong_combinations_are_clear_errors(values, message):
+    with pytest.raises(ConfigError) as err:
+        expand(bench(**values), INSTALLED)
+    assert message in str(err.value)
+    assert "installed: batch, parallel, pool, shard" in str(err.value) or "keyword" in message or "twice" in message
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"agents": [0]}, "[bench] agents = [0]: must be a list of integers, each from 1 to 100000"),
+        ({"agents": "100"}, "must be a list of integers"),
+        ({"workloads": ["stars"]}, "each one of star, mesh (did you mean 'star'?)"),
+        ({"combinations": [[1]]}, "an item may be a list of strings"),
+        ({"repetitions": 0}, "[bench] repetitions = 0"),
+        ({"min_delivery": 1.5}, "[bench] min_delivery = 1.5"),
+    ],
+)
+def test_bad_bench_table_names_key_value_and_allowed(values, message):
+    with pytest.raises(ConfigError) as err:
+        bench(**values)
+    assert message in str(err.value)

@@ -1,0 +1,113 @@
+"""The benchmark matrix under pytest: cells as tests, one report on the xdist controller."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cfn_core.bench.resources import ResourceSampler, process_tree
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def project(pytester, bus_root):
+    pytester.makefile(
+        ".toml",
+        cfn=textwrap.dedent(
+            f"""
+            [bus]
+            root = "{bus_root}"
+
+            [bench]
+            agents = [2, 3]
+            combinations = ["baseline"]
+            repetitions = 1
+            output = "out/report"
+            """
+        ),
+    )
+    pytester.makepyfile(test_functional="def test_plain():\n    assert True\n")
+    return pytester
+
+
+def test_n2_merges_every_worker_row_into_one_report(project, no_leaks):
+    result = project.runpytest_subprocess("-n", "2", "-m", "bench", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    for line in ("*PASSED cfn.toml::bench[[]baseline-2[]]*", "*PASSED cfn.toml::bench[[]ref-mp-pipes-3[]]*"):
+        result.stdout.fnmatch_lines([line])  # one at a time: workers finish in any order
+    result.stdout.fnmatch_lines(
+        ["*cfn bench: Optimization Impact Report*", "pytest -n 2; one timing cell at a time on * cores; 6 cell(s)"]
+    )
+    # the report is written once, by the controller, with the rows of both workers
+    assert result.stdout.str().count("cfn bench: Optimization Impact Report") == 1
+    report = json.loads((project.path / "out" / "report.json").read_text())
+    assert [c["id"] for c in report["cells"]] == [
+        "baseline-2", "ref-processpool-2", "ref-mp-pipes-2", "baseline-3", "ref-processpool-3", "ref-mp-pipes-3",
+    ]
+    assert report["runner"] == {
+        "tool": "pytest -n 2", "mode": "serial", "workers": 2,
+        "description": report["runner"]["description"],
+    }
+    assert "not_run" not in report
+    assert (project.path / "out" / "report.md").read_text().startswith("# cfn Optimization Impact Report")
+
+
+def test_timing_cells_do_not_overlap_unless_asked(project):
+    """Serial mode: the spans of the cells, measured on two workers, never intersect."""
+    result = project.runpytest_subprocess("-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-report", "serial")
+    result.assert_outcomes(passed=6)
+    cells = json.loads((project.path / "serial.json").read_text())["cells"]
+    spans = sorted((c["started"], c["finished"]) for c in cells)
+    for (_s1, end), (start, _e2) in zip(spans, spans[1:]):
+        assert start >= end
+    result = project.runpytest_subprocess(
+        "-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-parallel", "--bench-report", "par"
+    )
+    result.assert_outcomes(passed=6)
+    assert json.loads((project.path / "par.json").read_text())["runner"]["mode"] == "parallel"
+
+
+def test_without_m_bench_the_matrix_is_not_collected(project):
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not (project.path / "out").exists()
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "-m", "not bench")
+    result.assert_outcomes(passed=1)
+
+
+def test_compare_fails_the_session_on_a_regression(project):
+    old = {
+        "format": "cfn-bench-report/1", "created": "x", "runner": {"mode": "serial"}, "machine": {},
+        "settings": {}, "cells": [{"id": "baseline-2", "kind": "cfn", "p50": 1e-6, "plugins": [], "agents": 2,
+                                   "workload": "star", "combination": "baseline", "label": "baseline"}],
+    }
+    (project.path / "old.json").write_text(json.dumps(old))
+    result = project.runpytest_subprocess(
+        "-m", "bench", "-p", "no:cacheprovider", "--bench-agents", "2", "--bench-compare", "old.json"
+    )
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["REGRESSION: 1 cell(s)", "  baseline-2: *slower*"])
+
+
+def test_unknown_plugin_in_the_matrix_is_a_usage_error(project):
+    result = project.runpytest_subprocess("-m", "bench", "-p", "no:cacheprovider", "--bench-combinations", "nosuch")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*cfn bench: *unknown plugin 'nosuch'*installed:*"])
+
+
+def test_sampler_sees_children_memory_and_cpu(no_leaks):
+    sampler = ResourceSampler().start()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sum(range(3_000_000)); sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        while child.pid not in process_tree(sampler.me.pid):
+            pass
+        sampler.sample()
+    finally:
+        child.communicate(b"")
+    figures = sampler.stop()
+    assert figures["peak_processes"] >= 1
+    assert figures["peak_pss_bytes"] > 5 * 2**20  # this process and a Python child
+    assert figures["cpu_seconds"] > 0 and figures["samples"] >= 1
