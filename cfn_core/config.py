@@ -359,7 +359,9 @@ def load_config(
             raise ConfigError(f"--config {path}: no such file")
         data = read_toml(p)
         if p.name == "pyproject.toml":
-            data = data.get("tool", {}).get("cfn", {})
+            if "cfn" not in data.get("tool", {}):  # named on purpose: running on defaults would hide the mistake
+                raise ConfigError(f"--config {path}: has no [tool.cfn] table (cfn reads [tool.cfn] from a pyproject.toml)")
+            data = data["tool"]["cfn"]
         cfg_path, source = str(p), str(p)
     elif discover:
         found = found_path = None
