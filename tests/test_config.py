@@ -313,3 +313,9 @@ def test_feature_flag_off_does_not_require_the_plugin_installed(tmp_path, monkey
     config = load(env={flag: "false" for flag in FEATURE_FLAGS})
     assert config.plugins == ()
     make_plugin_manager(config)  # no "unknown plugin" for a plugin merely switched off
+
+
+def test_explicit_pyproject_without_tool_cfn_is_an_error(tmp_path):
+    py = write(tmp_path / "pyproject.toml", '[project]\nname = "x"\n')
+    with pytest.raises(ConfigError, match=r"--config .*pyproject.toml: has no \[tool.cfn\] table"):
+        load(py)
