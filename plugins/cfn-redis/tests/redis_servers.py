@@ -46,7 +46,9 @@ def _ping(url: str) -> bool:
 class RedisServer:
     """A private redis-server process: ``url``, ``restart()``, ``stop()``, ``client()``."""
 
-    def __init__(self, bind: str = "127.0.0.1", password: str | None = None, port: int | None = None, daemon: bool = False):
+    def __init__(self, bind: str = "127.0.0.1", password: str | None = None, port: int | None = None, daemon: bool = False,
+                 tls_dir: str | None = None):
+        self.tls_dir = tls_dir  # a directory to put a self-signed certificate in: the server speaks TLS only
         self.daemon = daemon  # a daemonized server is not our child (no_leaks counts children)
         self.pidfile = f"/tmp/cfn-test-redis-{os.getpid()}-{id(self)}.pid"
         self.binary = shutil.which("redis-server")
@@ -57,11 +59,24 @@ class RedisServer:
         self.port = port or _free_port()
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}{bind}:{self.port}/0"
+        if tls_dir:
+            self.cert = os.path.join(tls_dir, "cert.pem")
+            self.key = os.path.join(tls_dir, "key.pem")
+            if shutil.which("openssl") is None:
+                _unavailable("openssl is not installed (needed for a TLS test certificate)")
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key, "-out", self.cert,
+                 "-days", "1", "-subj", f"/CN={bind}", "-addext", f"subjectAltName=IP:{bind}"],
+                check=True, capture_output=True,
+            )
+            self.url = f"rediss://{auth}{bind}:{self.port}/0?ssl_ca_certs={self.cert}"
         self.proc = None
         self.start()
 
     def start(self) -> None:
-        cmd = [self.binary, "--port", str(self.port), "--bind", self.bind, "--save", "", "--appendonly", "no",
+        port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.cert, "--tls-key-file", self.key,
+                "--tls-ca-cert-file", self.cert, "--tls-auth-clients", "no"] if self.tls_dir else ["--port", str(self.port)]
+        cmd = [self.binary, *port, "--bind", self.bind, "--save", "", "--appendonly", "no",
                "--daemonize", "yes" if self.daemon else "no", "--pidfile", self.pidfile, "--loglevel", "warning"]
         if self.password:
             cmd += ["--requirepass", self.password]

@@ -141,3 +141,20 @@ def test_password_url(no_leaks, make_config, tmp_path):
         assert "wrong@" not in str(err.value)
     finally:
         server.stop()
+
+
+def test_tls_url(no_leaks, make_config, tmp_path):
+    """rediss:// end to end: coordinator, relay and agents over a TLS-only Redis."""
+    from cfn_core import Coordinator
+
+    server = RedisServer(tls_dir=str(tmp_path))
+    try:
+        config = make_config(plugins=("redis",), redis={"url": server.url}, workload={"agents": 3})
+        with Coordinator(config) as coord:
+            result = coord.run()
+        assert result.ok and result.delivery_rate == 1.0
+        plain = make_config(plugins=("redis",), redis={"url": server.url.replace("rediss://", "redis://").split("?")[0]})
+        with pytest.raises(BusError, match="cannot reach Redis"):
+            HubBus.open(plain)  # a TLS port does not answer plain text
+    finally:
+        server.stop()
