@@ -785,7 +785,9 @@ class Coordinator:
         from_agents = [x for x in r.results.values() if x.answered]
         res.delivered = 2 * len(from_agents) + sum(x.peers_received for x in from_agents)
         res.messages_sent = len(r.tasks) + len(from_agents) + r.peers_sent
-        res.dead_lettered = ctx.bus.dead_letter_count() if hasattr(ctx.bus, "dead_letter_count") else 0
+        # the bus counts the whole run; the round gets what is new since the last round
+        dead_total = ctx.bus.dead_letter_count() if hasattr(ctx.bus, "dead_letter_count") else 0
+        res.dead_lettered = max(0, dead_total - ctx.counters.get("dead_seen", 0))
         res.latency_p50 = percentile(r.latencies, 50)
         res.latency_p99 = percentile(r.latencies, 99)
         m = ctx.metrics
@@ -793,9 +795,8 @@ class Coordinator:
         for phase in PHASES:
             m.phase_seconds.labels(phase=phase).observe(res.phases.get(phase, 0.0))
         m.delivery_rate.set(res.delivery_rate)
-        new_dead = res.dead_lettered - ctx.counters.get("dead_seen", 0)
-        if new_dead > 0:
-            m.messages_dead_lettered.inc(new_dead)
-        ctx.counters["dead_seen"] = res.dead_lettered
+        if res.dead_lettered:
+            m.messages_dead_lettered.inc(res.dead_lettered)
+        ctx.counters["dead_seen"] = max(dead_total, ctx.counters.get("dead_seen", 0))
         for latency in r.latencies:
             m.latency_seconds.observe(latency)
