@@ -395,3 +395,14 @@ def test_task_payload_that_is_not_json_is_refused_before_the_run(make_config, no
         with pytest.raises(ConfigError, match=r"task r1-t000001: payload is not JSON: Type is not JSON serializable: set"):
             coord.run(["fine", {1, 2}])
         assert coord.ctx.agents == {}  # refused before any agent started
+
+
+def test_dead_letters_are_counted_once_per_round(make_config, no_leaks):
+    config = make_config(workload={"agents": 2, "rounds": 3})
+    with Coordinator(config, extra_plugins=[Garbage()]) as coord:
+        result = coord.run()
+        dead_metric = coord.ctx.metrics.registry.get_sample_value("cfn_messages_dead_lettered_total")
+        on_the_bus = coord.ctx.bus.dead_letter_count()
+    # the baseline starts two fresh agents each round: 2 x (3 + 1) garbage records per round
+    assert [r.dead_lettered for r in result.rounds] == [8, 8, 8]
+    assert result.to_dict()["dead_lettered"] == 24 == on_the_bus == dead_metric
