@@ -220,10 +220,14 @@ class CoordinatorContext:
             handle = self.agents.get(agent_id)
             if handle is not None and handle.state == "ready":
                 report.ready.append(agent_id)
+            elif handle is not None and handle.alive:
+                report.failed[agent_id] = self.spawn_failures.get(agent_id) or f"not ready yet ({handle.state})"
             else:
-                report.failed[agent_id] = self.spawn_failures.get(agent_id) or (
+                reason = self.spawn_failures.get(agent_id) or (
                     "never launched" if handle is None else f"exited with status {handle.exit_code} before it was ready"
                 )
+                # kept for the round's summary, which lists every agent that never became ready
+                report.failed[agent_id] = self.spawn_failures[agent_id] = reason
         return report
 
     def kill(self, handle: AgentHandle, reason: str) -> None:
@@ -702,9 +706,11 @@ class Coordinator:
         w = self.config.workload
         if not agent_ids:
             for task_id in r.order:
-                r.results[task_id] = TaskResult(
-                    task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
-                )
+                why = "no agent could be started"
+                if ctx.spawn_failures:
+                    first, reason = next(iter(ctx.spawn_failures.items()))
+                    why += f" ({len(ctx.spawn_failures)} failed; {first}: {reason})"
+                r.results[task_id] = TaskResult(task=task_id, ok=False, error=why, attempts=0, answered=False)
                 self.ctx.metrics.task_failures.inc()
             return
         tasks = [r.tasks[t] for t in r.order]
