@@ -406,3 +406,25 @@ def test_dead_letters_are_counted_once_per_round(make_config, no_leaks):
     # the baseline starts two fresh agents each round: 2 x (3 + 1) garbage records per round
     assert [r.dead_lettered for r in result.rounds] == [8, 8, 8]
     assert result.to_dict()["dead_lettered"] == 24 == on_the_bus == dead_metric
+
+
+def test_agents_that_cannot_start_are_reported_with_the_reason(make_config, tmp_path, monkeypatch, no_leaks):
+    # importable here (sys.path), not in the agents (no PYTHONPATH): every agent exits before ready
+    (tmp_path / "coordinator_only.py").write_text("def f(p):\n    return p\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = make_config(workload={"agents": 2, "handler": "coordinator_only:f"})
+    with Coordinator(config) as coord:
+        result = coord.run()
+    sys.modules.pop("coordinator_only", None)
+    r = result.rounds[0]
+    assert r.agents == 0 and result.failed == 2
+    assert r.spawn_failures == {
+        "agent-0001": "exited with status 3 before it was ready",
+        "agent-0002": "exited with status 3 before it was ready",
+    }
+    assert {x.error for x in r.results.values()} == {
+        "no agent could be started (2 failed; agent-0001: exited with status 3 before it was ready)"
+    }
+    from cfn_core.report import render_summary
+
+    assert "agents never ready 2" in render_summary(result)
