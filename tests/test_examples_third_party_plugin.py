@@ -9,6 +9,7 @@ package's own test suite passes.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -24,8 +25,12 @@ EXAMPLE = ROOT / "examples" / "third-party-plugin"
 def tracer_env(tmp_path_factory):
     """Environment in which cfn-tracer is installed (pip install, not a path hack)."""
     target = tmp_path_factory.mktemp("tracer-site")
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources, and
+    # two xdist workers building the same tree at once would trip over each other
+    source = tmp_path_factory.mktemp("tracer-src") / "cfn-tracer"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(EXAMPLE)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
         capture_output=True,
         text=True,
         timeout=240,
