@@ -62,11 +62,14 @@ def test_sigkilled_agents_are_replaced_and_reread_their_inbox(no_leaks, redis_co
     assert result.rounds[0].retries >= 3
 
 
-def test_cut_connections_are_retried(no_leaks, redis_config, redis_url):
-    import redis
-
-    config = redis_config(workload={"agents": 4, "tasks": 12, "command": SLOW_ECHO, "payload_bytes": 8})
-    admin = redis.Redis.from_url(redis_url)
+def test_cut_connections_are_retried(no_leaks, private_redis, make_config):
+    # a private server: CLIENT KILL must not cut other tests' clients
+    config = make_config(
+        plugins=("redis",),
+        redis={"url": private_redis.url},
+        workload={"agents": 4, "tasks": 12, "command": SLOW_ECHO, "payload_bytes": 8},
+    )
+    admin = private_redis.client()
     cut = []
 
     def cut_everyone(coord):
