@@ -77,7 +77,7 @@ def test_additivity_compares_the_combined_gain_with_the_product_of_single_gains(
     assert row["individual_gains"] == {"pool": pytest.approx(20.0), "batch": pytest.approx(1.2)}
     assert row["gain"] == pytest.approx(24.0)
     assert row["ratio"] == pytest.approx(1.0)
-    assert row["verdict"] == "additive"
+    assert row["verdict"].startswith("additive")
 
 
 def test_decision_gate_at_the_largest_n_and_our_bar():

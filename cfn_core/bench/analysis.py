@@ -89,8 +89,10 @@ def additivity(cfn_cells: list[dict], by_key: dict) -> list[dict]:
         product = math.prod(gains.values())
         ratio = c["improvement"] / product if product else None
         best = max(gains.values())
-        if ratio is not None and ratio >= 0.9:
-            verdict = "additive"
+        if ratio is not None and ratio > 1.1:
+            verdict = "more than multiplicative (a plugin that loses alone gains in company)"
+        elif ratio is not None and ratio >= 0.9:
+            verdict = "additive (the gains multiply)"
         elif c["improvement"] >= best:
             verdict = "overlapping (better than any one alone)"
         else:

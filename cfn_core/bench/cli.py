@@ -121,7 +121,7 @@ def _on_sigterm(signum, frame):
 def cmd_bench(args) -> int:
     from ..config import load_config
     from .compare import compare, render_comparison
-    from .matrix import expand, installed_plugins
+    from .matrix import expand, installed_plugins, optimization_plugins
     from .render import load_report, render_markdown, write_report
     from .runner import cell_problems, new_report, run_cell
 
@@ -137,7 +137,7 @@ def cmd_bench(args) -> int:
     config = load_config(args.config, overrides=_overrides(args))
     bench = config.section("bench")
     old = load_report(args.compare) if args.compare else None  # a bad path fails before an hour of benchmarks
-    cells = expand(bench, installed_plugins())
+    cells = expand(bench, installed_plugins(), optimization_plugins())
     if args.list:
         for cell in cells:
             print(cell.id)

@@ -71,9 +71,10 @@ class Cell:
         }
 
 
-def matrix_plugins(bench, installed: list[str]) -> list[str]:
-    """The plugins the keyword combinations are built from: ``[bench] plugins`` or every installed one."""
-    names = list(bench.plugins) or sorted(installed)
+def matrix_plugins(bench, installed: list[str], default: list[str] | None = None) -> list[str]:
+    """The plugins the keyword combinations are built from: ``[bench] plugins``, else ``default``
+    (:func:`optimization_plugins`), else every installed one."""
+    names = list(bench.plugins) or sorted(installed if default is None else default)
     for name in names:
         if name not in installed:
             raise unknown(name, installed, "[bench] plugins")
@@ -90,9 +91,9 @@ def unknown(name: str, installed: list[str], where: str) -> ConfigError:
     )
 
 
-def combinations(bench, installed: list[str]) -> list[tuple[str, ...]]:
+def combinations(bench, installed: list[str], default: list[str] | None = None) -> list[tuple[str, ...]]:
     """Expand ``[bench] combinations`` into plugin tuples, baseline first, without duplicates."""
-    names = matrix_plugins(bench, installed)
+    names = matrix_plugins(bench, installed, default)
     out: list[tuple[str, ...]] = [()]
     for item in bench.combinations:
         word = item.strip()
@@ -125,9 +126,9 @@ def combinations(bench, installed: list[str]) -> list[tuple[str, ...]]:
     return unique
 
 
-def expand(bench, installed: list[str]) -> list[Cell]:
+def expand(bench, installed: list[str], default: list[str] | None = None) -> list[Cell]:
     """Every cell of the matrix, smallest N first (early cells give early feedback)."""
-    combos = combinations(bench, installed)
+    combos = combinations(bench, installed, default)
     cells = []
     for n in sorted(set(bench.agents)):
         for workload in dict.fromkeys(bench.workloads):
@@ -143,3 +144,24 @@ def installed_plugins() -> list[str]:
     from ..plugins import installed
 
     return sorted(installed())
+
+
+def optimization_plugins() -> list[str]:
+    """Installed plugins that do not replace the transport (``cfn_bus``).
+
+    A transport such as cfn-redis exists to span machines, not to speed up one;
+    it joins the matrix only when named (``combinations = ["default", "redis"]``
+    or ``[bench] plugins``), so "all combined" means the optimizations.
+    """
+    from ..errors import PluginError
+    from ..plugins import load_plugin
+
+    out = []
+    for name in installed_plugins():
+        try:
+            plugin = load_plugin(name)
+        except PluginError:
+            continue  # a broken plugin is reported when it is named
+        if not callable(getattr(plugin, "cfn_bus", None)):
+            out.append(name)
+    return out

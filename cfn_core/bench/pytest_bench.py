@@ -88,7 +88,7 @@ class BenchPlugin:
 
     def __init__(self, config) -> None:
         from ..config import load_config
-        from .matrix import expand, installed_plugins
+        from .matrix import expand, installed_plugins, optimization_plugins
 
         self.config = config
         overrides = {}
@@ -99,7 +99,7 @@ class BenchPlugin:
         try:
             self.base = load_config(config.getoption("bench_config"), overrides=overrides)
             self.bench = self.base.section("bench")
-            self.cells = expand(self.bench, installed_plugins())
+            self.cells = expand(self.bench, installed_plugins(), optimization_plugins())
         except CfnError as exc:
             raise pytest.UsageError(f"cfn bench: {exc}") from None
         self.parallel = bool(config.getoption("bench_parallel") or self.bench.parallel)
