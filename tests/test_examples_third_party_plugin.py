@@ -7,6 +7,7 @@ by its entry point, `cfn run` with its name enabled writes the trace, and the
 package's own test suite passes.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,19 +24,27 @@ EXAMPLE = ROOT / "examples" / "third-party-plugin"
 
 @pytest.fixture(scope="module")
 def tracer_env(tmp_path_factory):
-    """Environment in which cfn-tracer is installed (pip install, not a path hack)."""
-    target = tmp_path_factory.mktemp("tracer-site")
-    # build from a copy: setuptools writes build/ and *.egg-info next to the sources, and
-    # two xdist workers building the same tree at once would trip over each other
-    source = tmp_path_factory.mktemp("tracer-src") / "cfn-tracer"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    """Environment in which cfn-tracer is installed (pip install, not a path hack).
+
+    Built once per test session: xdist workers share the directory above their own
+    base temp, and the first one to take the lock does the install.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's own
+    target = shared / "cfn-tracer-site"
+    with open(shared / "cfn-tracer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "cfn_tracer" / "__init__.py").exists():
+            # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+            source = tmp_path_factory.mktemp("tracer-src") / "cfn-tracer"
+            shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (target / "cfn_tracer" / "__init__.py").exists()
     path = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
