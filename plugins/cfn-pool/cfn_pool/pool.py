@@ -200,12 +200,15 @@ class Pool:
         return take
 
     def assign(self, ctx, agent_ids):
+        """An agent of the round with nothing outstanding, or False when all are busy."""
         t0 = time.perf_counter()
         free = ctx.round_state.get("pool.free")
         if free is None:
             free = ctx.round_state["pool.free"] = deque(agent_ids)
         agents = ctx.agents
-        while True:
+        for scan in (False, True):
+            if scan:  # the queue of known-free agents is empty: look for agents that finished
+                free.extend(a for a in agent_ids if (h := agents.get(a)) is not None and h.alive and not h.outstanding)
             while free:
                 agent_id = free.popleft()
                 h = agents.get(agent_id)
@@ -215,11 +218,7 @@ class Pool:
                     if len(self.assign_latencies) < _LATENCY_SAMPLES:
                         self.assign_latencies.append(dt)
                     return agent_id
-            if ctx.round_state.get("pool.rescanned"):
-                ctx.round_state["pool.rescanned"] = False
-                return False  # every agent is busy: the kernel waits for a result and asks again
-            ctx.round_state["pool.rescanned"] = True
-            free.extend(a for a in agent_ids if (h := agents.get(a)) is not None and h.alive and not h.outstanding)
+        return False  # every agent is busy: the kernel waits for a result and asks again
 
     def release(self, ctx, agent_ids) -> bool:
         now = time.monotonic()
