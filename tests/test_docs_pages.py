@@ -15,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [
     ROOT / "docs" / name for name in ("USER_GUIDE.md", "PLUGIN_GUIDE.md", "OPERATIONS.md", "ARCHITECTURE.md", "CONFIG.md")
 ] + sorted((ROOT / "examples").glob("*/README.md"))
-#: pages other engineers are writing right now (removed from this set once they land)
-PENDING = {"BENCHMARKS.md"}
 HOOKS = {name[4:] for name in vars(hookspecs) if name.startswith("cfn_")}
 
 
@@ -27,8 +25,6 @@ def test_relative_links_resolve(page):
         if re.match(r"^[a-z]+:", target) or target.startswith("#") or target.startswith("<"):
             continue
         path = (page.parent / target.split("#")[0]).resolve()
-        if path.name in PENDING:
-            continue
         assert path.exists(), f"{page.name}: link to {target} does not resolve"
 
 
