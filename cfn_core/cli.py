@@ -183,6 +183,15 @@ def cmd_clean(args) -> int:
     return 0
 
 
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("cfn-core")
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (like every other cfn error), pointing at --help."""
 
@@ -192,6 +201,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cfn", description="coordinate agent processes over a lossless message bus")
+    parser.add_argument("--version", action="version", version=f"cfn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
