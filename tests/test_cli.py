@@ -315,3 +315,22 @@ def test_clean_uses_the_configured_bus_root(cli, tmp_path, bus_root):
     (tmp_path / "clean.toml").write_text(f'[bus]\nroot = "{bus_root}"\n')
     proc = cli("clean", "--config", "clean.toml", extra_env={"CFN_BUS_ROOT": None})
     assert proc.stdout.splitlines() == [f"removed {stale}", "1 stale run(s) removed, 0 live run(s) kept"]
+
+
+def test_version(cli):
+    import importlib.metadata as md
+
+    proc = cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"cfn {md.version('cfn-core')}"
+
+
+def test_usage_errors_are_one_line(cli):
+    for args, expected in [
+        (("run", "--agents"), "cfn run: error: argument --agents: expected one argument (see 'cfn run --help')"),
+        (("run", "--bogus"), "cfn: error: unrecognized arguments: --bogus (see 'cfn --help')"),
+        ((), "cfn: error: the following arguments are required: command (see 'cfn --help')"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == expected
