@@ -123,7 +123,7 @@ def cmd_bench(args) -> int:
     from .compare import compare, render_comparison
     from .matrix import expand, installed_plugins, optimization_plugins
     from .render import load_report, render_markdown, write_report
-    from .runner import cell_problems, new_report, run_cell
+    from .runner import cell_problems, finish_report, new_report, run_cell
 
     if args.render:
         report = load_report(args.render)
@@ -164,7 +164,7 @@ def cmd_bench(args) -> int:
         return code
     if code in (130, 143):
         report["interrupted"] = True
-    paths = write_report(report, bench.output)
+    paths = write_report(finish_report(report), bench.output)
     print(json.dumps(report, indent=2, default=str) if args.json else render_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     if code in (130, 143):

@@ -183,7 +183,7 @@ class BenchPlugin:
             return
         from .compare import compare, render_comparison
         from .render import load_report, write_report
-        from .runner import new_report
+        from .runner import finish_report, new_report
 
         workers = len(self.workers) or 1
         tool = f"pytest -n {workers}" if self.workers else "pytest"
@@ -195,7 +195,7 @@ class BenchPlugin:
             report["not_run"] = missing
         prefix = self.config.getoption("bench_report") or self.bench.output
         try:
-            self.report_paths = write_report(report, prefix)
+            self.report_paths = write_report(finish_report(report), prefix)
             old_path = self.config.getoption("bench_compare")
             if old_path:
                 result = compare(report, load_report(old_path), regression=self.bench.regression,

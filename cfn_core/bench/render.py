@@ -105,13 +105,19 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
     m = report["machine"]
     cells = report["cells"]
     lines = ["# cfn Optimization Impact Report", ""]
+    if report.get("interrupted"):
+        lines += ["**Interrupted: only the cells below were measured.**", ""]
+    if report.get("not_run"):
+        lines += [f"**Not run (a worker died or the session stopped): {', '.join(report['not_run'])}.**", ""]
     versions = ", ".join(f"{k} {v}" for k, v in sorted(m.get("versions", {}).items()))
     load = ", ".join(f"{x:.2f}" for x in m.get("load_average", []))
     lines += [
         f"- Created {report['created']} by {report['runner']['description']}.",
         f"- Machine: {m.get('cores')} cores ({m.get('cpu_model') or 'unknown CPU'}), "
         f"{fmt_mib(m.get('memory_bytes'))} RAM, Python {m.get('python')} ({m.get('start_method')} start), "
-        f"load average at start {load}.",
+        f"load average (1/5/15 min) at the start {load}"
+        + (f", at the end {', '.join(f'{x:.2f}' for x in m['load_average_end'])}" if m.get("load_average_end") else "")
+        + ".",
         f"- Versions: {versions}.",
         f"- Workload: one task per agent, handler `{report['workload'].get('command') or report['workload'].get('handler')}`, "
         f"payload {report['workload'].get('payload_bytes')} bytes; mesh adds {s['mesh_messages']} peer messages per agent. "

@@ -284,3 +284,10 @@ def new_report(bench, base, *, tool: str, overlap: bool, workers: int) -> dict:
         },
         "cells": [],
     }
+
+
+def finish_report(report: dict) -> dict:
+    """Stamp the end of the session: time and load average (a busy machine shows here)."""
+    report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    return report
