@@ -212,6 +212,10 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
     errs = [c for c in cells if c.get("error_messages")]
     if errs:
         lines += ["Errors:", ""] + [f"- {c['id']}: {'; '.join(c['error_messages'])}" for c in errs] + [""]
+    fell = [c for c in cells if c.get("fallbacks")]
+    if fell:
+        lines += ["Plugin steps that failed and ran the baseline instead (cfn's fallback):", ""]
+        lines += [f"- {c['id']}: {c['fallbacks']}" for c in fell] + [""]
 
     lines += ["## Where the time goes (median seconds per phase)", ""]
     phase_names = ["session", "spawn", "ready", "distribute", "execute", "collect", "shutdown"]
@@ -222,6 +226,22 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
                     + [c.get("bottleneck") or "-"])
     lines += _table(["combination", "N", "workload"] + phase_names + ["bottleneck"], rows)
     lines += ["", "session = Coordinator open + close (a pool's zygote and pre-spawned agents start there).", ""]
+
+    figures = []
+    for g in gates:
+        for c in cells:
+            if c["agents"] == g["agents"] and c["workload"] == g["workload"] and c.get("plugin_figures"):
+                for plugin, values in c["plugin_figures"].items():
+                    if not isinstance(values, dict):
+                        continue
+                    shown = ", ".join(
+                        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in values.items()
+                        if isinstance(v, (int, float, str)) and not isinstance(v, bool) and v not in ("", None)
+                    )
+                    figures.append(f"- {c['id']}, {plugin}: {shown}")
+    if figures:
+        lines += ["## What the plugins report (last repetition, largest N)", ""] + figures + [""]
 
     add = report.get("additivity", [])
     if add:
