@@ -210,6 +210,8 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         body["peers_received"] = len(peers_seen.get(msg.round, ()))
         body["peers_sent"] = len(work.peers)
         body["counters"] = dict(ctx.counters)
+        if ctx.fallbacks:  # the coordinator's summary lists the agents' fallbacks too
+            body["fallbacks"] = list(ctx.fallbacks.values())
         result = ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)
         try:
             ctx.send([result])

@@ -343,6 +343,10 @@ class CoordinatorContext:
         r = self._round
         if handle is not None:
             handle.outstanding.pop(msg.task, None)
+        if isinstance(msg.body, dict) and "fallbacks" in msg.body:
+            from .fallback import merge_agent_fallbacks
+
+            merge_agent_fallbacks(self, (msg.src, msg.id.rsplit(".", 2)[-2]), msg.body["fallbacks"])
         if r is None or msg.round != r.number or msg.task not in r.tasks:
             self.counters["stale_results"] += 1
             return

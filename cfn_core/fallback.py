@@ -24,7 +24,13 @@ def record_fallback(ctx, hook: str, plugin: str | None, exc: BaseException) -> N
     key = f"{hook}:{plugin or '?'}"
     entry = ctx.fallbacks.get(key)
     if entry is None:
-        entry = ctx.fallbacks[key] = {"hook": hook, "plugin": plugin, "count": 0, "error": f"{type(exc).__name__}: {exc}"}
+        entry = ctx.fallbacks[key] = {
+            "hook": hook,
+            "plugin": plugin,
+            "count": 0,
+            "error": f"{type(exc).__name__}: {exc}",
+            "side": getattr(ctx, "side", "coordinator"),
+        }
         log.warning("plugin %s failed in %s (%s); using the baseline for it", plugin or "?", hook, entry["error"])
     entry["count"] += 1
     metrics = getattr(ctx, "metrics", None)
@@ -122,3 +128,33 @@ def cfn_flush(ctx, reason):
         return (yield)
     except Exception as exc:
         return _degrade("cfn_flush", ctx, {"ctx": ctx, "reason": reason}, exc)
+
+
+def merge_agent_fallbacks(ctx, agent_key, reported) -> None:
+    """Fold the fallbacks an agent reported in a result into the coordinator's (``side: agent``).
+
+    ``reported`` is the agent's own list (counts since that agent process started);
+    ``agent_key`` identifies the process, so each count is added once.
+    """
+    if not isinstance(reported, list):
+        return
+    seen = ctx.state.setdefault("fallback.agent_counts", {})
+    for fb in reported:
+        if not isinstance(fb, dict):
+            continue
+        hook, plugin, count = fb.get("hook"), fb.get("plugin"), fb.get("count")
+        if not isinstance(hook, str) or not isinstance(count, int) or isinstance(count, bool):
+            continue
+        plugin = plugin if isinstance(plugin, str) else "?"
+        key = f"{hook}:{plugin}:agent"
+        delta = count - seen.get((agent_key, key), 0)
+        if delta <= 0:
+            continue
+        seen[(agent_key, key)] = count
+        entry = ctx.fallbacks.get(key)
+        if entry is None:
+            error = fb.get("error") if isinstance(fb.get("error"), str) else "?"
+            entry = ctx.fallbacks[key] = {"hook": hook, "plugin": plugin, "count": 0, "error": error, "side": "agent"}
+            log.warning("plugin %s failed in %s in agents (%s); they used the baseline for it", plugin, hook, error)
+        entry["count"] += delta
+        ctx.metrics.fallbacks.labels(hook=hook, plugin=plugin).inc(delta)

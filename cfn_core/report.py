@@ -211,7 +211,8 @@ def render_summary(result: CoordinationResult) -> str:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items() if not isinstance(v, (dict, list)))
         lines.append(f"  {name}: {shown}")
     for fb in result.fallbacks:
-        lines.append(f"  fallback: {fb['plugin']} failed in {fb['hook']} {fb['count']}x ({fb['error']}); baseline used")
+        where = " in agents" if fb.get("side") == "agent" else ""
+        lines.append(f"  fallback: {fb['plugin']} failed in {fb['hook']}{where} {fb['count']}x ({fb['error']}); baseline used")
     return "\n".join(lines)
 
 
