@@ -169,7 +169,7 @@ def test_failing_spawn_falls_back_to_the_baseline(make_config, no_leaks):
     assert result.ok and result.delivery_rate == 1.0
     assert plugin.calls == 2
     assert result.fallbacks == [
-        {"hook": "cfn_spawn", "plugin": "spawnbreaks", "count": 2, "error": "RuntimeError: fork server died"}
+        {"hook": "cfn_spawn", "plugin": "spawnbreaks", "count": 2, "error": "RuntimeError: fork server died", "side": "coordinator"}
     ]
     assert text == 2.0
     from cfn_core.report import render_summary
@@ -219,7 +219,13 @@ def test_intermittent_plugin_failure_is_logged_once_and_counted_every_time(make_
             result = coord.run()
     assert result.ok
     assert result.fallbacks == [
-        {"hook": "cfn_assign", "plugin": "assignbreaks", "count": 3, "error": "KeyError: 'no idle agent table'"}
+        {
+            "hook": "cfn_assign",
+            "plugin": "assignbreaks",
+            "count": 3,
+            "error": "KeyError: 'no idle agent table'",
+            "side": "coordinator",
+        }
     ]
     warnings = [r for r in caplog.records if "assignbreaks" in r.getMessage()]
     assert len(warnings) == 1

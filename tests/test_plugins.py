@@ -63,6 +63,17 @@ def cfn_report(ctx):
     return {"tracer": {"seen": True}}
 '''
 
+FLAKY = '''
+"""A test plugin whose agent-side flush always fails (its flusher thread died)."""
+from cfn_core import hookimpl
+
+
+@hookimpl
+def cfn_flush(ctx, reason):
+    if ctx.side == "agent":
+        raise OSError("flusher thread died")
+'''
+
 BROKEN = '''
 raise RuntimeError("this plugin is broken on purpose")
 '''
@@ -93,6 +104,7 @@ def site(tmp_path, monkeypatch):
     make_dist(site, "cfn-tracer", "1.2.3", "cfn_tracer_plugin", TRACER, {"tracer": "cfn_tracer_plugin"})
     make_dist(site, "cfn-broken", "0.0.1", "cfn_broken_plugin", BROKEN, {"broken": "cfn_broken_plugin"})
     make_dist(site, "cfn-misspelt", "0.1", "cfn_misspelt_plugin", MISSPELT, {"misspelt": "cfn_misspelt_plugin"})
+    make_dist(site, "cfn-flaky", "0.2", "cfn_flaky_plugin", FLAKY, {"flaky": "cfn_flaky_plugin"})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.delenv("CFN_TRACER_CONFIGURED", raising=False)
@@ -101,7 +113,7 @@ def site(tmp_path, monkeypatch):
     yield site
     installed.cache_clear()
     load_plugin.cache_clear()
-    for mod in ("cfn_tracer_plugin", "cfn_broken_plugin", "cfn_misspelt_plugin"):
+    for mod in ("cfn_tracer_plugin", "cfn_broken_plugin", "cfn_misspelt_plugin", "cfn_flaky_plugin"):
         sys.modules.pop(mod, None)
 
 
@@ -201,6 +213,7 @@ def test_describe_plugins_rows(site):
     assert rows["builtin"]["call_order"]["cfn_assign"] == ["fallback", "tracer", "builtin"]
     assert rows["broken"]["status"] == "broken" and "broken on purpose" in rows["broken"]["error"]
     assert rows["misspelt"]["status"] == "installed"
+    assert rows["flaky"]["status"] == "installed"
     blocked = {r["name"]: r for r in describe_plugins(cfg(["no:tracer"]))}
     assert blocked["tracer"]["status"] == "blocked"
     assert blocked["tracer"]["call_order"] == {}  # not called when blocked
@@ -277,3 +290,21 @@ def test_bundled_plugins_come_first_before_the_baseline(name):
     for hook, order in hook_call_order(pm).items():
         if "builtin" in order and name in order:
             assert order.index(name) < order.index("builtin"), (hook, order)
+
+
+def test_agent_side_fallbacks_reach_the_summary_and_the_metrics(site, make_config, no_leaks):
+    from cfn_core.report import render_summary
+
+    config = make_config(plugins=("flaky",), workload={"agents": 3, "rounds": 2})
+    with Coordinator(config) as coord:
+        result = coord.run()
+        counted = coord.ctx.metrics.registry.get_sample_value(
+            "cfn_fallbacks_total", {"hook": "cfn_flush", "plugin": "flaky"}
+        )
+    assert result.ok  # the agents used the baseline (nothing buffered) and carried on
+    [fb] = result.fallbacks
+    assert fb["side"] == "agent" and fb["hook"] == "cfn_flush" and fb["plugin"] == "flaky"
+    assert fb["error"] == "OSError: flusher thread died"
+    # each of the 6 agent processes (3 per round) flushed, and fell back, at least once before its result
+    assert fb["count"] >= 6 and counted == fb["count"]
+    assert "fallback: flaky failed in cfn_flush in agents" in render_summary(result)
