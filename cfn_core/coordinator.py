@@ -710,11 +710,9 @@ class Coordinator:
         w = self.config.workload
         if not agent_ids:
             for task_id in r.order:
-                why = "no agent could be started"
-                if ctx.spawn_failures:
-                    first, reason = next(iter(ctx.spawn_failures.items()))
-                    why += f" ({len(ctx.spawn_failures)} failed; {first}: {reason})"
-                r.results[task_id] = TaskResult(task=task_id, ok=False, error=why, attempts=0, answered=False)
+                r.results[task_id] = TaskResult(
+                    task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
+                )
                 self.ctx.metrics.task_failures.inc()
             return
         tasks = [r.tasks[t] for t in r.order]

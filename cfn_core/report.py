@@ -200,7 +200,8 @@ def render_summary(result: CoordinationResult) -> str:
         if r.duplicates:
             extra.append(f"duplicates dropped {r.duplicates}")
         if r.spawn_failures:
-            extra.append(f"agents never ready {len(r.spawn_failures)}")
+            first, why = next(iter(r.spawn_failures.items()))
+            extra.append(f"agents never ready {len(r.spawn_failures)} ({first}: {why})")
         if extra:
             lines.append("           " + ", ".join(extra))
         errors = sorted({res.error for res in r.results.values() if res.error})
