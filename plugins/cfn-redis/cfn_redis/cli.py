@@ -65,6 +65,24 @@ def find_run(client, run: str | None, wait: float, url: str) -> str:
         time.sleep(0.2)
 
 
+def _zygote(config, spool):
+    """When the run uses cfn-pool's zygote, fork this host's agents from one too (if cfn-pool is installed here)."""
+    if "pool" not in config.enabled() or not config.section("pool").zygote:
+        return None
+    try:
+        from cfn_pool.zygote import Zygote
+    except ImportError:
+        return None
+    import logging
+
+    pool = config.section("pool")
+    try:
+        return Zygote(os.fspath(spool), start_timeout=pool.warmup_timeout, forkers=pool.forkers or min(4, os.cpu_count() or 1))
+    except Exception as exc:  # fresh interpreters still work
+        logging.getLogger("cfn.redis").warning("cannot start a zygote on this host (%s); agents start as fresh interpreters", exc)
+        return None
+
+
 def cmd_agent(args) -> int:
     import json
     import secrets
@@ -104,6 +122,7 @@ def cmd_agent(args) -> int:
         spool._write_atomic(spool.run_dir / "state" / RUN_STATE, json.dumps({"run": run, "host": host_id}).encode())
         relay = Relay(url, run, os.fspath(spool.run_dir), host_id, settings, capacity=args.agents)
         relay.sync_state()
+        relay.zygote = _zygote(config, spool.run_dir)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: relay.stop())
         relay.start()
@@ -114,5 +133,6 @@ def cmd_agent(args) -> int:
     if relay.fatal:
         print(f"cfn agent: error: {relay.fatal}", file=sys.stderr)
         return 1
-    print(f"cfn agent: run {run} ended; {relay.stats['launched']} agent(s) started here", file=sys.stderr)
+    forked = f" ({relay.stats['forked']} forked from a zygote)" if relay.stats["forked"] else ""
+    print(f"cfn agent: run {run} ended; {relay.stats['launched']} agent(s) started here{forked}", file=sys.stderr)
     return code

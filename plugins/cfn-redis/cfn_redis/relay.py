@@ -60,10 +60,10 @@ class _Track:
 
 
 class _Child:
-    __slots__ = ("agent", "token", "popen", "pidfd")
+    __slots__ = ("agent", "token", "popen", "pidfd", "pid")
 
-    def __init__(self, agent, token, popen, pidfd):
-        self.agent, self.token, self.popen, self.pidfd = agent, token, popen, pidfd
+    def __init__(self, agent, token, popen, pidfd, pid):
+        self.agent, self.token, self.popen, self.pidfd, self.pid = agent, token, popen, pidfd, pid
 
 
 def meta_ttl_ms(lease: float) -> int:
@@ -137,6 +137,8 @@ class Relay:
         self.expiring: set[str] = set()
         self.sel = selectors.DefaultSelector()
         self.stats = defaultdict(int)
+        #: a cfn-pool zygote forking this host's agents (set by `cfn agent` when the run enables pool)
+        self.zygote = None
         self._reader = None
         self._next_lease = 0.0
 
@@ -231,12 +233,12 @@ class Relay:
     def _shutdown(self) -> None:
         self.stopping = True
         for child in list(self.children.values()):
-            try:
-                child.popen.kill()
-            except OSError:
-                pass
+            _kill(child)
         for child in list(self.children.values()):
             self._child_exited(child, report=not self.ended and self.fatal is None)
+        if self.zygote is not None:
+            self.zygote.close(5.0)
+            self.zygote = None
         if self.main.client is not None and not self.coordinator and not self.fatal:
             try:
                 p = self.main.client.pipeline(transaction=False)
@@ -593,20 +595,29 @@ class Relay:
 
     def _handle_control(self) -> None:
         done = []
+        launches = []
         while self.control:
             eid, fields = self.control.popleft()
             done.append(eid)
             op = fields.get(b"op")
             if op == b"launch":
-                self._launch(fields[b"id"].decode(), fields.get(b"token", b"").decode())
+                launches.append((fields[b"id"].decode(), fields.get(b"token", b"").decode()))
             elif op == b"kill":
                 agent, token = fields[b"id"].decode(), fields.get(b"token", b"").decode()
                 for child in self.children.values():
                     if child.agent == agent and child.token == token:
-                        try:
-                            child.popen.kill()
-                        except OSError:
-                            pass
+                        _kill(child)
+        if launches:
+            self.sync_state()
+            if self.zygote is not None:  # pipelined: the forkers work while we register the first ones
+                try:
+                    self.zygote.request([a for a, _ in launches[: max(0, self.capacity - len(self.children))]])
+                except Exception as exc:
+                    self._zygote_failed(exc)
+            for agent, token in launches:
+                self._launch(agent, token)
+            if self.zygote is not None and self.zygote.outstanding:
+                self.zygote.cancel_unclaimed()  # forked ahead for a launch that was refused
         if done:
             self._execute([("xack", (self.ctl, keys.GROUP, *done), {}), ("xdel", (self.ctl, *done), {})])
 
@@ -634,24 +645,40 @@ class Relay:
         if len(self.children) >= self.capacity:
             self._event(op="exited", id=agent, token=token, code="", reason=f"host {self.host_id} is full ({self.capacity} agents)")
             return
-        self.sync_state()
-        cmd = [sys.executable, "-m", "cfn_core.agent", "--run", self.spool, "--id", agent, "--parent", str(os.getpid())]
+        popen, pid = None, None
+        if self.zygote is not None:
+            try:
+                pid = self.zygote.take(agent, timeout=30.0)
+                self.stats["forked"] += 1
+            except Exception as exc:
+                self._zygote_failed(exc)
+        if pid is None:
+            cmd = [sys.executable, "-m", "cfn_core.agent", "--run", self.spool, "--id", agent, "--parent", str(os.getpid())]
+            try:
+                popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
+            except OSError as exc:
+                self._event(op="exited", id=agent, token=token, code="", reason=f"cannot start: {exc}")
+                return
+            pid = popen.pid
         try:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
-        except OSError as exc:
-            self._event(op="exited", id=agent, token=token, code="", reason=f"cannot start: {exc}")
-            return
-        try:
-            pidfd = os.pidfd_open(popen.pid)
+            pidfd = os.pidfd_open(pid)  # works for the zygote's children too
         except ProcessLookupError:
-            popen.wait()
-            self._event(op="exited", id=agent, token=token, code=popen.returncode, reason="")
+            code = popen.wait() if popen is not None else self.zygote.exit_status(pid)
+            self._event(op="exited", id=agent, token=token, code="" if code is None else code, reason="")
             return
-        child = _Child(agent, token, popen, pidfd)
+        child = _Child(agent, token, popen, pidfd, pid)
         self.children[pidfd] = child
         self.sel.register(pidfd, selectors.EVENT_READ, child)
         self.stats["launched"] += 1
-        self._event(op="started", id=agent, token=token, pid=popen.pid)
+        self._event(op="started", id=agent, token=token, pid=pid)
+
+    def _zygote_failed(self, exc) -> None:
+        log.warning("the zygote failed (%s); starting agents as fresh interpreters", exc)
+        try:
+            self.zygote.close(1.0)
+        except Exception:
+            pass
+        self.zygote = None
 
     def _child_exited(self, child: _Child, report: bool = True) -> None:
         if self.children.pop(child.pidfd, None) is None:
@@ -661,12 +688,22 @@ class Relay:
         except (KeyError, ValueError):
             pass
         os.close(child.pidfd)
-        code = child.popen.wait()
+        if child.popen is not None:
+            code = child.popen.wait()
+        else:
+            code = self.zygote.exit_status(child.pid) if self.zygote is not None else None
         if report:
             try:
-                self._event(op="exited", id=child.agent, token=child.token, code=code, reason="")
+                self._event(op="exited", id=child.agent, token=child.token, code="" if code is None else code, reason="")
             except Exception:
                 pass
+
+
+def _kill(child: _Child) -> None:
+    try:
+        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+    except (ProcessLookupError, OSError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import pytest
 
 from cfn_core import Coordinator
 from cfn_core.bus.shm import find_runs, remove_tree
+from cfn_core.plugins import installed
 
 from redis_servers import RedisServer, run_keys
 
@@ -187,3 +188,37 @@ def test_cfn_agent_errors_are_one_clear_line(redis_url):
     )
     assert no_run.returncode == 2
     assert "found no run 0000000000000000" in no_run.stderr
+
+
+class KillRemoteAgentOnCollect:
+    def __init__(self):
+        self.coord = self.hosts = None
+        self.killed = None
+
+    def __call__(self, phase, done, total):
+        if phase == "collect" and self.killed is None:
+            remote = [h for h in self.coord.ctx.agents.values() if h.remote is not None and h.pid and h.alive]
+            if remote:
+                os.kill(remote[0].pid, 9)  # on this machine we can: the host reports the death
+                self.killed = remote[0].id
+
+
+def test_remote_agents_fork_from_a_zygote_and_a_killed_one_is_replaced(no_leaks, redis_config, redis_url, bus_root):
+    if "pool" not in installed():
+        pytest.skip("cfn-pool is not installed")
+    config = redis_config(
+        plugins=("redis", "pool", "parallel"),
+        redis={"wait_hosts": 1, "local_agents": 0},
+        pool={"size": 0},
+        workload={"agents": 4, "tasks": 12, "rounds": 2, "command": "sleep 0.3; cat", "payload_bytes": 8},
+    )
+    killer = KillRemoteAgentOnCollect()
+    result, placed, outcomes, _ = _remote_run(config, redis_url, bus_root, progress=killer)
+    assert killer.killed
+    assert result.ok, [r.error for r in result.results.values() if not r.ok]
+    assert result.delivery_rate == 1.0
+    assert all(placed.values())  # the replacement went back to the same host
+    assert result.rounds[0].retries >= 1
+    (code, err), = outcomes
+    assert code == 0, err
+    assert "forked from a zygote" in err
