@@ -227,10 +227,14 @@ class Batcher:
             self._flush_locked(dst, reason, now)
 
     def _flush_locked(self, dst: str, reason: str, now: float) -> None:
-        """One ``deliver`` of ``dst``'s whole buffer.  On failure the records stay, at the head, and it raises."""
+        """One ``deliver`` of ``dst``'s whole buffer.  On failure the records stay, at the head, and it raises.
+
+        ``now`` is when the flush began: the buffer wait recorded is ``now`` minus the oldest
+        record's arrival.  The writes of other destinations before this one in the same flush
+        are not counted: unbatched, the same messages would be written one after another too.
+        """
         buf = self.buffers.pop(dst)
         since = self.first_at.pop(dst)
-        started = time.monotonic()  # the wait in the buffer ends here; the write itself is not batching's
         try:
             self.bus.deliver(dst, self.route(dst), buf)
         except BaseException:
@@ -238,7 +242,7 @@ class Batcher:
             self.buffers[dst] = buf + later if later else buf
             self.first_at[dst] = since
             raise
-        self.stats.batch(reason, len(buf), sum(map(len, buf)), started - since)
+        self.stats.batch(reason, len(buf), sum(map(len, buf)), max(0.0, now - since))
 
     def _adapt_locked(self, now: float) -> None:
         elapsed = now - self._window_start
