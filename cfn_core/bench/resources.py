@@ -2,11 +2,14 @@
 
 Memory is PSS (proportional set size, ``psutil`` ``memory_full_info().pss``) of
 the benchmarking process and every descendant, so pages shared by forked agents
-are counted once.  Reading PSS costs ~0.5 ms per process on this machine, so the
-sampler thread keeps itself under :data:`DUTY` of one core: each pass measures
-new processes first, then the ones measured longest ago, within a time slice;
-a process not measured yet counts as the mean of those that were.  CPU is exact:
-``os.times()`` of this process plus its reaped children, before and after.
+are counted once.  Reading PSS costs ~0.5 ms per process on this machine, so
+during timed repetitions the sampler thread keeps itself under :data:`DUTY` of
+one core: each pass lists the tree, then measures new processes first and the
+ones measured longest ago next, within a time slice; a process not measured yet
+counts as the mean of those that were.  Such sparse passes can miss the peak of
+a cell that lasts a second, so the runner gives fast cells one extra, untimed
+repetition sampled without that limit (``ResourceSampler(duty=None)``).  CPU is
+exact: ``os.times()`` of this process plus its reaped children, before and after.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ def cpu_seconds() -> float:
 class ResourceSampler:
     """Samples this process tree in a thread between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, duty: float | None = DUTY, slice_seconds: float = SLICE) -> None:
+        """:param duty: most of one core to spend sampling; None: sample back to back."""
+        self.duty = duty
+        self.slice = slice_seconds
         self.me = psutil.Process()
-        self._procs: dict[int, psutil.Process] = {}
+        self._procs: dict[int, psutil.Process | None] = {}
         self._pss: dict[int, int] = {}  # pid -> last PSS measured
         self._measured_at: dict[int, float] = {}
         self.peak_pss = 0
@@ -82,7 +88,8 @@ class ResourceSampler:
                 pass
             spent = time.perf_counter() - t0
             self.cost += spent
-            self._stop.wait(max(MIN_INTERVAL, spent * (1 - DUTY) / DUTY))
+            pause = MIN_INTERVAL if self.duty is None else spent * (1 - self.duty) / self.duty
+            self._stop.wait(max(MIN_INTERVAL, pause))
 
     def sample(self) -> None:
         """One pass: list the tree, measure what the time slice allows, update the peaks."""
@@ -93,11 +100,8 @@ class ResourceSampler:
             self._pss.pop(pid, None)
             self._measured_at.pop(pid, None)
         for pid in pids:
-            if pid not in self._procs:
-                try:
-                    self._procs[pid] = self.me if pid == self.me.pid else psutil.Process(pid)
-                except psutil.Error:
-                    continue
+            self._procs.setdefault(pid, None)  # a psutil.Process is made when it is first measured
+        self._procs[self.me.pid] = self.me
         try:
             self.peak_fds = max(self.peak_fds, self.me.num_fds())
         except psutil.Error:
@@ -106,10 +110,13 @@ class ResourceSampler:
         self.peak_processes = max(self.peak_processes, len(live) - 1)
         # new processes first, then the stalest
         for pid in sorted(live, key=lambda p: self._measured_at.get(p, -1.0)):
-            if self._pss and time.perf_counter() - t0 > SLICE:
+            if self._pss and time.perf_counter() - t0 > self.slice:
                 break
             try:
-                self._pss[pid] = self._procs[pid].memory_full_info().pss
+                proc = self._procs[pid]
+                if proc is None:
+                    proc = self._procs[pid] = psutil.Process(pid)
+                self._pss[pid] = proc.memory_full_info().pss
                 self._measured_at[pid] = time.perf_counter()
             except psutil.Error:
                 continue

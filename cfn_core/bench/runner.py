@@ -137,8 +137,35 @@ def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
         if bench.cell_budget and time.perf_counter() - started >= bench.cell_budget:
             break
     summary = summarize(cell, reps, bench)
+    if summary["min"] is not None and summary["min"] < RESOURCE_PASS_BELOW and not summary["error_messages"]:
+        _resource_pass(cell, base, bench, payload, summary)
     summary["started"], summary["finished"] = started_at, time.time()
     return summary
+
+
+#: cells faster than this (seconds) get an extra untimed repetition for their memory figures
+RESOURCE_PASS_BELOW = 5.0
+
+
+def _resource_pass(cell: Cell, base, bench, payload: str, summary: dict) -> None:
+    """One more repetition, untimed, sampled back to back: the peak PSS of a fast cell."""
+    sampler = ResourceSampler(duty=None, slice_seconds=1.0).start()
+    error = None
+    try:
+        if cell.reference:
+            _run_reference(cell, payload)
+        else:
+            _run_cfn(cell_config(base, bench, cell), None)
+    except Exception as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        figures = sampler.stop()
+    summary["resource_pass"] = {"error": error, **figures}
+    if error:
+        summary["error_messages"].append(f"resource pass: {error}")
+        return
+    for key in ("peak_pss_bytes", "pss_estimated", "peak_fds", "peak_processes"):
+        summary[key] = figures[key]
 
 
 def _median(values):
