@@ -7,7 +7,6 @@ def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=50, timeout_ms=100) as (bus, batcher, counters):
         bus.listen("a")  # the doorbell rings when the flusher writes
         batcher.send(bh.make_messages("s", ["a"]))
-        assert bh.received(bus, "a") == []  # buffered, not written yet
         got = []
         for _ in range(100):  # generous: up to 100 s on a loaded machine, normally one wake-up
             if bus.wait("a", 1.0):
