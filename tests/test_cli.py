@@ -334,3 +334,11 @@ def test_usage_errors_are_one_line(cli):
         proc = cli(*args)
         assert proc.returncode == 2
         assert proc.stderr.strip() == expected
+
+
+def test_handler_output_never_corrupts_json_stdout(cli, tmp_path):
+    (tmp_path / "chatty.py").write_text("def talk(payload):\n    print('hello from the handler', flush=True)\n    return 1\n")
+    proc = cli("run", "--agents", "2", "--handler", "chatty:talk", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert proc.stderr.count("hello from the handler") == 2  # it went to stderr instead
