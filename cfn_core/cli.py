@@ -157,6 +157,8 @@ def cmd_plugins(args) -> int:
         print(f"{row['name']:<10} {row['status']:<9} {row.get('distribution') or '?'}{version}  ({row['module']})")
         for hook, order in sorted(row["call_order"].items()):
             print(f"    {hook:<22} call order: {' > '.join(order)}")
+        if not row["call_order"] and row["hooks"]:  # not enabled: what it would implement
+            print(f"    hooks: {', '.join(row['hooks'])} (enable it to see the call order)")
         if row.get("error"):
             print(f"    error: {row['error']}")
     return 0

@@ -250,6 +250,10 @@ def test_cfn_plugins_text(site, tmp_path):
     assert "blocked" in tracer and "cfn-tracer 1.2.3" in tracer and "(cfn_tracer_plugin)" in tracer
     assert any("cfn_assign" in line and "call order: fallback > builtin" in line for line in lines)
     assert any("error:" in line and "broken on purpose" in line for line in lines)
+    hooks_line = lines[lines.index(tracer) + 1]
+    assert hooks_line.strip() == (
+        "hooks: cfn_agent_init, cfn_assign, cfn_configure, cfn_report, cfn_settings (enable it to see the call order)"
+    )
 
 
 def test_cfn_plugins_unknown_name_exits_2(site, tmp_path):
