@@ -125,6 +125,7 @@ class BenchPlugin:
         except ValueError:
             prefix = path.name
         timeout_off = config.pluginmanager.hasplugin("timeout")
+        made = []
         for cell in self.cells:
             name = f"bench[{cell.id}]"
             item = BenchItem.from_parent(session, name=name, nodeid=f"{prefix}::{name}", path=path, cell=cell)
@@ -134,6 +135,9 @@ class BenchPlugin:
             if timeout_off:
                 item.add_marker(pytest.mark.timeout(0))  # waiting for the timing lock is not a hang
             items.append(item)
+            made.append(item)
+        # count them like collected items in "collected N items" (they come from no file)
+        session.ihook.pytest_collectreport(report=pytest.CollectReport(prefix, "passed", None, made))
 
     # ------------------------------------------------------------------ timing
 
