@@ -596,8 +596,17 @@ class Coordinator:
 
         :param tasks: payloads (any JSON value) or :class:`~cfn_core.messages.Task` objects for
             every round; default: ``[workload] tasks`` payloads of ``payload_bytes``.
+
+        Outside a ``with`` block the call opens the session and closes it again (no
+        agent or run directory outlives it); inside one, agents a plugin keeps (the
+        pool) serve the next ``run``.
         """
-        self.open()
+        if self.ctx is None:
+            self.open()
+            try:
+                return self.run(tasks, rounds=rounds)
+            finally:
+                self.close()
         ctx = self.ctx
         rounds = rounds or self.config.workload.rounds
         result = self.partial = CoordinationResult(
