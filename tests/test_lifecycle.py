@@ -220,3 +220,13 @@ def test_sigterm_handler_is_restored_after_cfn_run(tmp_path, bus_root, monkeypat
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["run", "--agents", "1", "--json"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_run_without_a_with_block_cleans_up_after_itself(make_config, bus_root, no_leaks):
+    coord = Coordinator(make_config(workload={"agents": 2}))
+    result = coord.run(["a", "b"])
+    assert result.ok and sorted(r.value for r in result.results.values()) == ["a", "b"]
+    assert coord.ctx is None
+    assert list(bus_root.iterdir()) == []
+    assert coord.run(["c"]).ok  # and it can run again
+    assert list(bus_root.iterdir()) == []
