@@ -117,10 +117,14 @@ def one(count: int, args, agents: list[str]) -> dict:
             "open_s": sum(r["open_s"] for r in reports),
             "wall": wall,
             "msgs": want,
-            "max_dir_share": max(by_dir.values()) / max(1, sum(by_dir.values())),
+            "max_dir_share": max(by_dir.values(), default=0) / max(1, sum(by_dir.values())),
         }
     finally:
         bus.destroy()
+
+
+def _ratio(base: float, value: float) -> str:
+    return f"{base / value:.1f}x" if value > 0 else ("no wait" if base > 0 else "-")
 
 
 def main(argv=None) -> int:
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     for count in counts:
         r = best[count]
         print(
-            f"| {count} | {r['wait_s']:.2f} | {base['wait_s'] / r['wait_s']:.1f}x | {r['wait_s'] / r['sender_s']:.0%} | "
+            f"| {count} | {r['wait_s']:.2f} | {_ratio(base['wait_s'], r['wait_s'])} | {r['wait_s'] / r['sender_s']:.0%} | "
             f"{r['wall']:.2f} | {r['msgs'] / r['wall']:,.0f} | {r['max_dir_share']:.0%} | {r['open_s']:.2f} |",
             flush=True,
         )

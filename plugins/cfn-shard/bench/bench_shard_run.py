@@ -50,6 +50,10 @@ def one(count: int, args) -> dict:
     }
 
 
+def _ratio(base: float, value: float) -> str:
+    return f"{base / value:.1f}x" if value > 0 else ("no wait" if base > 0 else "-")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--agents", type=int, default=500)
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
     for count in counts:
         r = best[count]
         print(
-            f"| {count} | {r['wait_s']:.3f} | {base['wait_s'] / r['wait_s']:.1f}x | {r['share']:.2%} | {r['round_s']:.1f} | "
+            f"| {count} | {r['wait_s']:.3f} | {_ratio(base['wait_s'], r['wait_s'])} | {r['share']:.2%} | {r['round_s']:.1f} | "
             f"{r['rate']:,.0f} | {r['balance']} | {r['balance_agents']} |",
             flush=True,
         )
