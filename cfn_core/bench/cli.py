@@ -120,7 +120,6 @@ def _on_sigterm(signum, frame):
 
 def cmd_bench(args) -> int:
     from ..config import load_config
-    from .compare import compare, render_comparison
     from .matrix import expand, installed_plugins, optimization_plugins
     from .render import load_report, render_markdown, write_report
     from .runner import cell_problems, finish_report, new_report, run_cell
@@ -132,7 +131,8 @@ def cmd_bench(args) -> int:
         paths = write_report(report, prefix)
         print(json.dumps(report, indent=2, default=str) if args.json else render_markdown(report))
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-        return _gate(report, old, args.compare, compare, render_comparison)
+        s = report["settings"]
+        return _gate(report, old, args.compare, s["regression"], s["min_delivery"])
 
     config = load_config(args.config, overrides=_overrides(args))
     bench = config.section("bench")
@@ -169,16 +169,15 @@ def cmd_bench(args) -> int:
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     if code in (130, 143):
         return code
-    gate = _gate(report, old, args.compare, compare, render_comparison, bench)
-    return max(code, gate)
+    return max(code, _gate(report, old, args.compare, bench.regression, bench.min_delivery))
 
 
-def _gate(report, old, old_path, compare, render_comparison, bench=None) -> int:
+def _gate(report: dict, old: dict | None, old_path: str | None, regression: float, min_delivery: float) -> int:
+    """--compare: print the comparison on stderr; 1 when a cell regressed."""
+    from .compare import compare, render_comparison
+
     if old is None:
         return 0
-    s = report["settings"]
-    regression = bench.regression if bench is not None else s["regression"]
-    floor = bench.min_delivery if bench is not None else s["min_delivery"]
-    result = compare(report, old, regression=regression, min_delivery=floor)
+    result = compare(report, old, regression=regression, min_delivery=min_delivery)
     print(render_comparison(result, old_path), file=sys.stderr)
     return 1 if result["regressions"] else 0
