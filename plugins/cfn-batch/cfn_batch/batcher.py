@@ -184,11 +184,11 @@ class Batcher:
             self._window_msgs += len(records)
             dsts = self._window_dsts
             for dst, rec in records:
+                dsts.add(dst)
                 buf = buffers.get(dst)
                 if buf is None:
                     buffers[dst] = [rec]
                     first_at[dst] = now
-                    dsts.add(dst)
                     if size <= 1:
                         self._flush_locked(dst, "size", now)
                     continue
