@@ -85,3 +85,26 @@ def test_mesh_cells_run_and_count_peer_messages(tmp_path, bus_root, no_leaks):
     (cell,) = json.loads(proc.stdout)["cells"]
     assert cell["id"] == "baseline-3-mesh"
     assert cell["messages_planned"] == 2 * 3 + 3 * 4 and cell["delivery_rate"] == 1.0
+
+
+def test_sigterm_stops_the_matrix_and_writes_the_cells_measured(tmp_path, bus_root, no_leaks):
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfn_core", "bench", "--agents", "2,40", "--combinations", "baseline", "--no-references",
+         "--repetitions", "1", "--set", f"bus.root={bus_root}", "--output", str(tmp_path / "r")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert "cfn bench: [1/2]" in proc.stderr.readline()  # the first cell is done, the second one runs
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True
+    assert [c["id"] for c in report["cells"]] == ["baseline-2"]
+    assert "Interrupted" in out

@@ -110,7 +110,7 @@ class Progress:
             self.stream.flush()
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):  # not an Exception: a cell must not record it as its own error
     pass
 
 
