@@ -18,11 +18,15 @@ Enable with ``plugins = ["redis"]`` and ``[redis] url = "redis://host:6379/0"``
 baseline's (and cfn-batch's, cfn-shard's) go through ``bus.deliver``/``bus.read``,
 which this bus maps onto streams, so those plugins compose unchanged.
 This module imports neither ``redis`` nor the coordinator: agents load it.
+The bus module is imported here, not in ``cfn_bus``: a zygote (cfn-pool) then
+has it loaded before it forks, instead of every forked agent importing it.
 """
 
 from __future__ import annotations
 
 from cfn_core import hookimpl
+
+from .bus import HubBus, LocalBus
 
 __version__ = "0.1.0"
 
@@ -46,11 +50,7 @@ def cfn_configure(config):
 @hookimpl
 def cfn_bus(config, run_ref):
     if run_ref is None:
-        from .bus import HubBus
-
         return HubBus.open(config)
-    from .bus import LocalBus
-
     return LocalBus.attach(run_ref, max_message_bytes=config.bus.max_message_bytes)
 
 
@@ -64,8 +64,6 @@ def _placement(ctx):
 
 
 def _is_hub(ctx) -> bool:
-    from .bus import HubBus
-
     return isinstance(ctx.bus, HubBus)
 
 

@@ -172,31 +172,8 @@ class HubBus(LocalBus):
 
     def _start_relay(self, config) -> None:
         s = self.settings
-        cmd = [
-            sys.executable, "-m", "cfn_redis.relay",
-            "--spool", self.run_ref,
-            "--run", self.run_id,
-            "--host-id", self.host_id,
-            "--parent", str(os.getpid()),
-            "--settings", json.dumps({k: getattr(s, k) for k in ("lease", "key_ttl", "reconnect_timeout", "max_deliveries", "pipeline", "read_count")}),
-            "--coordinator",
-        ]
-        env = dict(os.environ, CFN_REDIS_URL=self.url)  # never on a command line: it may hold a password
-        self.relay = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, close_fds=True)
-        deadline = time.monotonic() + max(30.0, s.reconnect_timeout)
-        line = b""
-        try:
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([self.relay.stdout], [], [], 0.2)
-                if ready:
-                    line = self.relay.stdout.readline()
-                    break
-                if self.relay.poll() is not None:
-                    break
-        finally:
-            self.relay.stdout.close()
-        if line.strip() != b"ready":
-            raise BusError(f"the Redis relay did not start: {self.relay_failure() or 'no reason given'}")
+        settings = {k: getattr(s, k) for k in ("lease", "key_ttl", "reconnect_timeout", "max_deliveries", "pipeline", "read_count")}
+        self.relay = ForkedRelay.start(self.url, self.run_id, self.run_ref, self.host_id, settings)
 
     def relay_failure(self) -> str | None:
         """Why the relay stopped, or None while it runs."""
@@ -276,6 +253,70 @@ class HubBus(LocalBus):
                 if self.link is not None:
                     self.link.close()
                 super().destroy()
+
+
+class ForkedRelay:
+    """The coordinator machine's relay, forked from the coordinator (a Popen-like handle).
+
+    Forked rather than started as a fresh interpreter: this process has already
+    imported redis, so the relay runs within milliseconds instead of the ~1 s an
+    interpreter importing redis takes on a busy machine, and every agent's first
+    message would wait for it.  The child dies with the coordinator
+    (``PR_SET_PDEATHSIG``), touches none of the parent's objects and leaves with
+    ``os._exit``.  (``python -m cfn_redis.relay`` is the same relay as a program.)
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode = None
+        self._pidfd = os.pidfd_open(pid)
+
+    @classmethod
+    def start(cls, url: str, run: str, spool: str, host_id: str, settings: dict) -> "ForkedRelay":
+        from . import relay as relay_mod  # import before forking: the child must not import
+
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the relay
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                from cfn_core.process import die_with_parent
+
+                die_with_parent(parent)
+                code = relay_mod.serve(url, run, spool, host_id, settings)
+            except BaseException:
+                pass
+            finally:
+                os._exit(code)
+        return cls(pid)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._reaped(status)
+        return self.returncode
+
+    def _reaped(self, status: int) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self._pidfd)
+
+    def send_signal(self, sig) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None):
+        if self.returncode is None:
+            ready, _, _ = select.select([self._pidfd], [], [], timeout)
+            if not ready:
+                raise subprocess.TimeoutExpired(f"relay {self.pid}", timeout)
+            self._reaped(os.waitpid(self.pid, 0)[1])
+        return self.returncode
 
 
 def remove_run(client, run: str) -> int:

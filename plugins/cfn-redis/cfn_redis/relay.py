@@ -706,15 +706,31 @@ def _kill(child: _Child) -> None:
         pass
 
 
+def serve(url: str, run: str, spool: str, host_id: str, settings: dict) -> int:
+    """Run the coordinator machine's relay until SIGTERM; 1 (reason in the spool) if it fails."""
+    try:
+        relay = Relay(url, run, spool, host_id, settings, coordinator=True)
+        relay.start()
+    except BusError as exc:
+        bus = ShmBus.attach(spool)
+        bus._write_atomic(bus.run_dir / FATAL, str(exc).encode())
+        print(f"cfn redis relay: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
+    code = relay.run_forever()
+    if relay.fatal:
+        print(f"cfn redis relay: {relay.fatal}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cfn_redis.relay``: the coordinator machine's relay (started by :class:`~cfn_redis.bus.HubBus`)."""
+    """``python -m cfn_redis.relay``: the coordinator machine's relay as a program (the coordinator forks it)."""
     parser = argparse.ArgumentParser(prog="python -m cfn_redis.relay")
     parser.add_argument("--spool", required=True)
     parser.add_argument("--run", required=True)
     parser.add_argument("--host-id", required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--settings", default="{}")
-    parser.add_argument("--coordinator", action="store_true")
     args = parser.parse_args(argv)
     from cfn_core.process import die_with_parent
 
@@ -722,21 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     logging.basicConfig(level=logging.WARNING, format="cfn redis relay: %(message)s")
     url = os.environ.get("CFN_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        relay = Relay(url, args.run, args.spool, args.host_id, json.loads(args.settings), coordinator=args.coordinator)
-        relay.start()
-    except BusError as exc:
-        ShmBus.attach(args.spool)._write_atomic(ShmBus.attach(args.spool).run_dir / FATAL, str(exc).encode())
-        print(f"cfn redis relay: {exc}", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    os.dup2(2, 1)  # the coordinator closed its end of the pipe; later output goes to stderr
-    code = relay.run_forever()
-    if relay.fatal:
-        print(f"cfn redis relay: {relay.fatal}", file=sys.stderr)
-    return code
+    return serve(url, args.run, args.spool, args.host_id, json.loads(args.settings))
 
 
 if __name__ == "__main__":
