@@ -12,8 +12,9 @@ Hook implementations:
   share the fan-in of every result instead of one.  A shard directory that
   cannot be used (a non-directory in its place, mkdir refused) sends the
   process to ``shard-fallback/<agent_id>`` instead (counted).
-* ``cfn_read``: an agent reads its shard inbox and, once it exists, its
-  fallback inbox; the coordinator reads all ``count`` parts of its inbox.
+* ``cfn_read`` (shm bus; other transports read at ``ctx.route`` themselves):
+  an agent reads its shard inbox and, once it exists, its fallback inbox; the
+  coordinator reads all ``count`` parts of its inbox.
   Records of secondary inboxes carry ``(inbox_id, receipt)`` receipts, which
   the shm bus settles in the right inbox.
 * ``cfn_session_start`` (coordinator) / ``cfn_agent_init`` (agents): learn
@@ -183,8 +184,10 @@ def cfn_agent_init(ctx):
 def cfn_read(ctx, agent_id):
     from cfn_core.builtin import decode_records
 
-    s = ctx.config.section(NAME)
     bus = ctx.bus
+    if getattr(bus, "name", None) != "shm":
+        return None  # another transport reads its own way (at ctx.route, our location); no split, no fallback
+    s = ctx.config.section(NAME)
     if agent_id == COORDINATOR_ID and s.split_coordinator:
         records = []
         per_shard = ctx.state.setdefault("shard.coordinator_in", [0] * s.count)
