@@ -187,9 +187,17 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
     settled: list = []
     stopping = False
+    unflushed = False  # a result handed to cfn_send since the last flush
 
     def finish(work: _Work) -> None:
+        nonlocal unflushed
         msg = work.msg
+        if unflushed:
+            # The previous task's result goes on the bus before this handler runs: if this
+            # task kills the agent, the coordinator sees that result and charges the attempt
+            # to this task, not to one whose result a batching plugin still held.
+            pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+            unflushed = False
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
         try:
@@ -218,6 +226,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         except CfnError as exc:  # e.g. the value is too large: report that instead
             body.update(ok=False, value=None, error=f"result not sent: {exc}")
             ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
+        unflushed = True
         settled.append(msg.receipt)
         settled.extend(held.pop(msg.round, ()))
 
@@ -287,6 +296,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         if stopping and not waiting:
             break
         pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+        unflushed = False
         if settled:
             bus.ack(agent_id, settled)
             settled = []
