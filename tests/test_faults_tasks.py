@@ -1,0 +1,100 @@
+"""Tasks that hang, crash every agent they touch, or raise: bounded, reported, the run goes on."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_faults_handlers import fault_env, plugin_params, plugin_sets, read_log, set_id  # noqa: E402,F401
+
+from cfn_core import Coordinator, Task  # noqa: E402
+
+
+def _tasks(scratch, count, flag, bad):
+    return [
+        Task(id=f"t{i:03d}", payload={"key": f"t{i:03d}", "dir": str(scratch), flag: i in bad}) for i in range(count)
+    ]
+
+
+def _run(make_config, plugins, tasks, agents, **workload):
+    tables = {"workload": {"agents": agents, **workload}}
+    if "pool" in plugins:
+        tables["pool"] = {"size": agents}
+    with Coordinator(make_config(plugins=plugins, **tables)) as coord:
+        return coord.run(tasks)
+
+
+def _good_ones_ok(result, tasks, bad):
+    for i, t in enumerate(tasks):
+        if i not in bad:
+            r = result.results[t.id]
+            assert r.ok and r.value == t.id, (t.id, r.error)
+
+
+@pytest.mark.parametrize("plugins", plugin_params())
+def test_hanging_task_is_timed_out_retried_then_reported(make_config, fault_env, no_leaks, plugins):
+    tasks = _tasks(fault_env, 8, "hang", {3})
+    result = _run(
+        make_config, plugins, tasks, agents=4,
+        handler="test_faults_handlers:hang", timeout=0.5, max_attempts=2,
+    )
+    failed = result.results["t003"]
+    assert not failed.ok and not failed.answered
+    assert failed.attempts == 2
+    assert "gave up after 2 attempts" in failed.error
+    assert "exceeded the 0.5s timeout" in failed.error
+    _good_ones_ok(result, tasks, {3})
+    assert result.failed == 1
+    assert result.exit_code == 1
+    starts = Counter(k for what, k, _ in read_log(fault_env) if what == "start")
+    assert starts["t003"] == 2  # one run per attempt, then skipped: never a third agent killed
+    pids = {pid for what, k, pid in read_log(fault_env) if k == "t003"}
+    assert len(pids) == 2  # two different processes, both killed by the watchdog
+
+
+@pytest.mark.parametrize("plugins", plugin_params())
+def test_poison_task_stops_after_max_attempts(make_config, fault_env, no_leaks, plugins):
+    tasks = _tasks(fault_env, 12, "poison", {5})
+    result = _run(make_config, plugins, tasks, agents=4, handler="test_faults_handlers:poison", max_attempts=3)
+    failed = result.results["t005"]
+    assert not failed.ok and not failed.answered
+    assert failed.attempts == 3
+    assert "gave up after 3 attempts" in failed.error and "died" in failed.error
+    _good_ones_ok(result, tasks, {5})
+    assert result.failed == 1
+    starts = Counter(k for what, k, _ in read_log(fault_env) if what == "start")
+    assert starts["t005"] == 3  # exactly max_attempts agents died for it
+    (r,) = result.rounds
+    assert r.retries >= 2  # at least the poison itself was handed out again twice
+    # everything but the poison was delivered and answered; the poison's messages count as lost
+    assert r.delivered == 2 * (len(tasks) - 1) and r.planned == 2 * len(tasks)
+
+
+@pytest.mark.parametrize("plugins", plugin_params())
+def test_handler_that_raises_fails_its_task_and_the_agent_lives_on(make_config, fault_env, no_leaks, plugins):
+    tasks = _tasks(fault_env, 8, "raise", {1, 6})
+    result = _run(make_config, plugins, tasks, agents=2, handler="test_faults_handlers:raise_on")
+    for key in ("t001", "t006"):
+        r = result.results[key]
+        assert not r.ok and r.answered and r.attempts == 1
+        assert r.error == f"RuntimeError: task {key} refuses"
+    _good_ones_ok(result, tasks, {1, 6})
+    assert result.rounds[0].retries == 0
+    assert len({pid for _, _, pid in read_log(fault_env)}) <= 2  # no agent was replaced
+
+
+def test_poison_in_a_later_round_does_not_poison_the_session(make_config, fault_env, no_leaks):
+    """With a pool, agents outlive rounds: the skip list and attempts are per task, the next round is clean."""
+    plugins = ("pool",) if ("pool",) in plugin_sets(single=True) else ()
+    tables = {"workload": {"agents": 3, "handler": "test_faults_handlers:poison", "max_attempts": 2}}
+    if plugins:
+        tables["pool"] = {"size": 3}
+    with Coordinator(make_config(plugins=plugins, **tables)) as coord:
+        first = coord.run(_tasks(fault_env, 6, "poison", {2}))
+        second = coord.run([{"key": f"r2-{i}", "dir": str(fault_env)} for i in range(6)])
+    assert first.failed == 1 and first.results["t002"].attempts == 2
+    assert second.ok and second.failed == 0
