@@ -76,12 +76,14 @@ class _Process:
         self.run_dir: Path | None = None
         self.self_id: str | None = None
         self.counters: dict = {}
+        self.shm = False  # the split coordinator inbox needs the shm bus's (inbox, receipt) acks
 
     def bind(self, ctx) -> None:
         self.pid = os.getpid()
         run_dir = getattr(ctx.bus, "run_dir", None)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.self_id = ctx.self_id
+        self.shm = getattr(ctx.bus, "name", None) == "shm"
         self.counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("shard.counters", {})
 
     def current(self) -> bool:
@@ -146,7 +148,7 @@ def cfn_route(agent_id, config):
     s = config.section(NAME)
     if agent_id == COORDINATOR_ID:
         me = _proc.self_id if _proc.current() else None
-        if not s.split_coordinator or me is None or me == COORDINATOR_ID:
+        if not s.split_coordinator or not _proc.shm or me is None or me == COORDINATOR_ID:
             k = 0
         else:
             k = shard_of(me, s.count, s.strategy, config.workload.seed)
@@ -162,11 +164,6 @@ def cfn_route(agent_id, config):
 @hookimpl
 def cfn_session_start(ctx):
     s = ctx.config.section(NAME)
-    if s.split_coordinator and s.count > 1 and getattr(ctx.bus, "name", None) != "shm":
-        raise ConfigError(
-            f"[shard] split_coordinator = true needs the shm bus (bus {getattr(ctx.bus, 'name', '?')!r} cannot "
-            "settle records of a split inbox); set [shard] split_coordinator = false"
-        )
     _bind(ctx)
     if _proc.run_dir is not None:
         for k in range(s.count):
@@ -265,9 +262,10 @@ def shard_figures(ctx) -> dict:
     srcs = [src for (src, _) in ctx.state.get("shard.agents", {})]
     for src, snap in zip(srcs, snapshots):
         messages[shard_of(src, count, s.strategy, seed)] += snap.get("shard.messages", 0)
+    split = s.split_coordinator and getattr(ctx.bus, "name", None) == "shm"
     coordinator_in = ctx.state.get("shard.coordinator_in", [0] * count)
     for k in range(count):
-        messages[k] += coordinator_in[k] if s.split_coordinator else 0
+        messages[k] += coordinator_in[k] if split else 0
     own = dict(ctx.state.get("shard.counters", {}))
     for snap in [own, *snapshots]:
         fallbacks += snap.get("shard.fallbacks", 0)
@@ -278,7 +276,7 @@ def shard_figures(ctx) -> dict:
     return {
         "count": count,
         "strategy": s.strategy,
-        "split_coordinator": s.split_coordinator,
+        "split_coordinator": split,
         "agents_per_shard": agents,
         "balance_agents": _round(balance(agents)),
         "messages_per_shard": messages,
