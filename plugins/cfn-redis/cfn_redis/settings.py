@@ -13,7 +13,7 @@ class RedisSettings:
 
     url: str = setting(
         "redis://127.0.0.1:6379/0",
-        "redis://[:password@]host:port/db, rediss:// for TLS (environment: CFN_REDIS_URL)",
+        "redis://[:password@]host:port/db or rediss:// for TLS",
     )
     lease: float = setting(5.0, "seconds without a heartbeat after which a host (or the run) counts as dead", min=0.5, max=3600.0)
     key_ttl: float = setting(86_400.0, "seconds the run's keys live if the coordinator never removes them", min=10.0, max=31_536_000.0)
