@@ -55,18 +55,35 @@ def test_n2_merges_every_worker_row_into_one_report(project, no_leaks):
     assert (project.path / "out" / "report.md").read_text().startswith("# cfn Optimization Impact Report")
 
 
-def test_timing_cells_do_not_overlap_unless_asked(project):
-    """Serial mode: the spans of the cells, measured on two workers, never intersect."""
+def test_timing_tests_do_not_overlap_unless_asked(project):
+    """Serial mode: the spans of the cells and of a plugin's own bench test, on two workers, never intersect."""
+    project.makepyfile(
+        test_own_bench=textwrap.dedent(
+            """
+            import json, os, time
+            import pytest
+
+            @pytest.mark.bench
+            @pytest.mark.parametrize("i", range(3))
+            def test_own_timing(i):
+                start = time.time()
+                sum(range(200_000))
+                with open(f"span-{i}.json", "w") as f:
+                    json.dump([start, time.time()], f)
+            """
+        )
+    )
     result = project.runpytest_subprocess("-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-report", "serial")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=9)
     cells = json.loads((project.path / "serial.json").read_text())["cells"]
-    spans = sorted((c["started"], c["finished"]) for c in cells)
+    own = [tuple(json.loads((project.path / f"span-{i}.json").read_text())) for i in range(3)]
+    spans = sorted([(c["started"], c["finished"]) for c in cells] + own)
     for (_s1, end), (start, _e2) in zip(spans, spans[1:]):
         assert start >= end
     result = project.runpytest_subprocess(
         "-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-parallel", "--bench-report", "par"
     )
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=9)
     assert json.loads((project.path / "par.json").read_text())["runner"]["mode"] == "parallel"
 
 

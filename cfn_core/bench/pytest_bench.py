@@ -6,10 +6,11 @@ expression selects ``bench``.  Every cell of ``[bench]`` becomes an item
 
 Honest timing under pytest-xdist:
 
-* timing cells never overlap by default: they carry ``xdist_group("cfn-bench")``
-  (with ``--dist loadgroup`` they all go to one worker) and, whatever the
-  distribution mode, hold an exclusive lock file while they measure, so the
-  other workers wait (or run functional tests); ``--bench-parallel`` (or
+* timing tests never overlap by default: every item marked ``bench`` (the
+  cells, and plugins' own ``@pytest.mark.bench`` tests) carries
+  ``xdist_group("cfn-bench")`` and, whatever the distribution mode, holds an
+  exclusive lock file while it runs, so the other workers wait (or run
+  functional tests); ``--bench-parallel`` (or
   ``[bench] parallel = true``) lets them overlap, and the report says so;
 * each worker keeps its cells' figures in ``config.workeroutput`` (as
   pytest-cov does); the controller merges them in ``pytest_testnodedown`` and
@@ -67,8 +68,7 @@ class BenchItem(pytest.Item):
         plugin: BenchPlugin = self.config.pluginmanager.get_plugin("cfn-bench")
         from .runner import cell_problems, run_cell
 
-        with plugin.timing_slot():
-            summary = run_cell(self.cell, plugin.base, plugin.bench)
+        summary = run_cell(self.cell, plugin.base, plugin.bench)  # inside the timing slot (pytest_runtest_call)
         plugin.record(summary)
         problems = cell_problems(summary, plugin.bench.min_delivery)
         if problems:
@@ -130,14 +130,25 @@ class BenchPlugin:
             name = f"bench[{cell.id}]"
             item = BenchItem.from_parent(session, name=name, nodeid=f"{prefix}::{name}", path=path, cell=cell)
             item.add_marker("bench")
-            if not self.parallel:
-                item.add_marker(pytest.mark.xdist_group(GROUP))
-            if timeout_off:
-                item.add_marker(pytest.mark.timeout(0))  # waiting for the timing lock is not a hang
             items.append(item)
             made.append(item)
         # count them like collected items in "collected N items" (they come from no file)
         session.ihook.pytest_collectreport(report=pytest.CollectReport(prefix, "passed", None, made))
+        # every timing test, ours or a plugin's own @pytest.mark.bench test, takes turns
+        for item in items:
+            if item.get_closest_marker("bench") is None:
+                continue
+            if not self.parallel:
+                item.add_marker(pytest.mark.xdist_group(GROUP))
+            if timeout_off and item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(0))  # waiting for the timing lock is not a hang
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item):
+        if item.get_closest_marker("bench") is None:
+            return (yield)
+        with self.timing_slot():
+            return (yield)
 
     # ------------------------------------------------------------------ timing
 
