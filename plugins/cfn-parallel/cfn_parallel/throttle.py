@@ -4,8 +4,10 @@ Signals, sampled at most every 100 ms during a burst: machine CPU use since
 the previous sample (``psutil.cpu_percent``, the only one that reacts within a
 sub-second burst), the 1-minute load average per CPU (slow, but it catches a
 machine that was already busy), and available memory from /proc/meminfo.
-CPU or load pressure halves the window down to a floor (spawning never stalls
-because of CPU alone); memory pressure drops it to one agent at a time.
+A burst starts at the floor (4 agents per CPU) and doubles up to
+``parallelism`` at every calm sample; CPU or load pressure halves the window
+down to the floor (spawning never stalls because of CPU alone); memory
+pressure drops it to one agent at a time.
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ class Throttle:
         self.metrics = metrics
         self.next_sample = 0.0
         self.engaged = 0
-        self.min_window = self.window
+        self.min_window = settings.parallelism
         self.cpu: list[float] = []
         self.load: list[float] = []
         self.memory_low = 0
 
     def begin(self) -> None:
-        self.window = self.s.parallelism
+        # slow start: the floor first, doubled at every calm sample (a burst of 50 fresh
+        # interpreters on a busy machine makes each one slow enough to time out)
+        self.window = self.floor if self.s.throttle else self.s.parallelism
         psutil.cpu_percent(None)  # start the CPU measurement interval
         self.next_sample = time.monotonic() + _SAMPLE_EVERY
 
