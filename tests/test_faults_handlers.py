@@ -92,6 +92,23 @@ def kill_once(payload):
     return payload["key"]
 
 
+def hang_by_claim(_payload):
+    """For `cfn run` (whose payloads are filler): take the next unclaimed payload of the JSON
+    list in $CFN_TEST_PAYLOADS (an O_EXCL claim file per index) and run :func:`hang` on it."""
+    import json
+
+    path = os.environ["CFN_TEST_PAYLOADS"]
+    with open(path) as f:
+        payloads = json.load(f)
+    for i, payload in enumerate(payloads):
+        try:
+            os.close(os.open(f"{path}.claim-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        return hang(payload)
+    raise RuntimeError("no payload left to claim")
+
+
 def poison(payload):
     """A task marked ``poison`` SIGKILLs every agent that runs it."""
     _mark(payload, "start")
