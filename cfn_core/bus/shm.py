@@ -157,7 +157,7 @@ class ShmBus:
         self.inbox_depth = inbox_depth
         #: seconds a sender waits for room in a full inbox before raising InboxFull
         self.full_timeout = full_timeout
-        self._counts: dict[str, tuple] = {}  # location -> (mmap, [appended, settled])
+        self._counts: dict[str, tuple] = {}  # location -> (address, [appended, settled])
         self.run_id = self.run_dir.name
         self.max_message_bytes = max_message_bytes
         self.owner = owner
@@ -312,19 +312,23 @@ class ShmBus:
         return fd
 
     def _count_map(self, location: str):
-        """``[appended, settled]`` record counts of an inbox, shared by every process of the run."""
+        """``[appended, settled]`` record counts of an inbox, shared by every process of the run.
+
+        Mapped with libc's mmap rather than :mod:`mmap`, which would keep one
+        duplicate file descriptor per inbox open for the life of the mapping.
+        """
         entry = self._counts.get(location)
         if entry is None:
             fd = self._open_in_run(f"count/{location}", os.O_RDWR | os.O_CREAT)
             try:
                 # allocate the page now: a store into a mapping of a full tmpfs would be a SIGBUS
                 os.posix_fallocate(fd, 0, 16)
-                mm = mmap.mmap(fd, 16)
+                addr = _libc_mmap(fd)
             except OSError as exc:
                 raise BusError(f"bus {self.run_dir} cannot hold the counters of inbox {location}: {exc.strerror}") from None
             finally:
                 os.close(fd)
-            entry = self._counts[location] = (mm, (ctypes.c_uint64 * 2).from_buffer(mm))
+            entry = self._counts[location] = (addr, (ctypes.c_uint64 * 2).from_address(addr))
         return entry[1]
 
     def _unmap_counts(self) -> None:
@@ -332,13 +336,8 @@ class ShmBus:
         self._counts = {}
         for inbox in self._inboxes.values():
             inbox.counts = None
-        while maps:
-            mm, counts = maps.pop()
-            del counts
-            try:
-                mm.close()
-            except BufferError:
-                pass  # still referenced somewhere; the garbage collector unmaps it
+        for addr, _ in maps:
+            _LIBC.munmap(addr, 16)
 
     def deliver(self, dst: str, location: str, records: list[bytes]) -> None:
         """Append all ``records`` under one lock, atomically, then ring ``dst``'s doorbell.
@@ -673,6 +672,22 @@ def remove_tree(path: str | os.PathLike) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc_mmap(fd: int) -> int:
+    """Map the first 16 bytes of ``fd`` shared, read-write; the mapping outlives the fd."""
+    addr = _LIBC.mmap(None, 16, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return addr
 
 
 def _close(fd: int) -> None:
