@@ -134,6 +134,11 @@ def raise_on(payload):
     return payload["key"]
 
 
+def grow(payload):
+    """A result four times the size of the payload (fills a small bus on the way back)."""
+    return payload * 4
+
+
 def whoami(payload):
     """The agent's pid and the modules it has imported that the test planted."""
     planted = sorted(m for m in sys.modules if m.startswith("cfn_planted"))
