@@ -90,6 +90,7 @@ class Zygote:
         self._ready = 0
         self.forker_pids: list[int] = []
         self._requested: set[str] = set()  # fork requests sent and not taken yet
+        self._sent_to: dict[str, int] = {}  # agent id -> forker asked to fork it (until it answers)
         try:
             self._wait(lambda: self._ready >= len(self.socks), start_timeout, "to start")
         except BaseException:
@@ -99,7 +100,8 @@ class Zygote:
 
     @property
     def alive(self) -> bool:
-        return all(s is not None for s in self.socks) and self.proc.poll() is None
+        """The zygote runs and at least one forker answers (a dead forker is skipped)."""
+        return any(s is not None for s in self.socks) and self.proc.poll() is None
 
     @property
     def outstanding(self) -> int:
@@ -111,16 +113,37 @@ class Zygote:
     def request(self, agent_ids) -> None:
         """Ask for forks without waiting (pipelined; :meth:`take` collects each pid)."""
         ids = [a for a in agent_ids if a not in self._requested]
-        if not ids:
-            return
-        per: list[list[str]] = [[] for _ in self.socks]
-        for agent_id in ids:
-            per[self._next].append(f"F {agent_id}\n")
-            self._next = (self._next + 1) % len(self.socks)
-        for i, lines in enumerate(per):
-            if lines:
-                self._send(i, "".join(lines))
-        self._requested.update(ids)
+        while ids:
+            live = [i for i, sock in enumerate(self.socks) if sock is not None]
+            if not live:
+                raise ZygoteError(f"the zygote (pid {self.pid}) has no forker left")
+            per: dict[int, list[str]] = {i: [] for i in live}
+            for agent_id in ids:
+                self._next += 1
+                per[live[self._next % len(live)]].append(agent_id)
+            ids = []
+            for i, chunk in per.items():
+                if not chunk:
+                    continue
+                try:
+                    self.socks[i].sendall("".join(f"F {a}\n" for a in chunk).encode())
+                except OSError:  # this forker is gone: ask the others
+                    self._forker_gone(i)
+                    ids += chunk
+                    continue
+                for agent_id in chunk:
+                    self._sent_to[agent_id] = i
+                self._requested.update(chunk)
+
+    def _forker_gone(self, i: int) -> None:
+        sock = self.socks[i]
+        if sock is not None:
+            sock.close()
+            self.socks[i] = None
+        for agent_id, j in list(self._sent_to.items()):
+            if j == i:  # asked and never answered
+                del self._sent_to[agent_id]
+                self._errors[agent_id] = "its forker exited"
 
     def take(self, agent_id: str, timeout: float = 10.0) -> int:
         """The pid forked for ``agent_id`` (requesting it now unless it was requested ahead)."""
@@ -185,7 +208,8 @@ class Zygote:
         try:
             sock.sendall(text.encode())
         except OSError as exc:
-            raise ZygoteError(f"the zygote (pid {self.pid}) is gone: {exc}") from None
+            self._forker_gone(i)
+            raise ZygoteError(f"a forker of the zygote (pid {self.pid}) is gone: {exc}") from None
 
     def _wait(self, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -193,9 +217,8 @@ class Zygote:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ZygoteError(f"the zygote (pid {self.pid}) took more than {timeout:g}s {what}")
-            if not self._pump(remaining):
-                if self.proc.poll() is not None or any(s is None for s in self.socks):
-                    raise ZygoteError(f"the zygote (pid {self.pid}) exited with status {self.proc.poll()}")
+            if not self._pump(remaining) and not self.alive:
+                raise ZygoteError(f"the zygote (pid {self.pid}) exited with status {self.proc.poll()}")
 
     def _pump(self, timeout: float) -> bool:
         """Read and parse what the forkers sent; False on timeout or end of file."""
@@ -206,10 +229,12 @@ class Zygote:
         got = False
         for sock in ready:
             i = self.socks.index(sock)
-            data = sock.recv(1 << 16)
-            if not data:
-                sock.close()
-                self.socks[i] = None
+            try:
+                data = sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:  # this forker is gone: what it was asked and did not answer fails
+                self._forker_gone(i)
                 continue
             got = True
             lines = (self._bufs[i] + data).split(b"\n")
@@ -218,10 +243,12 @@ class Zygote:
                 kind, _, rest = line.decode().partition(" ")
                 if kind == "P":
                     agent_id, _, pid = rest.partition(" ")
+                    self._sent_to.pop(agent_id, None)
                     self._forked[agent_id] = int(pid)
                     self._owner[int(pid)] = i
                 elif kind == "E":
                     agent_id, _, reason = rest.partition(" ")
+                    self._sent_to.pop(agent_id, None)
                     self._errors[agent_id] = reason
                 elif kind == "X":
                     pid, _, status = rest.partition(" ")

@@ -196,6 +196,24 @@ def test_a_dead_zygote_is_restarted(make_config, no_leaks):
     assert result.ok and result.rounds[0].agents == 2
 
 
+def test_a_dead_forker_is_skipped_and_its_agents_replaced(make_config, no_leaks):
+    config = make_config(plugins=["pool"], workload={"agents": 4}, pool={"size": 4, "forkers": 2})
+    with Coordinator(config) as coord:
+        pool = pool_of(coord)
+        zygote = pool.zygote
+        forker = next(pid for pid in zygote.forker_pids if pid != zygote.pid)
+        orphans = [h for h in coord.ctx.agents.values() if psutil.Process(h.pid).ppid() == forker]
+        assert orphans
+        os.kill(forker, signal.SIGKILL)  # its agents die with it
+        pump_until(coord, lambda: all(not h.alive for h in orphans) and len(pool.idle) == 4)
+        result = coord.run()
+        assert pool.zygote is zygote and zygote.alive  # the other forker goes on
+        for h in coord.ctx.agents.values():
+            if h.alive:
+                assert psutil.Process(h.pid).ppid() == zygote.pid
+    assert result.ok and result.rounds[0].agents == 4
+
+
 def test_exit_status_of_an_agent_that_died_is_known(make_config, no_leaks):
     config = make_config(plugins=["pool"], workload={"agents": 1}, pool={"size": 1, "min_size": 0})
     with Coordinator(config) as coord:
