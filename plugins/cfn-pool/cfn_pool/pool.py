@@ -224,8 +224,9 @@ class Pool:
         now = time.monotonic()
         for agent_id in agent_ids:
             h = ctx.agents.get(agent_id)
-            if h is None or not h.alive or agent_id not in self.members:
+            if h is None or not h.alive:
                 continue
+            self.members.add(agent_id)  # also a replacement the launcher fallback started
             if h.state == "ready":
                 self.idle.pop(agent_id, None)
                 self.idle[agent_id] = now
