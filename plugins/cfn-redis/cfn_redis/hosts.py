@@ -28,6 +28,10 @@ log = logging.getLogger("cfn.redis")
 _REFRESH = 0.25
 
 
+class NoRoom(CfnError):
+    """No joined host has room and the coordinator's machine may not run more agents."""
+
+
 class RemoteAgent:
     """``AgentHandle.remote`` of an agent running on a `cfn agent` host."""
 
@@ -59,6 +63,7 @@ class Placement:
         self.launched_remote = 0
         self.hosts_seen: set[str] = set()
         self.hosts_lost: set[str] = set()
+        self.warned_no_room = False
 
     # ------------------------------------------------------------------ hosts
 
@@ -106,13 +111,26 @@ class Placement:
         if limit < 0 or self.local < limit:
             return None
         room = sum(max(v, 0) for v in free.values())
-        raise CfnError(
+        raise NoRoom(
             f"no room for agent {agent_id}: [redis] local_agents = {limit} on the coordinator's machine are in use and "
             f"{len(self.alive)} joined host(s) have {room} free slot(s); start more `cfn agent --agents N` or raise local_agents"
         )
 
     def launch(self, ctx, agent_id: str):
-        host = self.choose(agent_id)
+        try:
+            host = self.choose(agent_id)
+        except NoRoom as exc:
+            previous = ctx.agents.get(agent_id)
+            if previous is not None and previous.outstanding:
+                raise  # a replacement: the kernel fails the tasks it held, with this reason
+            # a spawn failure like any other (the round goes on with the agents it has, and reports
+            # this one), not an error that ends the session: cfn-pool pre-spawns before hosts join
+            if not self.warned_no_room:
+                self.warned_no_room = True
+                log.warning("%s", exc)
+            handle = AgentHandle(id=agent_id, pid=None)
+            handle.info["error"] = str(exc)
+            return handle
         self.where[agent_id] = host
         if host is None:
             self.local += 1
@@ -126,6 +144,8 @@ class Placement:
         return handle
 
     def exited(self, handle) -> None:
+        if "error" in handle.info:
+            return  # never started (no room)
         remote = getattr(handle, "remote", None)
         if isinstance(remote, RemoteAgent):
             self.used[remote.host] -= 1

@@ -222,3 +222,13 @@ def test_remote_agents_fork_from_a_zygote_and_a_killed_one_is_replaced(no_leaks,
     (code, err), = outcomes
     assert code == 0, err
     assert "forked from a zygote" in err
+
+
+def test_no_room_is_a_spawn_failure_not_a_crash(no_leaks, redis_config):
+    config = redis_config(redis={"local_agents": 2}, workload={"agents": 4})
+    with Coordinator(config) as coord:
+        result = coord.run()
+    (round_,) = result.rounds
+    assert round_.agents == 2 and len(round_.spawn_failures) == 2
+    assert result.delivery_rate == 1.0  # the tasks went to the two agents there are
+    assert all(r.ok for r in result.results.values())
