@@ -148,6 +148,8 @@ def cmd_hosts(args) -> dict:
         p for p in ("parallel",) if p in _spawners())
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="cfnbench-") as root:
         tables = {"parallel": {"timeout": 300.0}} if "parallel" in extra else {}  # fresh interpreters on a busy machine
+        if "pool" in extra:
+            tables["pool"] = {"size": 0}  # nothing pre-spawned on this machine: every agent on the hosts
         config = _config(("redis",) + extra, args.agents, args.url, root,
                          redis={"local_agents": 0, "wait_hosts": args.hosts}, run={"spawn_timeout": 900.0}, **tables)
         procs = []
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("hosts")
     p.add_argument("--agents", type=int, default=2000)
     p.add_argument("--hosts", type=int, default=2)
-    p.add_argument("--plugins", help="coordinator plugins besides redis (default: parallel when installed)")
+    p.add_argument("--plugins", help="plugins besides redis (default: parallel when installed; with pool the hosts fork agents from a zygote)")
     p.set_defaults(func=cmd_hosts)
     args = parser.parse_args(argv)
     out = args.func(args)
