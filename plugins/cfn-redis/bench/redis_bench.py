@@ -9,8 +9,9 @@
 ``ratio``: the same coordination on the /dev/shm bus and on Redis, alternated
 (shm, redis, shm, redis...), median seconds of each and redis/shm.
 ``throughput``: messages/s through the relay (outbox -> XADD -> XREADGROUP ->
-spool) with pipelines of ``[redis] pipeline`` commands and with one command
-per round trip.  ``hosts``: N agents all on ``--hosts`` separate ``cfn agent``
+spool; the relay is stopped while the outbox is filled, then timed until the
+last message arrived) with pipelines of ``[redis] pipeline`` commands and with
+one command per round trip.  ``hosts``: N agents all on ``--hosts`` separate ``cfn agent``
 processes (the coordinator runs none itself), delivery and time.
 Redis: ``--url`` or CFN_REDIS_URL (default redis://127.0.0.1:6379/0).
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import selectors
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,20 +103,33 @@ def _throughput_once(url, root, messages, sinks, pipeline) -> float:
             reader.read(name, f"inbox/{name}")
             sel.register(reader.wake_fd(name), selectors.EVENT_READ, name)
         record = b'{"id":"x","src":"bench","dst":"sink","kind":"peer","round":1,"task":null,"body":"' + b"p" * 64 + b'"}\n'
-        got = 0
-        t0 = time.perf_counter()
-        for i in range(messages):
-            name = names[i % sinks]
+
+        def receive(count):
+            got = 0
+            while got < count:
+                for name in names:
+                    batch = reader.read(name, f"inbox/{name}")
+                    if batch:
+                        got += len(batch)
+                        reader.ack(name, [r for _, r in batch])
+                if got < count:
+                    for key, _ in sel.select(1.0):
+                        reader.drain_wakeups(key.data)
+
+        for name in names:  # warm up: every sink registered and its stream created
             hub.deliver(name, f"inbox/{name}", [record])
-        while got < messages:
-            for name in names:
-                batch = reader.read(name, f"inbox/{name}")
-                if batch:
-                    got += len(batch)
-                    reader.ack(name, [r for _, r in batch])
-            if got < messages:
-                for key, _ in sel.select(1.0):
-                    reader.drain_wakeups(key.data)
+        receive(sinks)
+        # the relay is stopped while the outbox fills, so what is timed is the relay alone
+        # (outbox -> XADD -> XREADGROUP -> spool), not this process writing the outbox
+        hub.relay.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(messages):
+                name = names[i % sinks]
+                hub.deliver(name, f"inbox/{name}", [record])
+        finally:
+            hub.relay.send_signal(signal.SIGCONT)
+        t0 = time.perf_counter()
+        receive(messages)
         return messages / (time.perf_counter() - t0)
     finally:
         sel.close()
