@@ -260,8 +260,9 @@ class ShmBus:
         """Open ``run_dir/rel`` following no symlink below (or at) the run directory.
 
         Missing directories are created (mode 0700) when ``flags`` has ``O_CREAT``.
-        A symlink, or anything but a regular file, planted at any component is
-        refused with a BusError: nobody can redirect an inbox, cursor or state file.
+        A symlink, or anything but a regular file (a FIFO would block the open),
+        planted at any component is refused with a BusError: nobody can redirect
+        or jam an inbox, cursor or state file.
         """
         dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
         *dirs, name = rel.split("/")
@@ -287,7 +288,8 @@ class ShmBus:
                     nfd = os.open(part, dir_flags, dir_fd=dfd)
                 os.close(dfd)
                 dfd = nfd
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            # O_NONBLOCK: opening a FIFO planted here must not hang us (no effect on regular files)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600, dir_fd=dfd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise BusError(
