@@ -131,3 +131,15 @@ def test_poison_entries_are_dead_lettered_and_the_rest_reclaimed(no_leaks, redis
         if agent is not None:
             agent.close()
         hub.destroy()
+
+
+def test_garbage_on_an_inbox_stream_is_dead_lettered_and_counted(no_leaks, redis_config):
+    config = redis_config(workload={"agents": 3, "tasks": 9, "command": SLOW_ECHO, "payload_bytes": 8})
+
+    def inject(coord):
+        client = coord.ctx.bus.link.client
+        client.xadd(keys.inbox_key(coord.ctx.bus.run_id, coord.ctx.route("agent-0001")), {"m": b"\x00not a message\n"})
+
+    result = _run(config, inject)
+    assert result.ok and result.delivery_rate == 1.0
+    assert result.rounds[0].dead_lettered == 1
