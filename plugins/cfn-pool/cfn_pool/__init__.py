@@ -51,7 +51,7 @@ class PoolSettings:
     )
     warmup_timeout: float = setting(
         30.0,
-        "seconds the initial fill may take; agents not started by then are spawned on demand later",
+        "seconds the initial fill may take (checked between chunks of 256); the rest is spawned on demand",
         env=("CFN_POOL_WARMUP_TIME",),
         min=0.01,
         max=3600.0,

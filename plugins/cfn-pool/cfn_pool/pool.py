@@ -98,7 +98,8 @@ class Pool:
     def _start_zygote(self, ctx) -> None:
         try:
             forkers = self.s.forkers or min(4, os.cpu_count() or 1)
-            self.zygote = Zygote(ctx.run_ref, start_timeout=self.s.warmup_timeout, forkers=forkers)
+            # a slow zygote start is still better than fresh interpreters: not bound by warmup_timeout
+            self.zygote = Zygote(ctx.run_ref, start_timeout=max(30.0, self.s.warmup_timeout), forkers=forkers)
         except (ZygoteError, OSError) as exc:
             self.zygote_error = str(exc)
             log.warning("cfn-pool: no zygote (%s); agents start as fresh interpreters", exc)
