@@ -126,7 +126,9 @@ def cmd_agent(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: relay.stop())
         relay.start()
-        print(f"cfn agent: joined run {run} on {describe(url)} as host {host_id}, room for {args.agents} agents", file=sys.stderr, flush=True)
+        work = f"command {config.workload.command!r}" if config.workload.command else f"handler {config.workload.handler}"
+        print(f"cfn agent: joined run {run} on {describe(url)} as host {host_id}, room for {args.agents} agents, "
+              f"running {work}", file=sys.stderr, flush=True)
         code = relay.run_forever()
     finally:
         spool.destroy()
