@@ -187,3 +187,17 @@ def test_environment_names_of_the_plan():
     assert (s.parallelism, s.max_retry, s.timeout) == (12, 5, 2.5)
     with pytest.raises(CfnError, match=re.escape("environment variable CFN_SPAWN_PARALLELISM: [parallel] parallelism = '0'")):
         load_config(None, env={"CFN_SPAWN_PARALLELISM": "0"}, discover=False)
+
+
+def test_with_pool_a_miss_that_crashes_is_retried_and_joins_the_pool(make_config, no_leaks):
+    flaky = FlakyLauncher(crash={"pool-00003": 1})
+    config = make_config(
+        plugins=["pool", "parallel"], workload={"agents": 4, "rounds": 2}, pool={"size": 2}, parallel={"backoff": 0.01}
+    )
+    with Coordinator(config, extra_plugins=[flaky]) as coord:
+        result = coord.run()
+        assert "pool-00003" in coord.ctx.state["pool"].members
+    assert result.ok and [r.agents for r in result.rounds] == [4, 4]
+    assert flaky.launches["pool-00003"] == 2
+    assert result.plugin_figures["parallel"]["retries"] == 1
+    assert result.plugin_figures["pool"]["misses"] == 2

@@ -161,7 +161,7 @@ class Pool:
             want = [] if self.zygote.requested(agent_id) else [agent_id]
             while self.upcoming and self.zygote.outstanding + len(want) < self.s.fork_ahead:
                 nxt = self.upcoming.popleft()
-                if nxt != agent_id:
+                if nxt != agent_id and nxt not in ctx.agents:  # not already started by another launcher
                     want.append(nxt)
             self.zygote.request(want)
         pid = self.zygote.take(agent_id, timeout=max(self.s.warmup_timeout, 1.0))
