@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 
@@ -67,6 +68,7 @@ class Pool:
         self.lost: set[str] = set()  # died with work: the kernel relaunches them under the same id
         self.draining = False
         self.upcoming: deque[str] = deque()  # ids our cfn_spawn call is about to launch, in order
+        self.pipeline = True  # fork ahead (see start)
         self.spawning = False  # inside our own cfn_spawn call: no refill from ticks
         self._next = 0
         self.n = dict(hits=0, misses=0, refills=0, retired=0, unhealthy=0, relaunched=0, died_idle=0, died_busy=0)
@@ -79,6 +81,14 @@ class Pool:
 
     def start(self, ctx) -> None:
         t0 = time.perf_counter()
+        # forking ahead is only safe when every launch of this session is ours: another
+        # cfn_launch_agent (a remote placement, a test's) may start some ids elsewhere
+        others = [
+            ctx.pm.get_name(impl.plugin)
+            for impl in ctx.pm.hook.cfn_launch_agent.get_hookimpls()
+            if impl.plugin is not sys.modules[__package__] and ctx.pm.get_name(impl.plugin) not in ("builtin", "fallback")
+        ]
+        self.pipeline = not others
         deadline = time.monotonic() + self.s.warmup_timeout
         if self.s.zygote:
             self._start_zygote(ctx)
@@ -156,7 +166,7 @@ class Pool:
             self._start_zygote(ctx)
         if self.zygote is None:
             return None  # the baseline launcher (a fresh interpreter)
-        if self.upcoming:
+        if self.upcoming and self.pipeline:
             # pipelining: keep the zygote forking the next agents of this spawn while we register this one
             want = [] if self.zygote.requested(agent_id) else [agent_id]
             while self.upcoming and self.zygote.outstanding + len(want) < self.s.fork_ahead:
