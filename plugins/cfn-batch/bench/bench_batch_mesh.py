@@ -31,6 +31,8 @@ def one_run(agents, per_agent, plugins, root, timeout_ms, size):
     }
     if root:
         data["bus"]["root"] = root
+    if "pool" in plugins:
+        data["pool"] = {"size": agents}
     with Coordinator(config_from_dict(data)) as coord:
         result = coord.run()
     rnd = result.rounds[0]
