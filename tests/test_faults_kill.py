@@ -75,6 +75,9 @@ def _self_kill_run(make_config, scratch, plugins, agents, per_agent):
     assert charged == {f"t{i:05d}": 2 for i in doomed}
     # every task that was outstanding on a dead agent was handed to its replacement and counted
     assert round_.retries >= len(doomed)
+    print(f"\nself-kill {set_id(plugins)}: {agents} agents, {count} tasks, {len(doomed)} SIGKILLed, "
+          f"retries {round_.retries}, duplicates dropped {round_.duplicates}, "
+          f"delivered {round_.delivered}/{round_.planned}, {result.seconds:.1f}s")
     return result, len(doomed)
 
 
@@ -99,8 +102,8 @@ class _Killer:
     def __init__(self, agents: int, tasks: int, seed: int = 7):
         self.rng = random.Random(seed)
         self.quota = max(1, agents // 10)
-        # the moments: after how many collected results each kill happens (the first 60%)
-        self.moments = sorted(self.rng.randrange(0, int(tasks * 0.6)) for _ in range(self.quota))
+        # the moments: after how many collected results each kill happens (the first 40%)
+        self.moments = sorted(self.rng.randrange(0, int(tasks * 0.4)) for _ in range(self.quota))
         self.killed: list[tuple[str, int]] = []
 
     @hookimpl
@@ -136,6 +139,9 @@ def _external_kill_run(make_config, scratch, plugins, agents, per_agent, work):
     # a victim whose result was already on the bus is not charged; every other death charges one task
     assert 0 < charged <= len(killer.killed)
     assert round_.retries >= charged
+    print(f"\nexternal kill {set_id(plugins)}: {agents} agents, {count} tasks, {len(killer.killed)} SIGKILLed, "
+          f"charged {charged}, retries {round_.retries}, duplicates dropped {round_.duplicates}, "
+          f"delivered {round_.delivered}/{round_.planned}, {result.seconds:.1f}s")
     return result, killer
 
 

@@ -92,6 +92,7 @@ def test_full_tmpfs_refuses_whole_messages_and_loses_none(small_tmpfs, no_leaks,
         assert f"{batch} message(s) to a1 were not written" in str(error)
         assert len(sent) > 100
         _check_inbox(bus, sent)
+        print(f"\nfull tmpfs (batch {batch}): {len(sent)} records ({sum(map(len, sent))} bytes) sent, then: {error}")
         # after the refusal the bus still works for what fits
         bus.deliver("a1", "inbox/a1", [b'{"small":1}\n'])
         _check_inbox(bus, sent + [b'{"small":1}\n'])
@@ -123,6 +124,7 @@ def test_file_size_limit_refuses_whole_messages(bus_root, tmp_path):
     out = json.loads(done.stdout)
     # every record that fitted whole was sent, not one more
     assert 100_000 - 1020 < out["bytes"] <= 100_000 and out["sent"] > 90
+    print(f"\nRLIMIT_FSIZE 100000: {out['sent']} records ({out['bytes']} bytes) sent, then: {out['error']}")
     assert "is full (File too large)" in out["error"] and "1 message(s) to a1 were not written" in out["error"]
 
 
@@ -144,6 +146,7 @@ def test_coordination_on_a_full_bus_reports_instead_of_pretending(small_tmpfs, m
     (round_,) = result.rounds
     # a task counts as delivered only through a result that arrived; the failure is reported
     assert round_.delivered <= round_.planned and result.failed == len(full)
+    print(f"\nfull tmpfs coordination: {len(whole)} results whole, {len(full)} failed: {full[0].error[:90]!r}")
 
 
 def test_coordinator_send_on_a_full_bus_is_a_clear_error(small_tmpfs, make_config, no_leaks):

@@ -29,6 +29,7 @@ def _write_config(path, plugins, agents, bus_root, **workload):
     lines = [f"plugins = {json.dumps(list(plugins))}", "[workload]", f"agents = {agents}"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in workload.items()]
     lines += ["[bus]", f"root = {json.dumps(str(bus_root))}"]
+    lines += ["[run]", "shutdown_timeout = 1.0"]  # a hanging agent is killed after 1 s instead of 5
     if "pool" in plugins:
         lines += ["[pool]", f"size = {agents}"]
     path.write_text("\n".join(lines) + "\n")

@@ -54,6 +54,7 @@ def test_hanging_task_is_timed_out_retried_then_reported(make_config, fault_env,
     assert starts["t003"] == 2  # one run per attempt, then skipped: never a third agent killed
     pids = {pid for what, k, pid in read_log(fault_env) if k == "t003"}
     assert len(pids) == 2  # two different processes, both killed by the watchdog
+    print(f"\nhang {set_id(plugins)}: {failed.error!r}, retries {result.rounds[0].retries}, {result.seconds:.1f}s")
 
 
 @pytest.mark.parametrize("plugins", plugin_params())
@@ -72,6 +73,7 @@ def test_poison_task_stops_after_max_attempts(make_config, fault_env, no_leaks, 
     assert r.retries >= 2  # at least the poison itself was handed out again twice
     # everything but the poison was delivered and answered; the poison's messages count as lost
     assert r.delivered == 2 * (len(tasks) - 1) and r.planned == 2 * len(tasks)
+    print(f"\npoison {set_id(plugins)}: {failed.error!r}, retries {r.retries}, delivered {r.delivered}/{r.planned}")
 
 
 @pytest.mark.parametrize("plugins", plugin_params())

@@ -160,6 +160,7 @@ def test_inbox_depth_holds_under_concurrent_senders(bus_root, no_leaks):
             bus.ack("r1", [r for _, r in records])
             received += len(records)
         assert most == depth  # the senders really were held back at the limit
+        print(f"\ninbox depth {depth}, {senders} senders x {per_sender}: most unsettled seen {most}")
         for name, seqs in got.items():
             assert seqs == list(range(1, per_sender + 1)), name
         for p in procs:
