@@ -166,3 +166,25 @@ def test_clean_keeps_a_live_run(tmp_path, bus_root, no_leaks):
         assert bus.run_dir.exists()
     finally:
         bus.destroy()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig, code):
+    """The baseline starts agents one at a time: a signal in the middle of that is clean too."""
+    config = _write_config(tmp_path / "cfn.toml", (), 40, bus_root)
+    proc = _start(tmp_path, config, "", "--json")
+    try:
+        me = psutil.Process(proc.pid)
+        _wait_for(lambda: len(me.children(recursive=True)) >= 3, "a few agents to be started")
+        agents = me.children(recursive=True)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code, err.decode()[-2000:]
+    doc = json.loads(out)
+    assert doc["interrupted"] is True and doc["rounds"][0]["tasks"] == 40
+    assert "Traceback" not in err.decode()
+    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=10)
+    assert not list(bus_root.iterdir()), "the run directory was left behind"
