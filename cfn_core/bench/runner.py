@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -45,6 +46,24 @@ def cell_config(base, bench, cell: Cell):
     )
 
 
+@contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while a coordinator closes (they arrive right after), so an
+    interrupt can never leave agents or a run directory half cleaned up."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _run_cfn(config, step: Step | None) -> dict:
     from ..coordinator import Coordinator
 
@@ -62,7 +81,8 @@ def _run_cfn(config, step: Step | None) -> dict:
         t_run = time.perf_counter()
     finally:
         t_closing = time.perf_counter()
-        coord.close()
+        with _signals_held():
+            coord.close()
         t_end = time.perf_counter()
     rep["seconds"] = t_end - t0
     phases = {p: 0.0 for p in PHASES}
