@@ -118,7 +118,7 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
         f"load average (1/5/15 min) at the start {load}"
         + (f", at the end {', '.join(f'{x:.2f}' for x in m['load_average_end'])}" if m.get("load_average_end") else "")
         + ".",
-        f"- Versions: {versions}.",
+        f"- Versions: {versions}" + (f"; source at git commit {m['git_commit']}" if m.get("git_commit") else "") + ".",
         f"- Workload: one task per agent, handler `{report['workload'].get('command') or report['workload'].get('handler')}`, "
         f"payload {report['workload'].get('payload_bytes')} bytes; mesh adds {s['mesh_messages']} peer messages per agent. "
         f"Rounds per repetition: {s['rounds']}; repetitions per cell: up to {s['repetitions']}"

@@ -292,6 +292,7 @@ def machine_info() -> dict:
     except Exception:  # noqa: BLE001  (machine info must never stop a benchmark)
         pass
     return {
+        "git_commit": _git_commit(),
         "cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "cpu_model": model,
@@ -303,6 +304,18 @@ def machine_info() -> dict:
         "load_average": list(os.getloadavg()),
         "versions": versions,
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree cfn runs from, when it is a git checkout (editable install)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def new_report(bench, base, *, tool: str, overlap: bool, workers: int) -> dict:
