@@ -105,16 +105,37 @@ class CommandFailed(Exception):
         self.stderr = stderr
 
 
+#: How a command runs.  When its agent dies (even by SIGKILL, or with its coordinator) the
+#: kernel sends the shell SIGTERM (PR_SET_PDEATHSIG, set before exec), and the shell's trap
+#: kills the command's whole process group: no command outlives its agent.  The command is
+#: an asynchronous list so the trap runs at once (a shell runs traps only between commands),
+#: with the payload on its stdin through fd 3; the shell exits with the command's status.
+_GUARDED = 'exec 3<&0\ntrap "kill -KILL 0" TERM\n(\n{command}\n) <&3 3<&- &\nwait $!\n'
+
+
+def _term_with_agent(agent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:  # in the forked child, before exec
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != agent_pid:  # the agent died before the prctl
+            os._exit(1)
+
+    return preexec
+
+
 def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
+    script = _GUARDED.format(command=command)
+
     def run_command(payload: Any) -> str:
         data = payload if isinstance(payload, str) else json.dumps(payload)
         proc = subprocess.Popen(
-            command,
-            shell=True,
+            ["/bin/sh", "-c", script],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_term_with_agent(os.getpid()),
         )
         try:
             stdout, stderr = proc.communicate(data.encode(), timeout=timeout)
