@@ -188,3 +188,27 @@ def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig
     assert "Traceback" not in err.decode()
     _wait_for(lambda: _gone(agents), "the agents to exit", timeout=10)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
+
+
+@pytest.mark.parametrize("plugins", plugin_sets(), ids=set_id)
+def test_coordinator_sigkill_takes_running_commands_down_too(tmp_path, bus_root, no_leaks, plugins):
+    """A command workload runs in its own session (so a timeout can kill its group); it must
+    still die with its agent, and so with a SIGKILLed coordinator."""
+    marker = f"cfn-orphan-check-{os.getpid()}-{len(plugins)}"
+    config = _write_config(
+        tmp_path / "cfn.toml", plugins, 3, bus_root, command=f"cat >/dev/null; sleep 300 # {marker}", timeout=600.0
+    )
+    proc = _start(tmp_path, config, "")
+    try:
+        me = psutil.Process(proc.pid)
+
+        def sleepers():
+            return [p for p in me.children(recursive=True) if p.name() == "sleep"]
+
+        _wait_for(lambda: len(sleepers()) >= 3, "every command to run")
+        everything = me.children(recursive=True)
+    finally:
+        proc.kill()
+    proc.communicate(timeout=30)
+    _wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=5)
+    subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
