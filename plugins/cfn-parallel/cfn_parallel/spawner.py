@@ -170,7 +170,8 @@ def spawn(ctx, st: SpawnState, agent_ids: list[str]) -> SpawnReport:
                     continue
                 h = ctx.agents[agent_id]
                 if h.state == "ready":
-                    dt = h.ready_at - inflight.pop(agent_id)
+                    del inflight[agent_id]
+                    dt = max(0.0, h.ready_at - h.launched_at)  # 0 for an agent forked ahead of its launch
                     ready.add(agent_id)
                     consecutive = 0
                     st.m.seconds.observe(dt)
