@@ -46,7 +46,7 @@ class Throttle:
         self.window = settings.parallelism
         self.metrics = metrics
         self.next_sample = 0.0
-        self.engaged = 0
+        self.engaged = 0  # samples under pressure
         self.min_window = settings.parallelism
         self.cpu: list[float] = []
         self.load: list[float] = []
@@ -75,12 +75,12 @@ class Throttle:
         if memory_available_percent() < self.s.min_free_memory_percent:
             new = 1
             self.memory_low += 1
+            self.engaged += 1
         elif cpu > self.s.max_cpu_percent or load / self.ncpu > self.s.max_load:
             new = max(self.floor, self.window // 2)
+            self.engaged += 1  # pressure: the window was cut or kept from growing
         else:
             new = min(self.s.parallelism, self.window * 2)
-        if new < self.window:
-            self.engaged += 1
         self.window = new
         self.min_window = min(self.min_window, new)
         if self.metrics is not None:
