@@ -305,7 +305,7 @@ def cfn_report(ctx):
     """Figures for the summary.
 
     :return: ``{"name": {figure: value}}`` (JSON-able), merged into
-        ``CoordinationResult.plugins`` (hit rate, batch sizes, shard balance...).
+        ``CoordinationResult.plugin_figures`` (hit rate, batch sizes, shard balance...).
 
     Called on: the coordinator, once at the end of ``Coordinator.run``.
     """
