@@ -114,6 +114,10 @@ def main(argv=None) -> int:
         ("cfn-batch size 50, one send() per message", lambda: run_batched(args.root, dsts, msgs, per_call=1)),
         ("cfn-batch size 50, send() of 100 messages", lambda: run_batched(args.root, dsts, msgs, per_call=100)),
         ("cfn-batch adaptive (50..500), send() of 100", lambda: run_batched(args.root, dsts, msgs, adaptive=True, per_call=100)),
+        (
+            "cfn-batch size 50, send() of 100, timeout 1 s (batches fill before the timer)",
+            lambda: run_batched(args.root, dsts, msgs, per_call=100, timeout_ms=1000),
+        ),
     ]
     if not args.no_redis:
         modes.append(("Redis XADD, pipelines of 50 (redis-py + hiredis)", lambda: run_redis(dsts, msgs)))
