@@ -48,8 +48,8 @@ def cell_config(base, bench, cell: Cell):
 
 @contextmanager
 def _signals_held():
-    """Hold SIGINT/SIGTERM while a coordinator closes (they arrive right after), so an
-    interrupt can never leave agents or a run directory half cleaned up."""
+    """Hold SIGINT/SIGTERM while a coordinator opens or closes (they arrive right after),
+    so an interrupt can never leave agents or a run directory half set up or cleaned up."""
     import signal
     import threading
 
@@ -75,7 +75,8 @@ def _run_cfn(config, step: Step | None) -> dict:
     t0 = time.perf_counter()
     coord = Coordinator(config, progress=progress)
     try:
-        coord.open()
+        with _signals_held():  # an interrupt inside bus creation would orphan the run directory
+            coord.open()
         t_open = time.perf_counter()
         result = coord.run()
         t_run = time.perf_counter()
