@@ -30,6 +30,7 @@ import orjson
 
 from .errors import CfnError, ConfigError
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
+from .plugins import direct_caller
 
 log = logging.getLogger("cfn.agent")
 
@@ -53,6 +54,7 @@ class AgentContext:
         self.counters = defaultdict(int)
         self.fallbacks: dict[str, dict] = {}
         self._routes: dict[str, str] = {}
+        self._send = direct_caller(pm, "cfn_send")
 
     def route(self, agent_id: str) -> str:
         loc = self._routes.get(agent_id)
@@ -62,7 +64,7 @@ class AgentContext:
 
     def send(self, messages: list[Message]) -> None:
         self.counters["sent"] += len(messages)
-        self.hook.cfn_send(ctx=self, messages=messages)
+        self._send(ctx=self, messages=messages)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
@@ -198,8 +200,10 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         handler = load_handler(config.workload)
     skip = set(json.loads(bus.get_state(f"skip.{agent_id}") or b"[]"))
     pm.hook.cfn_agent_init(ctx=ctx)
+    read = direct_caller(pm, "cfn_read")
+    flush = direct_caller(pm, "cfn_flush")
     ctx.send([ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
-    pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+    flush(ctx=ctx, reason="explicit")
 
     waiting: list[_Work] = []  # mesh tasks waiting for their peer messages
     peers_seen: dict[int, dict[str, Any]] = defaultdict(dict)  # round -> peer message id -> body
@@ -217,7 +221,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             # The previous task's result goes on the bus before this handler runs: if this
             # task kills the agent, the coordinator sees that result and charges the attempt
             # to this task, not to one whose result a batching plugin still held.
-            pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+            flush(ctx=ctx, reason="explicit")
             unflushed = False
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
@@ -286,7 +290,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             waiting.append(work)
 
     while True:
-        messages = pm.hook.cfn_read(ctx=ctx, agent_id=agent_id)
+        messages = read(ctx=ctx, agent_id=agent_id)
         for msg in messages:
             ctx.counters["received"] += 1
             kind = msg.kind
@@ -316,13 +320,14 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             waiting = still
         if stopping and not waiting:
             break
-        pm.hook.cfn_flush(ctx=ctx, reason="explicit")
+        flush(ctx=ctx, reason="explicit")
         unflushed = False
         if settled:
             bus.ack(agent_id, settled)
             settled = []
-        if not messages:
-            bus.wait(agent_id, None)
+        # no second read "in case": whatever arrived since this read rang the doorbell
+        # after it was appended (the bus's contract), so wait returns at once for it
+        bus.wait(agent_id, None)
 
     pm.hook.cfn_flush(ctx=ctx, reason="shutdown")
     if settled:

@@ -46,7 +46,9 @@ crash between two counter writes cannot shrink an inbox for good.
 Wake-ups: after appending, the sender sends one byte to the receiver's
 doorbell socket (non-blocking; a full queue means a wake-up is already
 pending).  The receiver binds its doorbell *before* its first read, so no
-wake-up can be lost, and sleeps in ``select`` without polling.
+wake-up can be lost, and sleeps in ``recv`` on it without polling.  Every
+record appended after a wake-up rings again, so an agent reads once per
+wake-up and goes back to sleep: it never needs to read again "in case".
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def bell_name(agent_id: str) -> str:
 
     return "h" + hashlib.blake2b(agent_id.encode(), digest_size=15).hexdigest()
 _READ_CHUNK = 1 << 20
+#: bytes a read asks for first; more only when that much was there (below malloc's mmap threshold)
+_FIRST_READ = 1 << 16
 #: joins the records of one write; only the write's last record ends in b"\n"
 RECORD_SEP = b"\x1e"
 #: what replaces a write torn by its sender's death (dead-lettered by the reader)
@@ -165,6 +169,7 @@ class ShmBus:
         self._inboxes: dict[str, _Inbox] = {}
         self._bells: dict[str, socket.socket] = {}
         self._ringer: socket.socket | None = None
+        self._bell_addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
         self._dead_fds: dict[str, int] = {}
         self._pid = os.getpid()
         #: set to a dict to measure lock contention: ``deliver`` then adds the time it waited
@@ -424,8 +429,13 @@ class ShmBus:
         if self._ringer is None:
             self._ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._ringer.setblocking(False)
+        addr = self._bell_addrs.get(dst)
+        if addr is None:
+            if len(self._bell_addrs) >= _MAX_CACHED_FDS * 8:
+                self._bell_addrs.clear()
+            addr = self._bell_addrs[dst] = os.fspath(self.run_dir / "bell" / bell_name(dst))
         try:
-            self._ringer.sendto(b"!", os.fspath(self.run_dir / "bell" / bell_name(dst)))
+            self._ringer.sendto(b"!", addr)
         except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
             pass
 
@@ -460,10 +470,12 @@ class ShmBus:
     def read(self, agent_id: str, location: str) -> list[tuple[bytes, int]]:
         """New complete records of the inbox, each with its receipt (its end offset)."""
         inbox = self._inbox(agent_id, location)
-        size = os.fstat(inbox.fd).st_size
-        if size <= inbox.pos:
-            return []
-        data = os.pread(inbox.fd, size - inbox.pos, inbox.pos)
+        # one pread, no fstat: an empty or small read (the common case) is one system call
+        data = os.pread(inbox.fd, _FIRST_READ, inbox.pos)
+        if len(data) == _FIRST_READ:
+            size = os.fstat(inbox.fd).st_size
+            if size > inbox.pos + _FIRST_READ:
+                data += os.pread(inbox.fd, size - inbox.pos - _FIRST_READ, inbox.pos + _FIRST_READ)
         end = data.rfind(b"\n")
         if end < 0:
             return []
@@ -537,7 +549,7 @@ class ShmBus:
             except FileNotFoundError:
                 pass
             sock.bind(path)
-            sock.setblocking(False)
+            # blocking: :meth:`wait` sleeps in recv itself; drains pass MSG_DONTWAIT
             self._bells[agent_id] = sock
         return sock
 
@@ -550,20 +562,32 @@ class ShmBus:
 
     def drain_wakeups(self, agent_id: str) -> None:
         """Discard pending doorbell bytes (call before reading, after a wake-up)."""
-        sock = self._bell(agent_id)
+        recv = self._bell(agent_id).recv
         try:
             while True:
-                sock.recv(4096)
+                recv(64, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
 
     def wait(self, agent_id: str, timeout: float | None) -> bool:
+        """Sleep until ``agent_id``'s doorbell rings (or ``timeout`` passes); True if it rang.
+
+        Every record appended after the previous wake-up rang the doorbell after it
+        was appended, so a reader that reads after ``wait`` returns never sleeps on
+        unread records.
+        """
         sock = self._bell(agent_id)
-        ready, _, _ = select.select([sock], [], [], timeout)
-        if ready:
-            self.drain_wakeups(agent_id)
+        if timeout is None:
+            # blocks: one system call to sleep and wake.  Further rings stay queued and
+            # make a later wait return at once: a spurious wake-up costs one empty read,
+            # less than draining after every wake-up.
+            sock.recv(64)
             return True
-        return False
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            return False
+        self.drain_wakeups(agent_id)
+        return True
 
     # ------------------------------------------------------------------ dead letters and state
 
