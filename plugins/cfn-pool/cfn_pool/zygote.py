@@ -6,7 +6,8 @@ Started once per session by the coordinator as a fresh interpreter::
 
 It dies with the coordinator (``PR_SET_PDEATHSIG``), loads the run's
 configuration, builds the plugin manager, imports the workload's handler and
-everything the agent loop uses, freezes the heap (``gc.freeze``: forked
+everything the agent loop uses, runs the loop once over trivial tasks
+(:func:`warm_up`), freezes the heap (``gc.freeze``: forked
 children then share those pages instead of copying them when the collector
 would touch them), says ``R`` and serves requests on the socket ``fd``.
 
@@ -392,6 +393,57 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
             pass
 
 
+#: trivial tasks the warm-up agent runs before the zygote forks anything
+WARM_UP_TASKS = 20
+
+
+def warm_up(config, tasks: int = WARM_UP_TASKS) -> int:
+    """Run the kernel's agent loop over ``tasks`` trivial tasks on a scratch bus, in this process.
+
+    Python 3.11+ specializes ("quickens") bytecode the first times it runs and
+    allocates the caches and objects a path needs on first use.  Done here,
+    before any fork, every agent inherits that instead of each doing it in its
+    own copy-on-write memory: measured on 500 agents, ~7% less CPU from fork to
+    ready, ~10% less private memory per agent, and a first task ~20% quicker
+    (docs/plugins/pool.md).
+
+    Only the kernel runs: the warm-up agent uses a plugin manager with the
+    builtins alone and :func:`cfn_core.handlers.echo`, so no plugin hook and no
+    user handler ever sees an agent that is not the run's.  The scratch bus is
+    a run directory of its own, removed at once.  A failure is logged and
+    ignored: warming up is an optimization, never a reason not to fork.
+    Returns the number of tasks the warm-up agent answered (0 when skipped).
+    """
+    from cfn_core.agent import run_agent
+    from cfn_core.bus.shm import ShmBus
+    from cfn_core.handlers import echo
+    from cfn_core.messages import COORDINATOR_ID, MessageFactory
+    from cfn_core.plugins import BUILTIN_PLUGINS, CfnPluginManager
+
+    bus = None
+    try:
+        pm = CfnPluginManager()
+        for modname in BUILTIN_PLUGINS:
+            pm.register(__import__(modname, fromlist=["_"]), name=modname.rsplit(".", 1)[1])
+        bus = ShmBus.create(config.bus.root or None, inbox_depth=config.bus.inbox_depth)
+        agent_id = "warm-up"
+        location = pm.hook.cfn_route(agent_id=agent_id, config=config)
+        make = MessageFactory(COORDINATOR_ID).make
+        body = {"payload": "x", "peers": [], "expect": 0}
+        records = [make(agent_id, "task", round=1, task=f"w{i}", body=body).encode() for i in range(tasks)]
+        for record in records:  # one write each, as the coordinator's sends arrive
+            bus.deliver(agent_id, location, [record])
+        bus.deliver(agent_id, location, [make(agent_id, "stop").encode()])
+        run_agent(config, pm, agent_id, os.fspath(bus.run_dir), handler=echo)
+        return sum(1 for _ in bus.read(COORDINATOR_ID, "inbox/" + COORDINATOR_ID)) - 1  # results, not "ready"
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        logging.getLogger("cfn.pool").warning("zygote warm-up skipped: %s: %s", type(exc).__name__, exc)
+        return 0
+    finally:
+        if bus is not None:
+            bus.destroy()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfn_pool.zygote", description="cfn-pool's fork server")
     parser.add_argument("--run", required=True, help="run reference (the shm run directory)")
@@ -420,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which falls back
         print(f"cfn zygote: cannot prepare agents: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
+    warm_up(config)
     gc.collect()
     gc.freeze()  # children share the warm heap instead of copying pages the collector would touch
     me = os.getpid()

@@ -29,3 +29,10 @@ def hang_once(payload):
 def whoami(payload):
     """The pid of the agent that ran the task."""
     return os.getpid()
+
+
+def record_call(payload):
+    """Append one line per call, whatever the payload, to the file named by ``$CFN_TEST_CALLS``."""
+    with open(os.environ["CFN_TEST_CALLS"], "a") as f:
+        f.write(f"{os.getpid()} {payload!r}\n")
+    return payload

@@ -253,3 +253,24 @@ def test_environment_names_of_the_plan():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_zygote_warm_up_runs_the_kernel_loop_and_leaves_nothing(make_config, bus_root, no_leaks):
+    from cfn_pool.zygote import WARM_UP_TASKS, warm_up
+
+    config = make_config(plugins=["pool"], workload={"agents": 1})
+    assert warm_up(config) == WARM_UP_TASKS  # every trivial task answered by the real agent loop
+    assert list(bus_root.iterdir()) == []  # its scratch run directory is gone
+
+
+def test_zygote_warm_up_never_calls_the_users_handler(make_config, pool_env, monkeypatch, no_leaks):
+    calls = pool_env / "calls"
+    monkeypatch.setenv("CFN_TEST_CALLS", str(calls))  # inherited by the zygote and its agents
+    config = make_config(
+        plugins=["pool"], workload={"agents": 2, "handler": "pool_test_handlers:record_call"}, pool={"size": 2}
+    )
+    with Coordinator(config) as coord:
+        result = coord.run([Task(id="t0", payload="a"), Task(id="t1", payload="b")])
+    assert result.ok
+    lines = calls.read_text().splitlines()
+    assert sorted(line.split(" ", 1)[1] for line in lines) == ["'a'", "'b'"]  # the two tasks, no warm-up call
