@@ -124,34 +124,46 @@ def decode(line: bytes) -> Message:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise MalformedMessage(f"not JSON: {exc}") from None
+    # the fast path checks exact types (orjson makes no subclasses; bool is not int here);
+    # anything it does not accept goes through _why_malformed, which says what is wrong
+    try:
+        msg_id, src, dst, kind, rnd = obj["id"], obj["src"], obj["dst"], obj["kind"], obj["round"]
+        task = obj.get("task")
+        ts = obj.get("ts", 0.0)
+        seq = obj.get("seq", 0)
+    except (KeyError, TypeError):
+        raise _why_malformed(obj) from None
+    if (
+        type(msg_id) is not str
+        or type(src) is not str
+        or type(dst) is not str
+        or kind not in KINDS
+        or type(rnd) is not int
+        or (task is not None and type(task) is not str)
+        or (type(ts) is not float and type(ts) is not int)
+        or type(seq) is not int
+    ):
+        raise _why_malformed(obj)
+    return Message(id=msg_id, src=src, dst=dst, kind=kind, round=rnd, task=task, body=obj.get("body"), ts=float(ts), seq=seq)
+
+
+def _why_malformed(obj: Any) -> MalformedMessage:
+    """The reason a decoded JSON value is not a message (only called for one that is not)."""
     if not isinstance(obj, dict):
-        raise MalformedMessage("not a JSON object")
+        return MalformedMessage("not a JSON object")
     for key, typ in _FIELD_TYPES.items():
         value = obj.get(key)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise MalformedMessage(f"field {key!r} missing or not {typ.__name__}")
+        if type(value) is not typ:
+            return MalformedMessage(f"field {key!r} missing or not {typ.__name__}")
     if obj["kind"] not in KINDS:
-        raise MalformedMessage(f"unknown kind {obj['kind']!r}")
+        return MalformedMessage(f"unknown kind {obj['kind']!r}")
     task = obj.get("task")
-    if task is not None and not isinstance(task, str):
-        raise MalformedMessage("field 'task' is not a string")
+    if task is not None and type(task) is not str:
+        return MalformedMessage("field 'task' is not a string")
     ts = obj.get("ts", 0.0)
-    seq = obj.get("seq", 0)
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-        raise MalformedMessage("field 'ts' is not a number")
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        raise MalformedMessage("field 'seq' is not an integer")
-    return Message(
-        id=obj["id"],
-        src=obj["src"],
-        dst=obj["dst"],
-        kind=obj["kind"],
-        round=obj["round"],
-        task=task,
-        body=obj.get("body"),
-        ts=float(ts),
-        seq=seq,
-    )
+    if type(ts) is not float and type(ts) is not int:
+        return MalformedMessage("field 'ts' is not a number")
+    return MalformedMessage("field 'seq' is not an integer")
 
 
 class MessageFactory:
