@@ -27,17 +27,21 @@ from cfn_core.messages import MessageFactory, decode  # noqa: E402
 
 _SENDER = textwrap.dedent(
     """
+    import os
     import sys
     from cfn_core.bus.shm import ShmBus
     from cfn_core.messages import MessageFactory
     run_dir, name, count, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     bus = ShmBus.attach(run_dir)
     factory = MessageFactory(name)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go" comes once every sender is ready: they really send side by side
     sent = 0
     while sent < count:
         n = min(batch, count - sent)
         bus.deliver("sink", "inbox/sink", [factory.make("sink", "peer", body={"n": sent + i}).encode() for i in range(n)])
         sent += n
+        os.sched_yield()  # a sender this fast would finish within one time slice: let the others in
     bus.close()
     """
 )
@@ -63,10 +67,19 @@ def test_concurrent_senders_keep_order_and_are_numbered_without_gaps(bus_root, n
     bus = ShmBus.create(str(bus_root))
     bus.listen("sink")
     procs = [
-        subprocess.Popen([sys.executable, "-c", _SENDER, str(bus.run_dir), f"s{i}", str(per_sender), str(1 + 3 * i)])
+        subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(bus.run_dir), f"s{i}", str(per_sender), str(1 + 3 * i)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         for i in range(senders)
     ]
     try:
+        for p in procs:
+            assert p.stdout.readline() == b"ready\n"
+        for p in procs:
+            p.stdin.write(b"go\n")
+            p.stdin.close()
         got = _drain(bus, "sink", senders * per_sender)
         for p in procs:
             assert p.wait(timeout=60) == 0
@@ -75,6 +88,7 @@ def test_concurrent_senders_keep_order_and_are_numbered_without_gaps(bus_root, n
         for p in procs:
             p.kill()
             p.wait()
+            p.stdout.close()
         bus.destroy()
     by_sender: dict[str, list] = {}
     for msg in got:
