@@ -34,7 +34,7 @@ def test_baseline_and_pool_end_to_end(tmp_path, bus_root, no_leaks):
     for c in cells.values():
         assert c["delivery_rate"] == 1.0
         assert c["repetitions"] == 2 and len(c["seconds"]) == 2
-        assert c["p50"] > 0 and c["peak_pss_bytes"] > 0 and c["peak_processes"] >= 1
+        assert c["p50"] > 0 and c["peak_pss_bytes"] > 0 and c["peak_processes"] >= 1, c["id"]
         assert c["error_rate_per_1000"] == 0
     assert cells["baseline-6"]["improvement"] == 1.0
     assert cells["pool-6"]["improvement"] == pytest.approx(cells["baseline-6"]["p50"] / cells["pool-6"]["p50"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Callable
 
 
 def _echo(payload):
@@ -21,11 +22,12 @@ def _pipe_worker(conn) -> None:
     conn.close()
 
 
-def processpool(agents: int, payload: str) -> dict:
+def processpool(agents: int, payload: str, probe: Callable[[], None] | None = None) -> dict:
     """``ProcessPoolExecutor(max_workers=N)``, N tasks submitted at once.
 
     With the fork start method the executor starts all N workers inside the
-    first ``submit``, so that time is reported as spawn.
+    first ``submit``, so that time is reported as spawn.  ``probe`` (untimed
+    runs only) is called while every worker is alive.
     """
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=agents) as pool:
@@ -33,6 +35,8 @@ def processpool(agents: int, payload: str) -> dict:
         t_sent = time.perf_counter()
         results = [f.result() for f in futures]
         t_done = time.perf_counter()
+        if probe is not None:
+            probe()
     t_end = time.perf_counter()
     ok = sum(1 for r in results if r == payload)
     return {
@@ -44,8 +48,11 @@ def processpool(agents: int, payload: str) -> dict:
     }
 
 
-def mp_pipes(agents: int, payload: str) -> dict:
-    """N ``multiprocessing.Process`` with a ``Pipe`` each: start all, send, receive, join."""
+def mp_pipes(agents: int, payload: str, probe: Callable[[], None] | None = None) -> dict:
+    """N ``multiprocessing.Process`` with a ``Pipe`` each: start all, send, receive, join.
+
+    ``probe`` (untimed runs only) is called once every worker is started.
+    """
     ctx = multiprocessing.get_context()
     t0 = time.perf_counter()
     procs, conns = [], []
@@ -58,6 +65,8 @@ def mp_pipes(agents: int, payload: str) -> dict:
             procs.append(proc)
             conns.append(parent)
         t_spawned = time.perf_counter()
+        if probe is not None:
+            probe()
         for conn in conns:
             conn.send(payload)
         t_sent = time.perf_counter()

@@ -53,6 +53,7 @@ class ResourceSampler:
         self.estimated = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # sample() runs in the thread and, on request, in the caller
 
     def start(self) -> "ResourceSampler":
         self._cpu0 = cpu_seconds()
@@ -92,7 +93,17 @@ class ResourceSampler:
             self._stop.wait(max(MIN_INTERVAL, pause))
 
     def sample(self) -> None:
-        """One pass: list the tree, measure what the time slice allows, update the peaks."""
+        """One pass: list the tree, measure what the time slice allows, update the peaks.
+
+        Thread-safe: a caller may also take a pass at a moment it knows matters.
+        """
+        with self._lock:
+            try:
+                self._sample()
+            except psutil.Error:  # a process ended while it was measured
+                pass
+
+    def _sample(self) -> None:
         t0 = time.perf_counter()
         pids = process_tree(self.me.pid)
         for pid in [p for p in self._procs if p not in pids]:

@@ -114,10 +114,10 @@ def _run_cfn(config, step: Step | None) -> dict:
     return rep
 
 
-def _run_reference(cell: Cell, payload: str) -> dict:
+def _run_reference(cell: Cell, payload: str, probe=None) -> dict:
     from .references import RUNNERS
 
-    rep = RUNNERS[cell.reference](cell.agents, payload)
+    rep = RUNNERS[cell.reference](cell.agents, payload, probe=probe)
     rep["error"] = None
     ok = rep["failed"] == 0 and rep["delivered"] == rep["planned"]
     rep["rounds"] = [
@@ -174,7 +174,8 @@ def _resource_pass(cell: Cell, base, bench, payload: str, summary: dict) -> None
     error = None
     try:
         if cell.reference:
-            _run_reference(cell, payload)
+            # a reference run can end between two passes of the sampler: measure while its workers live
+            _run_reference(cell, payload, probe=sampler.sample)
         else:
             _run_cfn(cell_config(base, bench, cell), None)
     except Exception as exc:  # noqa: BLE001
