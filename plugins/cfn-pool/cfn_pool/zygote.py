@@ -397,7 +397,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
 WARM_UP_TASKS = 20
 
 
-def warm_up(config, tasks: int = WARM_UP_TASKS) -> int:
+def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
     """Run the kernel's agent loop over ``tasks`` trivial tasks on a scratch bus, in this process.
 
     Python 3.11+ specializes ("quickens") bytecode the first times it runs and
@@ -410,7 +410,8 @@ def warm_up(config, tasks: int = WARM_UP_TASKS) -> int:
     Only the kernel runs: the warm-up agent uses a plugin manager with the
     builtins alone and :func:`cfn_core.handlers.echo`, so no plugin hook and no
     user handler ever sees an agent that is not the run's.  The scratch bus is
-    a run directory of its own, removed at once.  A failure is logged and
+    a run directory of its own inside ``run_ref`` (the run's directory), removed
+    at once, and with the run if this process is killed before.  A failure is logged and
     ignored: warming up is an optimization, never a reason not to fork.
     Returns the number of tasks the warm-up agent answered (0 when skipped).
     """
@@ -425,7 +426,8 @@ def warm_up(config, tasks: int = WARM_UP_TASKS) -> int:
         pm = CfnPluginManager()
         for modname in BUILTIN_PLUGINS:
             pm.register(__import__(modname, fromlist=["_"]), name=modname.rsplit(".", 1)[1])
-        bus = ShmBus.create(config.bus.root or None, inbox_depth=config.bus.inbox_depth)
+        # inside the run directory: if the zygote is killed half way, the run's removal takes it
+        bus = ShmBus.create(run_ref, inbox_depth=config.bus.inbox_depth)
         agent_id = "warm-up"
         location = pm.hook.cfn_route(agent_id=agent_id, config=config)
         make = MessageFactory(COORDINATOR_ID).make
@@ -437,7 +439,7 @@ def warm_up(config, tasks: int = WARM_UP_TASKS) -> int:
         run_agent(config, pm, agent_id, os.fspath(bus.run_dir), handler=echo)
         return sum(1 for _ in bus.read(COORDINATOR_ID, "inbox/" + COORDINATOR_ID)) - 1  # results, not "ready"
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        logging.getLogger("cfn.pool").warning("zygote warm-up skipped: %s: %s", type(exc).__name__, exc)
+        logging.getLogger("cfn.pool").info("zygote warm-up skipped: %s: %s", type(exc).__name__, exc)
         return 0
     finally:
         if bus is not None:
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which falls back
         print(f"cfn zygote: cannot prepare agents: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
-    warm_up(config)
+    warm_up(config, args.run)
     gc.collect()
     gc.freeze()  # children share the warm heap instead of copying pages the collector would touch
     me = os.getpid()

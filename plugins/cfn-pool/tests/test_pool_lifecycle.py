@@ -259,8 +259,11 @@ def test_zygote_warm_up_runs_the_kernel_loop_and_leaves_nothing(make_config, bus
     from cfn_pool.zygote import WARM_UP_TASKS, warm_up
 
     config = make_config(plugins=["pool"], workload={"agents": 1})
-    assert warm_up(config) == WARM_UP_TASKS  # every trivial task answered by the real agent loop
-    assert list(bus_root.iterdir()) == []  # its scratch run directory is gone
+    run_dir = bus_root / "run"
+    run_dir.mkdir(mode=0o700)
+    assert warm_up(config, str(run_dir)) == WARM_UP_TASKS  # every trivial task answered by the real agent loop
+    assert list(run_dir.iterdir()) == []  # its scratch run directory is gone
+    run_dir.rmdir()
 
 
 def test_zygote_warm_up_never_calls_the_users_handler(make_config, pool_env, monkeypatch, no_leaks):
