@@ -11,6 +11,12 @@ A buffer is flushed
 
 * on size: when it holds ``size`` records (``size`` adapts to the observed
   message rate, see :func:`optimal_batch_size`, never beyond ``max_size``);
+* in bulk: a ``send`` of at least ``size`` messages is a batch already.  Its
+  records are grouped per destination and each group is written during the
+  call, after what was buffered for that destination, in writes of at most
+  ``max_size`` records.  Holding its small remainders back would add their
+  wait (and the sender's chance of being descheduled before its next flush)
+  for nothing: the kernel flushes right after such a call anyway;
 * on time: a flusher thread delivers every buffer whose oldest record has
   waited half of ``timeout_ms`` (so none waits ``timeout_ms``);
 * on ``flush(reason)``: the kernel's ``cfn_flush`` before every sleep and at
@@ -183,6 +189,11 @@ class Batcher:
             was_empty = not buffers
             self._window_msgs += len(records)
             dsts = self._window_dsts
+            if len(records) >= size > 1:
+                self._send_bulk_locked(records, now)
+                if self.adaptive and now - self._window_start >= RATE_WINDOW:
+                    self._adapt_locked(now)
+                return
             for dst, rec in records:
                 dsts.add(dst)
                 buf = buffers.get(dst)
@@ -199,6 +210,38 @@ class Batcher:
                 self._adapt_locked(now)
             if was_empty and buffers and self.idle:
                 self.cond.notify()
+
+    def _send_bulk_locked(self, records, now: float) -> None:
+        """A call that is a batch in itself: per destination, everything buffered plus its group, written now.
+
+        All groups join their buffers before the first write, so a write that fails
+        leaves its records and every later group buffered (flushed later), none lost.
+        """
+        buffers, first_at = self.buffers, self.first_at
+        touched: dict[str, None] = {}  # destinations of this call, in first-send order
+        for dst, rec in records:
+            buf = buffers.get(dst)
+            if buf is None:
+                buffers[dst] = [rec]
+                first_at[dst] = now
+            else:
+                buf.append(rec)
+            touched[dst] = None
+        self._window_dsts.update(touched)
+        step = self.max_size
+        for dst in touched:
+            buf = buffers[dst]
+            while len(buf) > step:  # never one write of more than max_size records
+                since = first_at[dst]
+                buffers[dst] = buf[:step]
+                try:
+                    self._flush_locked(dst, "bulk", now)
+                except BaseException:
+                    buffers[dst] += buf[step:]  # the failed chunk is back at the head; the rest after it
+                    raise
+                buf = buffers[dst] = buf[step:]
+                first_at[dst] = since
+            self._flush_locked(dst, "bulk", now)
 
     def _send_unbatched_locked(self, records, now: float) -> None:
         """The flusher is down: every record goes out at once, after whatever is buffered for its destination."""

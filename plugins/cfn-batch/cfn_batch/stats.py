@@ -23,9 +23,10 @@ MESSAGES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
-#: flush reasons: size, timeout (flusher), explicit/shutdown (cfn_flush), unbatched (flusher down),
+#: flush reasons: size, bulk (a send() of at least size messages, written during the call),
+#: timeout (flusher), explicit/shutdown (cfn_flush), unbatched (flusher down),
 #: closed (sent after shutdown, delivered at once)
-REASONS = ("size", "timeout", "explicit", "shutdown", "unbatched", "closed")
+REASONS = ("size", "bulk", "timeout", "explicit", "shutdown", "unbatched", "closed")
 
 P = "batch."
 _MAXED = (P + "size_now", P + "latency_max_us")

@@ -8,10 +8,47 @@ from cfn_core import BusError
 
 def test_buffer_never_exceeds_max_size(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=5, max_size=5, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
-        batcher.send(bh.make_messages("s", ["a"] * 23))
+        for msg in bh.make_messages("s", ["a"] * 23):  # one message per call: buffered
+            batcher.send([msg])
+            assert len(batcher.buffers.get("a", [])) < 5
         assert len(batcher.buffers["a"]) == 3
         assert len(bh.received(bus, "a")) == 20
         assert counters["batch.flush.size"] == 4
+
+
+def test_a_call_of_at_least_size_messages_is_written_in_the_call(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=5, max_size=5, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
+        early = bh.make_messages("s", ["a", "b"])
+        batcher.send(early[:1])
+        batcher.send(early[1:])  # two small calls: buffered
+        bulk = bh.make_messages("t", ["a"] * 12 + ["b"] * 2 + ["c"])
+        batcher.send(bulk)  # 15 >= size: every group written now, none left buffered
+        assert batcher.buffers == {}
+        got = {d: bh.received(bus, d) for d in "abc"}
+        # each destination: what was buffered first, then the call's group, in order
+        assert [m.id for m in got["a"]] == [early[0].id] + [m.id for m in bulk if m.dst == "a"]
+        assert [m.id for m in got["b"]] == [early[1].id] + [m.id for m in bulk if m.dst == "b"]
+        assert len(got["c"]) == 1
+        # a: 13 records in writes of at most max_size (5, 5, 3); b and c one write each
+        assert counters["batch.flush.bulk"] == 5 and counters["batch.batches"] == 5
+
+
+def test_a_bulk_write_that_fails_keeps_every_record(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=3, max_size=4, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
+        real = bus.deliver
+
+        def full(dst, location, records):
+            raise BusError("bus is full (test)")
+
+        bus.deliver = full
+        msgs = bh.make_messages("s", ["a"] * 10 + ["b"] * 2)
+        with pytest.raises(BusError):
+            batcher.send(msgs)
+        assert [len(batcher.buffers[d]) for d in "ab"] == [10, 2]  # all kept
+        bus.deliver = real
+        batcher.flush("explicit")
+        for d in "ab":
+            assert [m.id for m in bh.received(bus, d)] == [m.id for m in msgs if m.dst == d]
 
 
 def test_failed_write_keeps_the_batch_and_raises(bus_root, bh):
