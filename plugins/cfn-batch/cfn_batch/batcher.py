@@ -11,12 +11,15 @@ A buffer is flushed
 
 * on size: when it holds ``size`` records (``size`` adapts to the observed
   message rate, see :func:`optimal_batch_size`, never beyond ``max_size``);
-* in bulk: a ``send`` of at least ``size`` messages is a batch already.  Its
-  records are grouped per destination and each group is written during the
-  call, after what was buffered for that destination, in writes of at most
-  ``max_size`` records.  Holding its small remainders back would add their
-  wait (and the sender's chance of being descheduled before its next flush)
-  for nothing: the kernel flushes right after such a call anyway;
+* in bulk: a ``send`` of at least ``size`` messages that starts a burst (no
+  send in the previous ``timeout_ms / 2``) is a batch already.  Its records
+  are grouped per destination and each group is written during the call,
+  after what was buffered for that destination, in writes of at most
+  ``max_size`` records: nothing is coming soon to coalesce with, so holding
+  its small per-destination remainders back would only add their wait (and
+  the sender's chance of being descheduled before its next flush).  A send
+  that continues a stream is buffered, so a program sending chunks in a loop
+  still gets its per-destination batches;
 * on time: a flusher thread delivers every buffer whose oldest record has
   waited half of ``timeout_ms`` (so none waits ``timeout_ms``);
 * on ``flush(reason)``: the kernel's ``cfn_flush`` before every sleep and at
@@ -131,6 +134,7 @@ class Batcher:
         self.restart_at = 0.0
         self.restart_delay = RESTART_MIN
         self.fault = None  # tests: an exception the flusher raises once (see test_batch_flusher)
+        self._last_send = float("-inf")  # monotonic time of the latest send (bulk starts a burst)
         self._window_start = time.monotonic()
         self._window_msgs = 0
         self._window_dsts: set[str] = set()
@@ -189,7 +193,9 @@ class Batcher:
             was_empty = not buffers
             self._window_msgs += len(records)
             dsts = self._window_dsts
-            if len(records) >= size > 1:
+            starts_burst = now - self._last_send >= self.timeout / 2
+            self._last_send = now
+            if starts_burst and len(records) >= size > 1:
                 self._send_bulk_locked(records, now)
                 if self.adaptive and now - self._window_start >= RATE_WINDOW:
                     self._adapt_locked(now)

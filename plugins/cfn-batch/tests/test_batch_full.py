@@ -16,11 +16,12 @@ def test_buffer_never_exceeds_max_size(bus_root, bh):
         assert counters["batch.flush.size"] == 4
 
 
-def test_a_call_of_at_least_size_messages_is_written_in_the_call(bus_root, bh):
+def test_a_large_send_that_starts_a_burst_is_written_in_the_call(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=5, max_size=5, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
         early = bh.make_messages("s", ["a", "b"])
         batcher.send(early[:1])
         batcher.send(early[1:])  # two small calls: buffered
+        batcher._last_send = float("-inf")  # as if the last send were long ago: the next call starts a burst
         bulk = bh.make_messages("t", ["a"] * 12 + ["b"] * 2 + ["c"])
         batcher.send(bulk)  # 15 >= size: every group written now, none left buffered
         assert batcher.buffers == {}
@@ -31,6 +32,19 @@ def test_a_call_of_at_least_size_messages_is_written_in_the_call(bus_root, bh):
         assert len(got["c"]) == 1
         # a: 13 records in writes of at most max_size (5, 5, 3); b and c one write each
         assert counters["batch.flush.bulk"] == 5 and counters["batch.batches"] == 5
+
+
+def test_large_sends_that_continue_a_stream_are_buffered(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=5, max_size=50, adaptive=False, timeout_ms=600_000) as (bus, batcher, counters):
+        first = bh.make_messages("s", ["a", "b", "c"] * 2)
+        batcher.send(first)  # starts a burst: written at once (groups of 2)
+        assert counters["batch.flush.bulk"] == 3
+        second = bh.make_messages("t", ["a", "b", "c"] * 2)
+        batcher.send(second)  # right after: buffered, to coalesce with what follows
+        assert sum(len(b) for b in batcher.buffers.values()) == 6
+        batcher.flush("explicit")
+        for d in "abc":
+            assert [m.id for m in bh.received(bus, d)] == [m.id for m in first + second if m.dst == d]
 
 
 def test_a_bulk_write_that_fails_keeps_every_record(bus_root, bh):
