@@ -123,6 +123,8 @@ def cfn_read(ctx, agent_id):
     :return: a list of :class:`~cfn_core.messages.Message` with ``receipt`` set;
         the caller passes receipts to ``ctx.bus.ack`` once each message is
         settled.  Malformed records must be dead-lettered, never raised.
+        Return everything readable now: an agent reads once per wake-up and
+        then sleeps until the bus wakes it again.
 
     Stops at first non-None result.  Baseline: read the inbox at
     ``cfn_route(agent_id)``, decode, dead-letter what does not decode.

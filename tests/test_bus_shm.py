@@ -249,6 +249,24 @@ def test_doorbell_wakes_a_sleeping_reader_from_another_process(bus):
     assert len(bus.read("a1", "inbox/a1")) == 1
 
 
+def test_every_append_after_a_wake_up_wakes_the_reader_again(bus):
+    # the agent loop reads once per wake-up and sleeps: it relies on this
+    bus.listen("a1")
+    sender = ShmBus.attach(bus.run_dir)
+    make = MessageFactory("w").make
+    try:
+        sender.deliver("a1", "inbox/a1", [make("a1", "ping").encode()])
+        assert bus.wait("a1", None) is True  # the blocking wait
+        assert len(bus.read("a1", "inbox/a1")) == 1
+        assert bus.wait("a1", 0) is False  # that ring was consumed: nothing pending
+        sender.deliver("a1", "inbox/a1", [make("a1", "ping").encode()])  # appended after the read
+        assert bus.wait("a1", 0) is True  # rang again: a sleeping reader would wake
+        assert len(bus.read("a1", "inbox/a1")) == 1
+        assert bus.read("a1", "inbox/a1") == []
+    finally:
+        sender.close()
+
+
 def test_message_ids_are_unique_without_relying_on_the_clock():
     factory = MessageFactory("a1")
     msgs = [factory.make("x", "peer") for _ in range(10000)]

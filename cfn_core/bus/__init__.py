@@ -41,7 +41,13 @@ class Bus(Protocol):
         """Mark records settled: a later incarnation of ``agent_id`` will not read them again."""
 
     def wait(self, agent_id: str, timeout: float | None) -> bool:
-        """Block until ``agent_id`` is woken or ``timeout`` passes; True if woken."""
+        """Block until ``agent_id`` is woken or ``timeout`` passes; True if woken.
+
+        The contract agents rely on: every record appended after the reader's
+        previous wake-up wakes it (again), so a reader that reads everything
+        after each wake-up never sleeps on unread records.  A spurious wake-up
+        is allowed (the reader then finds nothing and waits again).
+        """
 
     def wake_fd(self, agent_id: str) -> int:
         """A file descriptor that becomes readable when ``agent_id`` is woken (for selectors)."""
