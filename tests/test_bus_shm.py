@@ -267,6 +267,25 @@ def test_every_append_after_a_wake_up_wakes_the_reader_again(bus):
         sender.close()
 
 
+def test_a_ring_is_delivered_when_the_senders_buffer_is_full_of_unread_rings(bus):
+    # every unread datagram stays charged to its sender: ringing hundreds of receivers that
+    # do not read (busy agents) fills the sender's buffer, and a ring then got EAGAIN and was
+    # lost (an agent slept on its task until the watchdog killed it)
+    receivers = [f"r{i}" for i in range(600)]
+    for r in receivers + ["last"]:
+        bus.listen(r)
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        for r in receivers:
+            sender.ring(r)  # none of them reads
+        sender.ring("last")
+        assert bus.wait("last", 0) is True  # the ring arrived
+        assert all(bus.wait(r, 0) for r in receivers)  # as did every other one
+        assert sender.rings_retried > 0  # because the full buffer was noticed and replaced
+    finally:
+        sender.close()
+
+
 def test_message_ids_are_unique_without_relying_on_the_clock():
     factory = MessageFactory("a1")
     msgs = [factory.make("x", "peer") for _ in range(10000)]

@@ -170,6 +170,8 @@ class ShmBus:
         self._bells: dict[str, socket.socket] = {}
         self._ringer: socket.socket | None = None
         self._bell_addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
+        #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
+        self.rings_retried = 0
         self._dead_fds: dict[str, int] = {}
         self._pid = os.getpid()
         #: set to a dict to measure lock contention: ``deliver`` then adds the time it waited
@@ -425,19 +427,38 @@ class ShmBus:
             counts[0] += torn + n  # one aligned 8-byte store
 
     def ring(self, dst: str) -> None:
-        """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet."""
-        if self._ringer is None:
-            self._ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._ringer.setblocking(False)
+        """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet.
+
+        ``EAGAIN`` from a unix datagram ``sendto`` has two causes.  The receiver's
+        queue is full: a wake-up is pending there, nothing to do.  Or *this*
+        socket's send buffer is full: every datagram stays charged to its sender
+        until its receiver reads it, so a coordinator ringing hundreds of busy
+        agents runs out of buffer (~200 KB, a few hundred rings) and the ring is
+        not delivered at all.  A lost ring is a lost wake-up (an agent sleeping
+        on unread work until the watchdog kills it: seen with 500 agents x 2
+        tasks), so on ``EAGAIN`` the ring is retried once from a fresh socket,
+        whose buffer is empty; if that fails too, the receiver's queue is full.
+        """
+        ringer = self._ringer
+        if ringer is None:
+            ringer = self._ringer = _new_ringer()
         addr = self._bell_addrs.get(dst)
         if addr is None:
             if len(self._bell_addrs) >= _MAX_CACHED_FDS * 8:
                 self._bell_addrs.clear()
             addr = self._bell_addrs[dst] = os.fspath(self.run_dir / "bell" / bell_name(dst))
         try:
-            self._ringer.sendto(b"!", addr)
-        except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
+            ringer.sendto(b"!", addr)
+        except (FileNotFoundError, ConnectionRefusedError):
             pass
+        except BlockingIOError:
+            ringer.close()  # its queued rings stay with their receivers
+            ringer = self._ringer = _new_ringer()
+            self.rings_retried += 1
+            try:
+                ringer.sendto(b"!", addr)
+            except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
+                pass
 
     # ------------------------------------------------------------------ receiving
 
@@ -705,6 +726,12 @@ _LIBC.mmap.restype = ctypes.c_void_p
 _LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _new_ringer() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    return sock
 
 
 def _libc_mmap(fd: int) -> int:
