@@ -103,6 +103,15 @@ def installed_settings() -> dict[str, type]:
     return tables
 
 
+def builtin_plugin_manager() -> CfnPluginManager:
+    """A manager with the builtins alone (the baseline and the fallback wrappers)."""
+    pm = CfnPluginManager()
+    for modname in BUILTIN_PLUGINS:
+        module = __import__(modname, fromlist=["_"])
+        pm.register(module, name=modname.rsplit(".", 1)[1])
+    return pm
+
+
 def make_plugin_manager(config, extra_plugins=()) -> CfnPluginManager:
     """A manager with the builtins and the plugins ``config`` enables, checked and configured.
 
@@ -110,10 +119,7 @@ def make_plugin_manager(config, extra_plugins=()) -> CfnPluginManager:
         (tests, embedding applications).  They live in this process only: agents
         do not load them, so they should implement coordinator-side hooks.
     """
-    pm = CfnPluginManager()
-    for modname in BUILTIN_PLUGINS:
-        module = __import__(modname, fromlist=["_"])
-        pm.register(module, name=modname.rsplit(".", 1)[1])
+    pm = builtin_plugin_manager()
     for name in config.blocked():
         if name not in _KNOWN and name not in installed():
             raise unknown_plugin(name)
@@ -175,11 +181,8 @@ def describe_plugins(config) -> list[dict]:
     for name in sorted(enabled | blocked):
         if name not in installed():
             raise unknown_plugin(name)  # the same answer `cfn run` would give
-    pm = CfnPluginManager()
+    pm = builtin_plugin_manager()
     rows = []
-    for modname in BUILTIN_PLUGINS:
-        module = __import__(modname, fromlist=["_"])
-        pm.register(module, name=modname.rsplit(".", 1)[1])
     for name, ep in sorted(installed().items()):
         dist = ep.dist
         row = {

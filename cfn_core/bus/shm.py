@@ -72,6 +72,8 @@ from ..errors import BusError, InboxFull
 from ..messages import check_agent_id
 
 _MAX_CACHED_FDS = 512
+#: doorbell paths a sender keeps (a string each; cleared when full)
+_MAX_CACHED_ADDRS = 4096
 _BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
 
 
@@ -439,26 +441,25 @@ class ShmBus:
         tasks), so on ``EAGAIN`` the ring is retried once from a fresh socket,
         whose buffer is empty; if that fails too, the receiver's queue is full.
         """
-        ringer = self._ringer
-        if ringer is None:
-            ringer = self._ringer = _new_ringer()
         addr = self._bell_addrs.get(dst)
         if addr is None:
-            if len(self._bell_addrs) >= _MAX_CACHED_FDS * 8:
+            if len(self._bell_addrs) >= _MAX_CACHED_ADDRS:
                 self._bell_addrs.clear()
             addr = self._bell_addrs[dst] = os.fspath(self.run_dir / "bell" / bell_name(dst))
-        try:
-            ringer.sendto(b"!", addr)
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        except BlockingIOError:
-            ringer.close()  # its queued rings stay with their receivers
-            ringer = self._ringer = _new_ringer()
-            self.rings_retried += 1
+        for fresh in (False, True):
+            if self._ringer is None or fresh:
+                if self._ringer is not None:
+                    self._ringer.close()  # its queued rings stay with their receivers
+                    self.rings_retried += 1
+                self._ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._ringer.setblocking(False)
             try:
-                ringer.sendto(b"!", addr)
-            except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
-                pass
+                self._ringer.sendto(b"!", addr)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                return  # not bound (yet): the reader reads after it binds
+            except BlockingIOError:
+                continue  # a full buffer here, or a full queue there: once more from a fresh socket
 
     # ------------------------------------------------------------------ receiving
 
@@ -726,12 +727,6 @@ _LIBC.mmap.restype = ctypes.c_void_p
 _LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _new_ringer() -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    return sock
 
 
 def _libc_mmap(fd: int) -> int:

@@ -188,34 +188,32 @@ class Batcher:
             if not self._flusher_ok(now):
                 self._send_unbatched_locked(records, now)
                 return
-            buffers, first_at = self.buffers, self.first_at
             size = self.size
-            was_empty = not buffers
+            was_empty = not self.buffers
             self._window_msgs += len(records)
-            dsts = self._window_dsts
             starts_burst = now - self._last_send >= self.timeout / 2
             self._last_send = now
             if starts_burst and len(records) >= size > 1:
                 self._send_bulk_locked(records, now)
-                if self.adaptive and now - self._window_start >= RATE_WINDOW:
-                    self._adapt_locked(now)
-                return
-            for dst, rec in records:
-                dsts.add(dst)
-                buf = buffers.get(dst)
-                if buf is None:
-                    buffers[dst] = [rec]
-                    first_at[dst] = now
-                    if size <= 1:
+            else:
+                dsts = self._window_dsts
+                for dst, rec in records:
+                    dsts.add(dst)
+                    if len(self._buffer_locked(dst, rec, now)) >= size:
                         self._flush_locked(dst, "size", now)
-                    continue
-                buf.append(rec)
-                if len(buf) >= size:
-                    self._flush_locked(dst, "size", now)
             if self.adaptive and now - self._window_start >= RATE_WINDOW:
                 self._adapt_locked(now)
-            if was_empty and buffers and self.idle:
+            if was_empty and self.buffers and self.idle:
                 self.cond.notify()
+
+    def _buffer_locked(self, dst: str, rec: bytes, now: float) -> list[bytes]:
+        """Append ``rec`` to ``dst``'s buffer (started, with its arrival time, if empty); the buffer."""
+        buf = self.buffers.get(dst)
+        if buf is None:
+            buf = self.buffers[dst] = []
+            self.first_at[dst] = now
+        buf.append(rec)
+        return buf
 
     def _send_bulk_locked(self, records, now: float) -> None:
         """A call that is a batch in itself: per destination, everything buffered plus its group, written now.
@@ -223,41 +221,19 @@ class Batcher:
         All groups join their buffers before the first write, so a write that fails
         leaves its records and every later group buffered (flushed later), none lost.
         """
-        buffers, first_at = self.buffers, self.first_at
-        touched: dict[str, None] = {}  # destinations of this call, in first-send order
         for dst, rec in records:
-            buf = buffers.get(dst)
-            if buf is None:
-                buffers[dst] = [rec]
-                first_at[dst] = now
-            else:
-                buf.append(rec)
-            touched[dst] = None
+            self._buffer_locked(dst, rec, now)
+        touched = dict.fromkeys(dst for dst, _ in records)  # in first-send order
         self._window_dsts.update(touched)
-        step = self.max_size
         for dst in touched:
-            buf = buffers[dst]
-            while len(buf) > step:  # never one write of more than max_size records
-                since = first_at[dst]
-                buffers[dst] = buf[:step]
-                try:
-                    self._flush_locked(dst, "bulk", now)
-                except BaseException:
-                    buffers[dst] += buf[step:]  # the failed chunk is back at the head; the rest after it
-                    raise
-                buf = buffers[dst] = buf[step:]
-                first_at[dst] = since
+            while len(self.buffers[dst]) > self.max_size:  # never one write of more than max_size
+                self._flush_locked(dst, "bulk", now, self.max_size)
             self._flush_locked(dst, "bulk", now)
 
     def _send_unbatched_locked(self, records, now: float) -> None:
         """The flusher is down: every record goes out at once, after whatever is buffered for its destination."""
         for dst, rec in records:
-            buf = self.buffers.get(dst)
-            if buf is None:
-                self.buffers[dst] = [rec]
-                self.first_at[dst] = now
-            else:
-                buf.append(rec)
+            self._buffer_locked(dst, rec, now)
             self._flush_locked(dst, "unbatched" if not self.closed else "closed", now)
         if not self.closed:
             self.stats.unbatched(len(records))
@@ -275,23 +251,24 @@ class Batcher:
         for dst in list(self.buffers):
             self._flush_locked(dst, reason, now)
 
-    def _flush_locked(self, dst: str, reason: str, now: float) -> None:
-        """One ``deliver`` of ``dst``'s whole buffer.  On failure the records stay, at the head, and it raises.
+    def _flush_locked(self, dst: str, reason: str, now: float, count: int | None = None) -> None:
+        """One ``deliver`` of ``dst``'s buffer (its first ``count`` records, default all).
 
-        ``now`` is when the flush began: the buffer wait recorded is ``now`` minus the oldest
-        record's arrival.  The writes of other destinations before this one in the same flush
-        are not counted: unbatched, the same messages would be written one after another too.
+        The records leave the buffer only once written: on failure they all stay, in
+        order, and it raises.  ``now`` is when the flush began: the buffer wait recorded
+        is ``now`` minus the oldest record's arrival.  The writes of other destinations
+        before this one in the same flush are not counted: unbatched, the same messages
+        would be written one after another too.
         """
-        buf = self.buffers.pop(dst)
-        since = self.first_at.pop(dst)
-        try:
-            self.bus.deliver(dst, self.route(dst), buf)
-        except BaseException:
-            later = self.buffers.pop(dst, None)
-            self.buffers[dst] = buf + later if later else buf
-            self.first_at[dst] = since
-            raise
-        self.stats.batch(reason, len(buf), sum(map(len, buf)), max(0.0, now - since))
+        buf = self.buffers[dst]
+        since = self.first_at[dst]
+        batch = buf if count is None or count >= len(buf) else buf[:count]
+        self.bus.deliver(dst, self.route(dst), batch)
+        if batch is buf:
+            del self.buffers[dst], self.first_at[dst]
+        else:
+            del buf[:count]  # the rest keeps the oldest arrival time: an upper bound of its wait
+        self.stats.batch(reason, len(batch), sum(map(len, batch)), max(0.0, now - since))
 
     def _adapt_locked(self, now: float) -> None:
         elapsed = now - self._window_start

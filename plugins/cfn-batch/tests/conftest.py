@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 from cfn_core.bus.shm import ShmBus
@@ -33,6 +34,14 @@ def batcher_on_bus(bus_root, start=True, **settings):
 def received(bus, dst: str) -> list:
     """Every message now in ``dst``'s inbox, decoded, in inbox order."""
     return [decode(raw) for raw, _ in bus.read(dst, route(dst))]
+
+
+def until_counted(counters: dict, key: str, value: int, timeout: float = 60.0) -> None:
+    """Wait for the flusher to count what it wrote: it counts once its write returned,
+    just after the reader's doorbell rang, so the reader can be there first."""
+    deadline = time.monotonic() + timeout
+    while counters.get(key, 0) < value and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def make_messages(sender: str, plan: list[str]) -> list:

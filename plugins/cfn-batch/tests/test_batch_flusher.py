@@ -32,6 +32,7 @@ def test_dead_flusher_is_counted_bypassed_and_restarted(bus_root, bh):
             bus.wait("a", 1.0)
             got = bh.received(bus, "a")
         assert [m.src for m in got] == ["t"]
+        bh.until_counted(counters, "batch.flush.timeout", 1)
         assert counters["batch.flush.timeout"] == 1  # delivered by the restarted flusher
 
 

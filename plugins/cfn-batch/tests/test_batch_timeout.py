@@ -5,14 +5,6 @@ from __future__ import annotations
 import time
 
 
-def until_counted(counters: dict, key: str, value: int, timeout: float = 60.0) -> None:
-    """Wait for the flusher to count what it wrote: it counts once its write returned,
-    just after the reader's doorbell rang, so the reader can be there first."""
-    deadline = time.monotonic() + timeout
-    while counters.get(key, 0) < value and time.monotonic() < deadline:
-        time.sleep(0.001)
-
-
 def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=50, timeout_ms=100) as (bus, batcher, counters):
         bus.listen("a")  # the doorbell rings when the flusher writes
@@ -24,7 +16,7 @@ def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
                 if got:
                     break
         assert len(got) == 1
-        until_counted(counters, "batch.flush.timeout", 1)
+        bh.until_counted(counters, "batch.flush.timeout", 1)
         assert counters["batch.flush.timeout"] == 1
         assert counters["batch.flush.explicit"] == 0
         # the flusher sends a buffer once its oldest record waited half the timeout
@@ -44,5 +36,5 @@ def test_flusher_parks_without_a_timer_and_wakes_for_the_next_record(bus_root, b
             while not bus.wait("a", 1.0):
                 pass
             assert len(bh.received(bus, "a")) == 1
-            until_counted(counters, "batch.flush.timeout", round_ + 1)
+            bh.until_counted(counters, "batch.flush.timeout", round_ + 1)
         assert counters["batch.flush.timeout"] == 3

@@ -419,17 +419,16 @@ def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
     from cfn_core.bus.shm import ShmBus
     from cfn_core.handlers import echo
     from cfn_core.messages import COORDINATOR_ID, MessageFactory
-    from cfn_core.plugins import BUILTIN_PLUGINS, CfnPluginManager
+    from cfn_core.plugins import builtin_plugin_manager
 
     bus = None
     try:
-        pm = CfnPluginManager()
-        for modname in BUILTIN_PLUGINS:
-            pm.register(__import__(modname, fromlist=["_"]), name=modname.rsplit(".", 1)[1])
+        pm = builtin_plugin_manager()
         # inside the run directory: if the zygote is killed half way, the run's removal takes it
         bus = ShmBus.create(run_ref, inbox_depth=config.bus.inbox_depth)
         agent_id = "warm-up"
-        location = pm.hook.cfn_route(agent_id=agent_id, config=config)
+        route = pm.hook.cfn_route
+        location = route(agent_id=agent_id, config=config)
         make = MessageFactory(COORDINATOR_ID).make
         body = {"payload": "x", "peers": [], "expect": 0}
         records = [make(agent_id, "task", round=1, task=f"w{i}", body=body).encode() for i in range(tasks)]
@@ -437,7 +436,8 @@ def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
             bus.deliver(agent_id, location, [record])
         bus.deliver(agent_id, location, [make(agent_id, "stop").encode()])
         run_agent(config, pm, agent_id, os.fspath(bus.run_dir), handler=echo)
-        return sum(1 for _ in bus.read(COORDINATOR_ID, "inbox/" + COORDINATOR_ID)) - 1  # results, not "ready"
+        answers = bus.read(COORDINATOR_ID, route(agent_id=COORDINATOR_ID, config=config))
+        return len(answers) - 1  # the results, not the "ready"
     except Exception as exc:  # noqa: BLE001 - see the docstring
         logging.getLogger("cfn.pool").info("zygote warm-up skipped: %s: %s", type(exc).__name__, exc)
         return 0
