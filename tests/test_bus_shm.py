@@ -286,6 +286,18 @@ def test_a_ring_is_delivered_when_the_senders_buffer_is_full_of_unread_rings(bus
         sender.close()
 
 
+def test_a_receivers_full_queue_is_a_pending_wake_up_not_a_reason_for_a_new_socket(bus):
+    bus.listen("busy")
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        for _ in range(50):  # far more than the receiver's queue holds (net.unix.max_dgram_qlen)
+            sender.ring("busy")
+        assert sender.rings_retried == 0  # EAGAIN from its queue: the socket was kept
+        assert bus.wait("busy", 0) is True
+    finally:
+        sender.close()
+
+
 def test_message_ids_are_unique_without_relying_on_the_clock():
     factory = MessageFactory("a1")
     msgs = [factory.make("x", "peer") for _ in range(10000)]

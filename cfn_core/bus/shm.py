@@ -63,7 +63,9 @@ import os
 import select
 import socket
 import stat
+import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 from typing import Iterable
@@ -171,6 +173,7 @@ class ShmBus:
         self._inboxes: dict[str, _Inbox] = {}
         self._bells: dict[str, socket.socket] = {}
         self._ringer: socket.socket | None = None
+        self._ringer_sndbuf = 0
         self._bell_addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
         #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
         self.rings_retried = 0
@@ -438,8 +441,10 @@ class ShmBus:
         agents runs out of buffer (~200 KB, a few hundred rings) and the ring is
         not delivered at all.  A lost ring is a lost wake-up (an agent sleeping
         on unread work until the watchdog kills it: seen with 500 agents x 2
-        tasks), so on ``EAGAIN`` the ring is retried once from a fresh socket,
-        whose buffer is empty; if that fails too, the receiver's queue is full.
+        tasks), so on ``EAGAIN`` with this socket's buffer (mostly) used up the
+        ring is retried once from a fresh socket, whose buffer is empty.  With
+        room left, the receiver's queue is full, which is the common case (a
+        busy receiver), and the ring is done.
         """
         addr = self._bell_addrs.get(dst)
         if addr is None:
@@ -453,13 +458,16 @@ class ShmBus:
                     self.rings_retried += 1
                 self._ringer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._ringer.setblocking(False)
+                self._ringer_sndbuf = self._ringer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             try:
                 self._ringer.sendto(b"!", addr)
                 return
             except (FileNotFoundError, ConnectionRefusedError):
                 return  # not bound (yet): the reader reads after it binds
             except BlockingIOError:
-                continue  # a full buffer here, or a full queue there: once more from a fresh socket
+                if fresh or not _send_buffer_full(self._ringer, self._ringer_sndbuf):
+                    return  # dst's queue is full: a wake-up is pending there
+                # this socket's buffer is full: once more from a fresh socket
 
     # ------------------------------------------------------------------ receiving
 
@@ -727,6 +735,15 @@ _LIBC.mmap.restype = ctypes.c_void_p
 _LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 _LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _send_buffer_full(sock: socket.socket, size: int) -> bool:
+    """Is more than half of ``sock``'s send buffer (``size`` bytes) held by datagrams not yet read?"""
+    try:  # SIOCOUTQ (same number as TIOCOUTQ): bytes a unix socket has sent and nobody read yet
+        queued = int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return True  # cannot tell: a fresh socket costs little
+    return queued * 2 > size
 
 
 def _libc_mmap(fd: int) -> int:
