@@ -194,6 +194,48 @@ def test_ack_cursor_second_reader_rereads_exactly_the_unacked(bus):
     fifth.close()
 
 
+def test_kept_directory_descriptors_survive_nothing_they_should_not(bus):
+    """Directories are opened once per process; a removed one is an error naming it, not a crash or a loss."""
+    from cfn_core.errors import BusError
+
+    sender = ShmBus.attach(bus.run_dir)
+    before = len(os.listdir("/proc/self/fd"))
+    sender.deliver("a1", "shard-1/a1", [MessageFactory("c").make("a1", "task").encode()])
+    kept = len(os.listdir("/proc/self/fd")) - before
+    assert kept == 4  # the run directory, shard-1, the inbox, the ringing socket
+    sender.deliver("a2", "shard-1/a2", [MessageFactory("c").make("a2", "task").encode()])
+    assert len(os.listdir("/proc/self/fd")) - before == 5  # one more inbox, no more directories
+    # the directory goes away under the sender: a new inbox there is a clear error
+    for name in os.listdir(bus.run_dir / "shard-1"):
+        os.unlink(bus.run_dir / "shard-1" / name)
+    os.rmdir(bus.run_dir / "shard-1")
+    with pytest.raises(BusError, match="shard-1/a3: its directory was removed"):
+        sender.deliver("a3", "shard-1/a3", [b"{}\n"])
+    # ... and once it exists again, the sender opens it afresh and the message arrives
+    os.mkdir(bus.run_dir / "shard-1", 0o700)
+    msg = MessageFactory("c").make("a3", "task")
+    sender.deliver("a3", "shard-1/a3", [msg.encode()])
+    reader = ShmBus.attach(bus.run_dir)
+    assert [decode(r).id for r, _ in reader.read("a3", "shard-1/a3")] == [msg.id]
+    reader.close()
+    sender.close()
+    assert len(os.listdir("/proc/self/fd")) == before  # close() closes the kept directories too
+
+
+def test_settling_thousands_of_held_records_at_once_moves_the_cursor_over_all(bus):
+    """Held records (a mesh task's peers) settled together, in any order: the cursor ends after the last."""
+    records = [MessageFactory("c").make("a1", "peer").encode() for _ in range(5000)]
+    bus.deliver("a1", "inbox/a1", records)
+    reader = ShmBus.attach(bus.run_dir)
+    got = reader.read("a1", "inbox/a1")
+    receipts = [r for _, r in got]
+    reader.ack("a1", receipts[1::2])  # every second one first: nothing may move
+    assert reader.unread_bytes("a1", "inbox/a1") == sum(len(r) for r in records)
+    reader.ack("a1", receipts[0::2])
+    assert reader.unread_bytes("a1", "inbox/a1") == 0
+    reader.close()
+
+
 def test_reader_never_takes_a_partial_record(bus):
     path = bus.run_dir / "inbox" / "a1"
     bus.deliver("a1", "inbox/a1", [MessageFactory("x").make("a1", "task").encode()])
