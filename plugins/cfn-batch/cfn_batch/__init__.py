@@ -4,14 +4,15 @@ Enable with ``plugins = ["batch"]``; settings in ``[batch]`` (see :class:`BatchS
 Acts on both sides: the coordinator and every agent run a
 :class:`~cfn_batch.batcher.Batcher` (one buffer per destination, one locked
 write per destination per flush, send order kept, a flusher thread for the
-timeout).
+timeout, started when first needed).
 
 Hook implementations:
 
 * ``cfn_settings`` / ``cfn_configure``: the ``[batch]`` table and its checks.
 * ``cfn_session_start`` (coordinator) / ``cfn_agent_init`` (agents, also after
-  a fork): create the process's batcher and start its flusher thread; on the
-  coordinator register the ``cfn_batch_*`` metrics.
+  a fork): create the process's batcher (its flusher thread starts the first
+  time a record stays buffered); on the coordinator register the
+  ``cfn_batch_*`` metrics.
 * ``cfn_send``: encode and buffer; a buffer that reaches the (adaptive) size is
   delivered by the sender at once.  Returns ``True``.
 * ``cfn_flush``: deliver every buffer (``explicit`` before each sleep,
@@ -87,8 +88,7 @@ def _batcher(ctx) -> Batcher:
         # first use without an init hook, or a fork inherited the parent's batcher: start afresh
         # (a child never re-sends what its parent buffered)
         counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("batch.counters", {})
-        batcher = _new_batcher(ctx, counters)
-        batcher.start()
+        batcher = _new_batcher(ctx, counters)  # its flusher thread starts when a record first stays buffered
     return batcher
 
 

@@ -11,25 +11,29 @@ A buffer is flushed
 
 * on size: when it holds ``size`` records (``size`` adapts to the observed
   message rate, see :func:`optimal_batch_size`, never beyond ``max_size``);
-* in bulk: a ``send`` of at least ``size`` messages that starts a burst (no
-  send in the previous ``timeout_ms / 2``) is a batch already.  Its records
-  are grouped per destination and each group is written during the call,
-  after what was buffered for that destination, in writes of at most
-  ``max_size`` records: nothing is coming soon to coalesce with, so holding
-  its small per-destination remainders back would only add their wait (and
-  the sender's chance of being descheduled before its next flush).  A send
-  that continues a stream is buffered, so a program sending chunks in a loop
-  still gets its per-destination batches;
+* on the leading edge: a ``send`` that starts a burst (no send in the
+  previous ``timeout_ms / 2``) is written during the call, its records
+  grouped per destination, each group after what was buffered for that
+  destination, in writes of at most ``max_size`` records.  Nothing sent
+  recently is there to coalesce with, and holding the call back would only
+  add its wait and the sender's chance of being descheduled before its next
+  flush (Nagle's rule: the first segment goes out at once, the ones that
+  follow it closely are coalesced).  A send that continues a burst is
+  buffered, so a program sending in a loop still gets its per-destination
+  batches;
 * on time: a flusher thread delivers every buffer whose oldest record has
-  waited half of ``timeout_ms`` (so none waits ``timeout_ms``);
+  waited half of ``timeout_ms`` (so none waits ``timeout_ms``).  It is
+  started the first time a record stays buffered after a ``send`` returns: a
+  process whose sends all start bursts (an agent answering one task at a
+  time) never pays for the thread;
 * on ``flush(reason)``: the kernel's ``cfn_flush`` before every sleep and at
   shutdown.
 
 One lock serializes every use of the bus by the batcher (the ShmBus object is
 not thread-safe, and flock does not exclude two threads sharing a descriptor).
 The flusher cannot die silently: if it raises, the death is counted and logged,
-sends are delivered unbatched until it is restarted (on the next send or flush,
-with a back-off), and the restart is counted.  Nothing is ever dropped: a
+sends are delivered unbatched until it is restarted (by the next send that
+leaves a record buffered, after a back-off), and the restart is counted.  Nothing is ever dropped: a
 delivery that fails leaves the records at the head of their buffer and raises
 to the sender.
 """
@@ -127,14 +131,15 @@ class Batcher:
         self.pid = os.getpid()
         self.cond = threading.Condition(threading.Lock())
         self.buffers: dict[str, list[bytes]] = {}  # only non-empty buffers, in first-use order
-        self.first_at: dict[str, float] = {}  # destination -> monotonic time of its oldest record
+        #: destination -> monotonic arrival time of each buffered record (ascending, parallel to its buffer)
+        self.arrivals: dict[str, list[float]] = {}
         self.closed = False  # after close(): every send is delivered at once
         self.thread: FlusherThread | None = None
         self.idle = False  # the flusher waits for a first record
         self.restart_at = 0.0
         self.restart_delay = RESTART_MIN
         self.fault = None  # tests: an exception the flusher raises once (see test_batch_flusher)
-        self._last_send = float("-inf")  # monotonic time of the latest send (bulk starts a burst)
+        self._last_send = float("-inf")  # monotonic time of the latest send (a send after a pause starts a burst)
         self._window_start = time.monotonic()
         self._window_msgs = 0
         self._window_dsts: set[str] = set()
@@ -142,7 +147,7 @@ class Batcher:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the flusher thread (idempotent)."""
+        """Start the flusher thread now (idempotent).  Without this call it starts when first needed."""
         with self.cond:
             if not self.closed and (self.thread is None or not self.thread.is_alive()):
                 self._start_locked()
@@ -162,20 +167,22 @@ class Batcher:
         if thread is not None and thread.ident != threading.get_ident():
             thread.join(timeout=5.0)
 
-    def _flusher_ok(self, now: float) -> bool:
-        """Is the flusher running?  Restart a dead one (with back-off).  Lock held."""
-        thread = self.thread
-        if thread is not None and thread.is_alive():
-            return True
+    def _may_buffer_locked(self, now: float) -> bool:
+        """Can a record wait in a buffer?  Not after close, nor while a dead flusher's back-off runs."""
         if self.closed:
             return False
-        if thread is None or now >= self.restart_at:
-            if thread is not None:
-                self.stats.flusher_restart()
-                log.warning("cfn-batch: flusher thread restarted (pid %d)", os.getpid())
-            self._start_locked()
-            return True
-        return False
+        thread = self.thread
+        return thread is None or thread.is_alive() or now >= self.restart_at
+
+    def _keep_flusher_locked(self) -> None:
+        """Records stay buffered: a flusher must be running (started on first need, or restarted, counted)."""
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            return
+        if thread is not None:
+            self.stats.flusher_restart()
+            log.warning("cfn-batch: flusher thread restarted (pid %d)", os.getpid())
+        self._start_locked()
 
     # ------------------------------------------------------------------ sending
 
@@ -185,7 +192,7 @@ class Batcher:
         records = [(m.dst, m.encode(limit)) for m in messages]
         now = time.monotonic()
         with self.cond:
-            if not self._flusher_ok(now):
+            if not self._may_buffer_locked(now):
                 self._send_unbatched_locked(records, now)
                 return
             size = self.size
@@ -193,8 +200,8 @@ class Batcher:
             self._window_msgs += len(records)
             starts_burst = now - self._last_send >= self.timeout / 2
             self._last_send = now
-            if starts_burst and len(records) >= size > 1:
-                self._send_bulk_locked(records, now)
+            if starts_burst:
+                self._send_now_locked(records, now)
             else:
                 dsts = self._window_dsts
                 for dst, rec in records:
@@ -203,32 +210,61 @@ class Batcher:
                         self._flush_locked(dst, "size", now)
             if self.adaptive and now - self._window_start >= RATE_WINDOW:
                 self._adapt_locked(now)
-            if was_empty and self.buffers and self.idle:
-                self.cond.notify()
+            if self.buffers:
+                self._keep_flusher_locked()
+                if was_empty and self.idle:
+                    self.cond.notify()
 
     def _buffer_locked(self, dst: str, rec: bytes, now: float) -> list[bytes]:
-        """Append ``rec`` to ``dst``'s buffer (started, with its arrival time, if empty); the buffer."""
+        """Append ``rec`` to ``dst``'s buffer (started if empty), noting its arrival; the buffer."""
         buf = self.buffers.get(dst)
         if buf is None:
             buf = self.buffers[dst] = []
-            self.first_at[dst] = now
+            self.arrivals[dst] = []
         buf.append(rec)
+        self.arrivals[dst].append(now)
         return buf
 
-    def _send_bulk_locked(self, records, now: float) -> None:
-        """A call that is a batch in itself: per destination, everything buffered plus its group, written now.
+    def _send_now_locked(self, records, now: float) -> None:
+        """A call that starts a burst: per destination, everything buffered plus its group, written now.
 
-        All groups join their buffers before the first write, so a write that fails
-        leaves its records and every later group buffered (flushed later), none lost.
+        Grouped in one pass; a destination with nothing buffered (the common case)
+        is written straight from its group, in writes of at most ``max_size``.  A
+        write that fails leaves its unwritten records and every later group
+        buffered, in order (flushed later), none lost, and raises.
         """
+        groups: dict[str, list[bytes]] = {}
         for dst, rec in records:
-            self._buffer_locked(dst, rec, now)
-        touched = dict.fromkeys(dst for dst, _ in records)  # in first-send order
-        self._window_dsts.update(touched)
-        for dst in touched:
-            while len(self.buffers[dst]) > self.max_size:  # never one write of more than max_size
-                self._flush_locked(dst, "bulk", now, self.max_size)
-            self._flush_locked(dst, "bulk", now)
+            group = groups.get(dst)
+            if group is None:
+                groups[dst] = [rec]
+            else:
+                group.append(rec)
+        self._window_dsts.update(groups)
+        buffers, cap, route, deliver, batch = self.buffers, self.max_size, self.route, self.bus.deliver, self.stats.batch
+        pending = iter(groups.items())
+        for dst, group in pending:
+            if dst in buffers:  # after what was buffered for it, through the buffer
+                for rec in group:
+                    self._buffer_locked(dst, rec, now)
+                while len(buffers[dst]) > cap:
+                    self._flush_locked(dst, "leading", now, cap)
+                self._flush_locked(dst, "leading", now)
+                continue
+            done = 0
+            try:
+                while done < len(group):
+                    chunk = group if not done and len(group) <= cap else group[done : done + cap]
+                    deliver(dst, route(dst), chunk)
+                    done += len(chunk)
+                    batch("leading", len(chunk), sum(map(len, chunk)), now, None)
+            except BaseException:
+                for rec in group[done:]:
+                    self._buffer_locked(dst, rec, now)
+                for later, rest in pending:
+                    for rec in rest:
+                        self._buffer_locked(later, rec, now)
+                raise
 
     def _send_unbatched_locked(self, records, now: float) -> None:
         """The flusher is down: every record goes out at once, after whatever is buffered for its destination."""
@@ -243,8 +279,6 @@ class Batcher:
         with self.cond:
             if self.buffers:
                 self._flush_all_locked(reason)
-            if not self.closed:
-                self._flusher_ok(time.monotonic())
 
     def _flush_all_locked(self, reason: str) -> None:
         now = time.monotonic()
@@ -255,20 +289,23 @@ class Batcher:
         """One ``deliver`` of ``dst``'s buffer (its first ``count`` records, default all).
 
         The records leave the buffer only once written: on failure they all stay, in
-        order, and it raises.  ``now`` is when the flush began: the buffer wait recorded
-        is ``now`` minus the oldest record's arrival.  The writes of other destinations
-        before this one in the same flush are not counted: unbatched, the same messages
-        would be written one after another too.
+        order, and it raises.  ``now`` is when the flush began: each record's added
+        latency is ``now`` minus its arrival.  The writes of other destinations
+        before this one in the same flush are not counted: unbatched, the same
+        messages would be written one after another too.
         """
         buf = self.buffers[dst]
-        since = self.first_at[dst]
-        batch = buf if count is None or count >= len(buf) else buf[:count]
+        times = self.arrivals[dst]
+        if count is None or count >= len(buf):
+            batch, waited = buf, times
+        else:
+            batch, waited = buf[:count], times[:count]
         self.bus.deliver(dst, self.route(dst), batch)
         if batch is buf:
-            del self.buffers[dst], self.first_at[dst]
+            del self.buffers[dst], self.arrivals[dst]
         else:
-            del buf[:count]  # the rest keeps the oldest arrival time: an upper bound of its wait
-        self.stats.batch(reason, len(batch), sum(map(len, batch)), max(0.0, now - since))
+            del buf[:count], times[:count]
+        self.stats.batch(reason, len(batch), sum(map(len, batch)), now, waited)
 
     def _adapt_locked(self, now: float) -> None:
         elapsed = now - self._window_start
@@ -309,11 +346,11 @@ class Batcher:
                     self.idle = False
                     continue
                 now = time.monotonic()
-                oldest = min(self.first_at.values())
+                oldest = min(times[0] for times in self.arrivals.values())
                 if now - oldest < half:
                     cond.wait(oldest + half - now)
                     continue
-                due = [d for d, t in self.first_at.items() if now - t >= half * 0.5]
+                due = [d for d, times in self.arrivals.items() if now - times[0] >= half * 0.5]
                 for dst in due:
                     try:
                         self._flush_locked(dst, "timeout", now)

@@ -23,26 +23,31 @@ MESSAGES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
-#: flush reasons: size, bulk (a send() of at least size messages, written during the call),
+#: flush reasons: size, leading (a send() that starts a burst, written during the call),
 #: timeout (flusher), explicit/shutdown (cfn_flush), unbatched (flusher down),
 #: closed (sent after shutdown, delivered at once)
-REASONS = ("size", "bulk", "timeout", "explicit", "shutdown", "unbatched", "closed")
+REASONS = ("size", "leading", "timeout", "explicit", "shutdown", "unbatched", "closed")
 
 P = "batch."
 _MAXED = (P + "size_now", P + "latency_max_us")
 
 
-def _keys() -> list[str]:
-    keys = [P + k for k in ("batches", "messages", "bytes", "latency_sum_us", "latency_max_us", "size_now")]
-    keys += [P + k for k in ("flusher_deaths", "flusher_restarts", "unbatched_messages", "deliver_errors")]
-    keys += [f"{P}flush.{r}" for r in REASONS]
-    keys += [f"{P}messages_le.{i}" for i in range(len(MESSAGES_BUCKETS) + 1)]
-    keys += [f"{P}bytes_le.{i}" for i in range(len(BYTES_BUCKETS) + 1)]
-    keys += [f"{P}latency_le.{i}" for i in range(len(LATENCY_BUCKETS) + 1)]
-    return keys
+_BATCHES, _MESSAGES, _BYTES = P + "batches", P + "messages", P + "bytes"
+_LATENCY_SUM, _LATENCY_MAX = P + "latency_sum_us", P + "latency_max_us"
+_FLUSH_KEYS = {r: f"{P}flush.{r}" for r in REASONS}
+_MESSAGES_LE = tuple(f"{P}messages_le.{i}" for i in range(len(MESSAGES_BUCKETS) + 1))
+_BYTES_LE = tuple(f"{P}bytes_le.{i}" for i in range(len(BYTES_BUCKETS) + 1))
+_LATENCY_LE = tuple(f"{P}latency_le.{i}" for i in range(len(LATENCY_BUCKETS) + 1))
 
-
-KEYS = tuple(_keys())
+#: every counter of a process (histogram buckets are per bucket, not cumulative)
+KEYS = (
+    *(P + k for k in ("batches", "messages", "bytes", "latency_sum_us", "latency_max_us", "size_now")),
+    *(P + k for k in ("flusher_deaths", "flusher_restarts", "unbatched_messages", "deliver_errors")),
+    *_FLUSH_KEYS.values(),
+    *_MESSAGES_LE,
+    *_BYTES_LE,
+    *_LATENCY_LE,
+)
 
 
 class BatchStats:
@@ -58,21 +63,39 @@ class BatchStats:
             counters.setdefault(key, 0)
         counters[P + "size_now"] = floor
 
-    def batch(self, reason: str, messages: int, nbytes: int, waited: float) -> None:
+    def batch(self, reason: str, messages: int, nbytes: int, now: float, arrivals: list | None) -> None:
+        """One delivered batch of ``messages`` records whose arrival times (ascending) are ``arrivals``.
+
+        ``arrivals`` None: all arrived at ``now`` (written during their send).  The
+        added-latency histogram counts messages, not batches: each record waited
+        ``now`` minus its arrival.  Counted with one ``bisect`` per bucket bound,
+        not per record, and none when the oldest waited less than the first bound.
+        """
         c = self.c
-        c[P + "batches"] += 1
-        c[P + "messages"] += messages
-        c[P + "bytes"] += nbytes
-        if reason not in REASONS:
-            reason = "explicit"  # a plugin's own reason: a flush asked for, like the kernel's
-        c[f"{P}flush.{reason}"] += 1
-        us = int(waited * 1e6)
-        c[P + "latency_sum_us"] += us
-        if us > c[P + "latency_max_us"]:
-            c[P + "latency_max_us"] = us
-        c[f"{P}messages_le.{bisect_left(MESSAGES_BUCKETS, messages)}"] += 1
-        c[f"{P}bytes_le.{bisect_left(BYTES_BUCKETS, nbytes)}"] += 1
-        c[f"{P}latency_le.{bisect_left(LATENCY_BUCKETS, waited)}"] += 1
+        c[_BATCHES] += 1
+        c[_MESSAGES] += messages
+        c[_BYTES] += nbytes
+        c[_FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])] += 1  # a plugin's own reason: a flush asked for
+        c[_MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]] += 1
+        c[_BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]] += 1
+        longest = 0.0 if arrivals is None else now - arrivals[0]
+        if longest <= LATENCY_BUCKETS[0]:
+            c[_LATENCY_LE[0]] += messages
+            if longest > 0.0:
+                c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
+            return
+        us = int(longest * 1e6)
+        if us > c[_LATENCY_MAX]:
+            c[_LATENCY_MAX] = us
+        c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
+        below = 0  # records that waited at most the previous bound
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            upto = messages - bisect_left(arrivals, now - bound)  # waited <= bound
+            if upto > below:
+                c[_LATENCY_LE[i]] += upto - below
+                below = upto
+        if messages > below:
+            c[_LATENCY_LE[-1]] += messages - below
 
     def size_now(self, size: int) -> None:
         self.c[P + "size_now"] = size
@@ -188,7 +211,7 @@ def figures(counters: Mapping) -> dict:
         "messages_per_batch": round(messages / batches, 2) if batches else None,
         "bytes_per_batch": round(counters.get(P + "bytes", 0) / batches, 1) if batches else None,
         "flushes": {r: counters.get(f"{P}flush.{r}", 0) for r in REASONS},
-        "added_latency_mean_ms": round(counters.get(P + "latency_sum_us", 0) / batches / 1000, 3) if batches else None,
+        "added_latency_mean_ms": round(counters.get(P + "latency_sum_us", 0) / messages / 1000, 3) if messages else None,
         "added_latency_p99_ms_at_most": None if p99 is None else (p99 * 1000 if p99 != float("inf") else "inf"),
         "added_latency_max_ms": counters.get(P + "latency_max_us", 0) / 1000,
         "batch_size_now": counters.get(P + "size_now", 0),
@@ -228,7 +251,7 @@ class BatchCollector:
         yield histogram("cfn_batch_bytes_per_batch", "Bytes per delivered batch", "bytes", BYTES_BUCKETS, c.get(P + "bytes", 0))
         yield histogram(
             "cfn_batch_added_latency_seconds",
-            "Time the oldest message of a batch waited in its buffer",
+            "Time each message waited in its sender's buffer before it was written",
             "latency",
             LATENCY_BUCKETS,
             c.get(P + "latency_sum_us", 0) / 1e6,

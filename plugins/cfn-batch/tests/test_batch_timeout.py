@@ -1,13 +1,29 @@
-"""The flusher thread delivers a lone message without any explicit flush."""
+"""The flusher thread delivers a buffered message without any explicit flush; a send after a pause waits for nothing."""
 
 from __future__ import annotations
 
 import time
 
 
+def test_a_send_after_a_pause_is_written_during_the_call(bus_root, bh):
+    with bh.batcher_on_bus(bus_root, size=50, timeout_ms=600_000, start=False) as (bus, batcher, counters):
+        first = bh.make_messages("s", ["a", "b", "a"])
+        batcher.send(first)  # nothing sent before: this starts a burst
+        assert batcher.buffers == {}
+        assert [m.id for m in bh.received(bus, "a")] == [first[0].id, first[2].id]
+        assert counters["batch.flush.leading"] == 2  # one write per destination
+        assert counters["batch.latency_le.0"] == 3  # three messages that waited <= 0.1 ms
+        assert batcher.thread is None  # nothing stayed buffered: no flusher thread was needed
+        second = bh.make_messages("s", ["a"])
+        batcher.send(second)  # right after: continues the burst, buffered, and now a flusher runs
+        assert len(batcher.buffers["a"]) == 1
+        assert batcher.thread is not None and batcher.thread.is_alive()
+
+
 def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=50, timeout_ms=100) as (bus, batcher, counters):
         bus.listen("a")  # the doorbell rings when the flusher writes
+        batcher._last_send = time.monotonic()  # as if a send just happened: this one continues a burst
         batcher.send(bh.make_messages("s", ["a"]))
         got = []
         for _ in range(100):  # generous: up to 100 s on a loaded machine, normally one wake-up
@@ -32,6 +48,7 @@ def test_flusher_parks_without_a_timer_and_wakes_for_the_next_record(bus_root, b
             while not batcher.idle and time.monotonic() < deadline:
                 time.sleep(0.001)
             assert batcher.idle
+            batcher._last_send = time.monotonic()  # continues a burst: buffered, not written in the call
             batcher.send(bh.make_messages("s", ["a"]))  # the first record wakes it
             while not bus.wait("a", 1.0):
                 pass

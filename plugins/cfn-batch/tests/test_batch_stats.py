@@ -1,0 +1,29 @@
+"""Added latency is counted per message: each record's own wait, not its batch's oldest."""
+
+from __future__ import annotations
+
+from cfn_batch.stats import LATENCY_BUCKETS, BatchStats, figures
+
+
+def test_each_message_lands_in_the_bucket_of_its_own_wait():
+    counters: dict = {}
+    stats = BatchStats(counters, 50)
+    now = 100.0
+    # waits of 0.3 s, 0.01 s (twice: same send call) and 0.00005 s, oldest first
+    stats.batch("size", 4, 400, now, [now - 0.3, now - 0.008, now - 0.008, now - 0.00005])
+    hist = [counters[f"batch.latency_le.{i}"] for i in range(len(LATENCY_BUCKETS) + 1)]
+    assert hist[LATENCY_BUCKETS.index(0.5)] == 1
+    assert hist[LATENCY_BUCKETS.index(0.01)] == 2
+    assert hist[LATENCY_BUCKETS.index(0.0001)] == 1
+    assert sum(hist) == 4  # messages, not batches
+    assert abs(counters["batch.latency_max_us"] - 300_000) <= 1
+    assert abs(counters["batch.latency_sum_us"] - 316_050) <= 1
+    # a batch written during its send lands whole in the first bucket
+    stats.batch("leading", 96, 9600, now, [now] * 96)
+    assert counters["batch.latency_le.0"] == 97
+    fig = figures(counters)
+    # 99% of the 100 messages waited at most 10 ms, whatever the one old message did
+    assert fig["added_latency_p99_ms_at_most"] == 10.0
+    assert abs(fig["added_latency_max_ms"] - 300.0) <= 0.001
+    assert abs(fig["added_latency_mean_ms"] - 3.16) <= 0.001
+    assert fig["messages_per_batch"] == 50.0
