@@ -35,7 +35,7 @@ from .errors import CfnError, ConfigError, PluginError
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
-from .process import ensure_fd_limit, pidfd_open
+from .process import ensure_fd_limit, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
 
 log = logging.getLogger("cfn")
@@ -172,14 +172,15 @@ class CoordinatorContext:
         previous = self.agents.get(agent_id)
         if previous is not None and previous.alive:
             raise CfnError(f"agent {agent_id} is already running (pid {previous.pid})")
-        handle = self.hook.cfn_launch_agent(ctx=self, agent_id=agent_id)
+        with interrupts_deferred():  # an agent started but not recorded would outlive the run
+            handle = self.hook.cfn_launch_agent(ctx=self, agent_id=agent_id)
+            self.agents[agent_id] = handle
         if previous is not None:
             handle.incarnation = previous.incarnation + 1
             handle.outstanding = previous.outstanding
             now = time.monotonic()
             for task_id in handle.outstanding:
                 handle.outstanding[task_id] = now  # the timeout runs from the relaunch
-        self.agents[agent_id] = handle
         self.spawn_failures.pop(agent_id, None)
         self.metrics.agents.inc()
         if handle.pidfd is None:
@@ -541,7 +542,8 @@ class Coordinator:
         ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
         ensure_fd_limit(3 * self.config.workload.agents + 256, f"{self.config.workload.agents} agents")
         try:
-            ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
+            with interrupts_deferred():  # a run directory made but not recorded would never be removed
+                ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
             ctx.run_ref = getattr(ctx.bus, "run_ref", None) or str(getattr(ctx.bus, "run_dir", ctx.bus.run_id))
             ctx.bus.put_state("config", self.agent_config_document())
             ctx.bus.listen(COORDINATOR_ID)
@@ -562,9 +564,13 @@ class Coordinator:
 
     def close(self) -> None:
         """Stop every agent, the session helpers and the bus; remove the run directory."""
-        ctx = self.ctx
-        if ctx is None:
+        if self.ctx is None:
             return
+        with interrupts_deferred():  # closing half way would leave agents or the run directory behind
+            self._close()
+
+    def _close(self) -> None:
+        ctx = self.ctx
         try:
             try:
                 if ctx.bus is not None:

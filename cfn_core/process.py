@@ -6,6 +6,8 @@ import ctypes
 import os
 import resource
 import signal
+import threading
+from contextlib import contextmanager
 
 from .errors import ResourceLimitError
 
@@ -25,6 +27,52 @@ def die_with_parent(expected_parent: int) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != expected_parent:
         os._exit(0)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+_deferring = False
+
+
+@contextmanager
+def interrupts_deferred():
+    """Run the block whole: a SIGINT or SIGTERM that arrives meanwhile is handled when it ends.
+
+    For the few steps an interrupt must not split: starting an agent and
+    recording its handle (else nobody stops it), making the run directory and
+    keeping its name (else nobody removes it), and closing.  The signal's own
+    handler runs afterwards as it would have (the CLI's raises; the default
+    SIGINT handler raises KeyboardInterrupt; ``SIG_DFL`` terminates).
+
+    A signal mask is not enough: the kernel hands a signal blocked by the main
+    thread to any other thread (a metrics server, a batch flusher), and
+    Python then runs the handler in the main thread anyway.  So the handlers
+    are swapped for one that only notes the signal.  Handlers can only be set
+    in the main thread; elsewhere this does nothing (the handler raises in the
+    main thread, not in this one).  Nested blocks defer to the outermost.
+    """
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in _INTERRUPTS}
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            _handle_late(arrived[0], previous[arrived[0]])
+
+
+def _handle_late(signum: int, handler) -> None:
+    """What ``handler`` would have done with ``signum`` when it arrived."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), signum)  # the default action, now that the default handler is back
 
 
 def pidfd_open(pid: int) -> int | None:

@@ -212,3 +212,41 @@ def test_coordinator_sigkill_takes_running_commands_down_too(tmp_path, bus_root,
     proc.communicate(timeout=30)
     _wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=5)
     subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
+
+
+DEFERRED = r"""
+import os, signal, sys, threading
+from cfn_core.process import interrupts_deferred
+
+mode = sys.argv[1]
+if mode == "raise":
+    def on_term(signum, frame):
+        raise SystemExit(f"handled {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+# a second thread: with a signal mask in the main thread only, the kernel would hand the
+# signal to this thread and Python would still run the handler in the main thread
+idle = threading.Event()
+threading.Thread(target=idle.wait, daemon=True).start()
+steps = []
+try:
+    with interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for i in range(200_000):  # plenty of bytecode boundaries for a pending handler to run at
+            pass
+        steps.append("block finished")
+        print("block finished", flush=True)
+    steps.append("after the block")
+finally:
+    print(steps, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["raise", "default"])
+def test_an_interrupt_inside_a_deferred_block_is_handled_when_it_ends(mode):
+    proc = subprocess.run([sys.executable, "-c", DEFERRED, mode], capture_output=True, text=True, timeout=60)
+    assert "block finished" in proc.stdout  # the signal did not cut the block
+    assert "after the block" not in proc.stdout  # ... and was handled right after it
+    if mode == "raise":
+        assert proc.returncode == 1 and f"handled {int(signal.SIGTERM)}" in proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGTERM  # SIG_DFL: the process ends as the signal's default says

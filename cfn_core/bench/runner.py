@@ -15,7 +15,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -46,24 +45,6 @@ def cell_config(base, bench, cell: Cell):
     )
 
 
-@contextmanager
-def _signals_held():
-    """Hold SIGINT/SIGTERM while a coordinator opens or closes (they arrive right after),
-    so an interrupt can never leave agents or a run directory half set up or cleaned up."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _run_cfn(config, step: Step | None) -> dict:
     from ..coordinator import Coordinator
 
@@ -75,15 +56,13 @@ def _run_cfn(config, step: Step | None) -> dict:
     t0 = time.perf_counter()
     coord = Coordinator(config, progress=progress)
     try:
-        with _signals_held():  # an interrupt inside bus creation would orphan the run directory
-            coord.open()
+        coord.open()  # an interrupt cannot split its critical steps (see interrupts_deferred)
         t_open = time.perf_counter()
         result = coord.run()
         t_run = time.perf_counter()
     finally:
         t_closing = time.perf_counter()
-        with _signals_held():
-            coord.close()
+        coord.close()
         t_end = time.perf_counter()
     rep["seconds"] = t_end - t0
     phases = {p: 0.0 for p in PHASES}
