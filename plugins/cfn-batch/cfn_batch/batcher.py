@@ -167,13 +167,6 @@ class Batcher:
         if thread is not None and thread.ident != threading.get_ident():
             thread.join(timeout=5.0)
 
-    def _may_buffer_locked(self, now: float) -> bool:
-        """Can a record wait in a buffer?  Not after close, nor while a dead flusher's back-off runs."""
-        if self.closed:
-            return False
-        thread = self.thread
-        return thread is None or thread.is_alive() or now >= self.restart_at
-
     def _keep_flusher_locked(self) -> None:
         """Records stay buffered: a flusher must be running (started on first need, or restarted, counted)."""
         thread = self.thread
@@ -192,10 +185,12 @@ class Batcher:
         records = [(m.dst, m.encode(limit)) for m in messages]
         now = time.monotonic()
         with self.cond:
-            if not self._may_buffer_locked(now):
+            thread = self.thread
+            running = thread is not None and not thread.done.is_set()
+            if not running and (self.closed or (thread is not None and now < self.restart_at)):
+                # closed, or the flusher died and its back-off runs: nothing may wait in a buffer
                 self._send_unbatched_locked(records, now)
                 return
-            size = self.size
             was_empty = not self.buffers
             self._window_msgs += len(records)
             starts_burst = now - self._last_send >= self.timeout / 2
@@ -203,16 +198,24 @@ class Batcher:
             if starts_burst:
                 self._send_now_locked(records, now)
             else:
-                dsts = self._window_dsts
-                for dst, rec in records:
+                size, buffers, arrivals, dsts = self.size, self.buffers, self.arrivals, self._window_dsts
+                for dst, rec in records:  # _buffer_locked, inlined: the per-record path
                     dsts.add(dst)
-                    if len(self._buffer_locked(dst, rec, now)) >= size:
+                    buf = buffers.get(dst)
+                    if buf is None:
+                        buffers[dst] = buf = [rec]
+                        arrivals[dst] = [now]
+                    else:
+                        buf.append(rec)
+                        arrivals[dst].append(now)
+                    if len(buf) >= size:
                         self._flush_locked(dst, "size", now)
             if self.adaptive and now - self._window_start >= RATE_WINDOW:
                 self._adapt_locked(now)
             if self.buffers:
-                self._keep_flusher_locked()
-                if was_empty and self.idle:
+                if not running:
+                    self._keep_flusher_locked()
+                elif was_empty and self.idle:
                     self.cond.notify()
 
     def _buffer_locked(self, dst: str, rec: bytes, now: float) -> list[bytes]:
