@@ -242,7 +242,9 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         body["seconds"] = time.perf_counter() - t0
         body["peers_received"] = len(peers_seen.get(msg.round, ()))
         body["peers_sent"] = len(work.peers)
-        body["counters"] = dict(ctx.counters)
+        # the non-zero ones (a missing counter is 0): a plugin's histograms are mostly empty
+        # buckets, and every result crosses the coordinator, the run's one serial reader
+        body["counters"] = {k: v for k, v in ctx.counters.items() if v}
         if ctx.fallbacks:  # the coordinator's summary lists the agents' fallbacks too
             body["fallbacks"] = list(ctx.fallbacks.values())
         result = ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)

@@ -19,8 +19,10 @@ Hook implementations:
   ``shutdown`` before exit).
 * ``cfn_agent_exit`` / ``cfn_session_finish``: final flush, stop the flusher;
   anything sent later is delivered at once.
-* ``cfn_read`` (wrapper, coordinator): keep each agent's ``batch.*`` counters
-  from its result messages, so the coordinator reports the whole run.
+* ``cfn_read`` (wrapper, coordinator only: registered by ``cfn_session_start``
+  as :class:`ResultFigures`, so agents read through the kernel's direct path):
+  keep each agent's ``batch.*`` counters from its result messages, so the
+  coordinator reports the whole run.
 * ``cfn_report``: messages per batch, flushes by reason, added latency,
   flusher deaths and restarts.
 """
@@ -110,6 +112,8 @@ def cfn_session_start(ctx):
 
     ctx.state["batch.totals"] = totals
     ctx.metrics.registry.register(BatchCollector(totals))
+    if ctx.pm.get_plugin(ResultFigures.NAME) is None:
+        ctx.pm.register(ResultFigures(), name=ResultFigures.NAME)
 
 
 @hookimpl
@@ -141,14 +145,25 @@ def cfn_session_finish(ctx):
         batcher.close()
 
 
-@hookimpl(wrapper=True)
-def cfn_read(ctx, agent_id):
-    messages = yield
-    if messages and ctx.side == "coordinator":
-        agents = ctx.state.get("batch.agents")
-        if agents is not None:
-            agents.take(messages)
-    return messages
+class ResultFigures:
+    """The coordinator's ``cfn_read`` wrapper: agents' ``batch.*`` counters from their results.
+
+    Registered on the coordinator's plugin manager only.  A module-level
+    ``cfn_read`` would be a plugin implementation in every agent too, and the
+    kernel would then dispatch every agent read through pluggy instead of
+    calling the baseline directly (measured: ~20% of a 500-agent warm round).
+    """
+
+    NAME = "batch.results"
+
+    @hookimpl(wrapper=True)
+    def cfn_read(self, ctx, agent_id):
+        messages = yield
+        if messages:
+            agents = ctx.state.get("batch.agents")
+            if agents is not None:
+                agents.take(messages)
+        return messages
 
 
 @hookimpl

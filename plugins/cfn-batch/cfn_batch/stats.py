@@ -145,7 +145,12 @@ def publish_exit_state(bus, agent_id: str, pid: int, counters: dict) -> None:
 
 
 class AgentFigures:
-    """The latest ``batch.*`` counters of every agent process, from the results they sent."""
+    """The latest ``batch.*`` counters of every agent process, from the results they sent.
+
+    The coordinator reads every result: ``take`` keeps a reference to the
+    result's counters and filters nothing; :meth:`snapshots` picks the
+    ``batch.*`` ones when figures are asked for.
+    """
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], tuple[int, dict]] = {}
@@ -160,11 +165,16 @@ class AgentFigures:
             process = msg.id.rsplit(".", 1)[0]  # "{sender}.{pid}": one incarnation
             seen = self.latest.get((msg.src, process))
             if seen is None or msg.seq > seen[0]:
-                self.latest[(msg.src, process)] = (msg.seq, only_batch(counters))
+                self.latest[(msg.src, process)] = (msg.seq, counters)
 
     def take_exit_states(self, bus, handles) -> None:
-        """Prefer the final figures an agent published when it exited normally (see :func:`publish_exit_state`)."""
+        """Prefer the final figures an agent published when it exited normally (see :func:`publish_exit_state`).
+
+        Only for agents that have exited: a live (pooled) agent has published nothing yet.
+        """
         for h in handles:
+            if h.alive:
+                continue
             key = (h.id, f"{h.id}.{h.pid}")
             seen = self.latest.get(key)
             if seen is not None and seen[0] == _FINAL:
@@ -179,10 +189,10 @@ class AgentFigures:
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(snap, dict):
-                    self.latest[key] = (_FINAL, only_batch(snap))
+                    self.latest[key] = (_FINAL, snap)
 
     def snapshots(self) -> list[dict]:
-        return [snap for _, snap in self.latest.values()]
+        return [only_batch(snap) for _, snap in self.latest.values()]
 
 
 def quantile_bound(counters: Mapping, name: str, bounds: tuple, q: float) -> float | None:

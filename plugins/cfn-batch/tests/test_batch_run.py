@@ -58,3 +58,16 @@ def test_plan_environment_names(tmp_path):
 def test_bad_value_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"CFN_BATCH_TIMEOUT.*timeout_ms.*from 1 to 600000"):
         load_config(discover=False, env={"CFN_BATCH_TIMEOUT": "0"})
+
+
+def test_agents_read_through_the_kernels_direct_path(make_config):
+    """The figures reader wraps the coordinator's reads only: an agent's read is the baseline's function."""
+    from cfn_core.builtin import cfn_read as baseline_read
+    from cfn_core.plugins import direct_caller, make_plugin_manager
+
+    config = make_config(plugins=("batch",))
+    agent_pm = make_plugin_manager(config)  # what an agent builds
+    assert direct_caller(agent_pm, "cfn_read") is baseline_read
+    with Coordinator(config) as coord:
+        assert coord.pm.get_plugin("batch.results") is not None
+        assert direct_caller(coord.pm, "cfn_read") is not baseline_read
