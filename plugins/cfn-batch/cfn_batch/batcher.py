@@ -33,9 +33,9 @@ One lock serializes every use of the bus by the batcher (the ShmBus object is
 not thread-safe, and flock does not exclude two threads sharing a descriptor).
 The flusher cannot die silently: if it raises, the death is counted and logged,
 sends are delivered unbatched until it is restarted (by the next send that
-leaves a record buffered, after a back-off), and the restart is counted.  Nothing is ever dropped: a
-delivery that fails leaves the records at the head of their buffer and raises
-to the sender.
+leaves a record buffered, after a back-off), and the restart is counted.
+Nothing is ever dropped: a delivery that fails leaves the records at the head
+of their buffer and raises to the sender.
 """
 
 from __future__ import annotations
