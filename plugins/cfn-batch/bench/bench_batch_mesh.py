@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     shapes = args.shape or ["100x1000"]
     print(
         "| shape | peer msgs | arm | delivered | seconds (distribute+execute+collect) | msg/s | vs unbatched "
-        "| msgs/batch | buffer wait p99 (bucket bound) / max | task latency p99 |"
+        "| msgs/batch | added latency p99 (bucket bound) / max | task latency p99 |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|")
     for shape in shapes:
