@@ -55,14 +55,16 @@ def interrupts_deferred():
         yield
         return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in _INTERRUPTS}
+    # a handler not set from Python (getsignal: None) could not be put back: left alone
+    swap = [sig for sig in _INTERRUPTS if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in swap}
     _deferring = True
     try:
         yield
     finally:
         _deferring = False
         for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            signal.signal(sig, handler)
         if arrived:
             _handle_late(arrived[0], previous[arrived[0]])
 
@@ -71,7 +73,7 @@ def _handle_late(signum: int, handler) -> None:
     """What ``handler`` would have done with ``signum`` when it arrived."""
     if callable(handler):
         handler(signum, None)
-    elif handler in (signal.SIG_DFL, None):
+    elif handler == signal.SIG_DFL:
         os.kill(os.getpid(), signum)  # the default action, now that the default handler is back
 
 
