@@ -41,7 +41,9 @@ def interrupts_deferred():
     recording its handle (else nobody stops it), making the run directory and
     keeping its name (else nobody removes it), and closing.  The signal's own
     handler runs afterwards as it would have (the CLI's raises; the default
-    SIGINT handler raises KeyboardInterrupt; ``SIG_DFL`` terminates).
+    SIGINT handler raises KeyboardInterrupt; ``SIG_DFL`` terminates).  A
+    handler set outside Python (``signal.getsignal`` gives None) could not be
+    put back, so that signal is not deferred.
 
     A signal mask is not enough: the kernel hands a signal blocked by the main
     thread to any other thread (a metrics server, a batch flusher), and
