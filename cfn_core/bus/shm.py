@@ -231,18 +231,7 @@ class ShmBus:
 
     def after_fork(self) -> None:
         """Forget descriptors inherited through fork (a forked agent opens its own)."""
-        for fd in [*self._append_fds.values(), *self._dead_fds.values(), *self._dir_fds.values()]:
-            _close(fd)
-        for inbox in self._inboxes.values():
-            _close(inbox.fd)
-            _close(inbox.cursor_fd)
-        self._unmap_counts()
-        for sock in self._bells.values():
-            sock.close()
-        if self._ringer is not None:
-            self._ringer.close()
-        self._append_fds, self._dead_fds, self._inboxes, self._bells, self._dir_fds = {}, {}, {}, {}, {}
-        self._ringer = None
+        self.close()
         self._pid = os.getpid()
 
     def close(self) -> None:

@@ -78,16 +78,17 @@ class BatchStats:
         c[_FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])] += 1  # a plugin's own reason: a flush asked for
         c[_MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]] += 1
         c[_BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]] += 1
-        longest = 0.0 if arrivals is None else now - arrivals[0]
+        if arrivals is None:
+            c[_LATENCY_LE[0]] += messages
+            return
+        c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
+        longest = now - arrivals[0]
         if longest <= LATENCY_BUCKETS[0]:
             c[_LATENCY_LE[0]] += messages
-            if longest > 0.0:
-                c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
             return
         us = int(longest * 1e6)
         if us > c[_LATENCY_MAX]:
             c[_LATENCY_MAX] = us
-        c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
         below = 0  # records that waited at most the previous bound
         for i, bound in enumerate(LATENCY_BUCKETS):
             upto = messages - bisect_left(arrivals, now - bound)  # waited <= bound
