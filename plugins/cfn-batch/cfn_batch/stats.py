@@ -83,12 +83,12 @@ class BatchStats:
             return
         c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
         longest = now - arrivals[0]
-        if longest <= LATENCY_BUCKETS[0]:
-            c[_LATENCY_LE[0]] += messages
-            return
         us = int(longest * 1e6)
         if us > c[_LATENCY_MAX]:
             c[_LATENCY_MAX] = us
+        if longest <= LATENCY_BUCKETS[0]:
+            c[_LATENCY_LE[0]] += messages
+            return
         below = 0  # records that waited at most the previous bound
         for i, bound in enumerate(LATENCY_BUCKETS):
             upto = messages - bisect_left(arrivals, now - bound)  # waited <= bound

@@ -27,3 +27,13 @@ def test_each_message_lands_in_the_bucket_of_its_own_wait():
     assert abs(fig["added_latency_max_ms"] - 300.0) <= 0.001
     assert abs(fig["added_latency_mean_ms"] - 3.16) <= 0.001
     assert fig["messages_per_batch"] == 50.0
+
+
+def test_a_wait_below_the_first_bucket_bound_still_counts_as_the_longest():
+    counters: dict = {}
+    stats = BatchStats(counters, 50)
+    stats.batch("explicit", 2, 200, 10.0, [10.0 - 0.00008, 10.0])  # 80 us: inside the first bucket
+    assert counters["batch.latency_le.0"] == 2
+    assert 79 <= counters["batch.latency_max_us"] <= 80
+    stats.batch("leading", 5, 500, 11.0, None)  # written during the send: no wait, the max stays
+    assert 79 <= counters["batch.latency_max_us"] <= 80
