@@ -426,3 +426,19 @@ def test_agents_that_cannot_start_are_reported_with_the_reason(make_config, tmp_
     from cfn_core.report import render_summary
 
     assert "agents never ready 2 (agent-0001: exited with status 3 before it was ready)" in render_summary(result)
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('plugins = ["batch"]\n[batch]\nsize = 0\n', "[batch] size = 0: must be an integer from 1 to 1000000"),
+        ('plugins = ["batch"]\n[batch]\ntimeout_ms = "fast"\n', "[batch] timeout_ms = 'fast': must be an integer from 1 to 600000"),
+        ('plugins = ["batch"]\n[batch]\nmax_size = 10\n', "[batch] max_size = 10 is smaller than [batch] size = 50"),
+        ('plugins = ["shard"]\n[shard]\nstrategy = "sum"\n', "[shard] strategy = 'sum': must be one of hash, round-robin, random"),
+        ('plugins = ["shard"]\n[shard]\ncount = 0\n', "[shard] count = 0: must be an integer from 1 to"),
+    ],
+)
+def test_bad_batch_and_shard_settings_name_the_key_and_what_is_allowed(cli, tmp_path, toml, expected):
+    (tmp_path / "cfn.toml").write_text(toml)
+    line = error_line(cli("run"))
+    assert expected in line
