@@ -1,15 +1,19 @@
 """The benchmark matrix under pytest: cells as tests, one report on the xdist controller."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from cfn_core.bench.resources import ResourceSampler, process_tree
 
 pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -30,7 +34,49 @@ def project(pytester, bus_root):
         ),
     )
     pytester.makepyfile(test_functional="def test_plain():\n    assert True\n")
+    pytester.makeini("[pytest]\ncfn_bench = true\n")  # the project asks for the matrix
     return pytester
+
+
+def _pytest(args, cwd):
+    """pytest in a fresh process of this venv, in ``cwd``, without the outer session's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CFN_"))}
+    return subprocess.run([sys.executable, "-m", "pytest", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_another_project_with_cfn_installed_gets_no_matrix(tmp_path):
+    """Installing cfn must not add its benchmarks to someone else's session, whatever -m says."""
+    (tmp_path / "test_theirs.py").write_text("def test_one():\n    assert True\n")
+    for markexpr in ("not slow", "bench", "bench or not bench"):
+        proc = _pytest(["--co", "-q", "-p", "no:cacheprovider", "-m", markexpr], tmp_path)
+        collected = [line for line in proc.stdout.splitlines() if "::" in line]
+        if markexpr == "bench":
+            assert collected == [], proc.stdout
+        else:
+            assert collected == ["test_theirs.py::test_one"], proc.stdout + proc.stderr
+    proc = _pytest(["-q", "-p", "no:cacheprovider", "-m", "not slow"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_theirs.py"]  # no bench-report.*
+
+
+def test_cfn_bench_option_asks_for_the_matrix_in_any_project(project):
+    (project.path / "tox.ini").unlink()  # no opt-in in the configuration
+    result = project.runpytest_subprocess("--co", "-q", "-p", "no:cacheprovider", "-m", "bench")
+    assert "bench[" not in result.stdout.str()
+    result = project.runpytest_subprocess("--co", "-q", "-p", "no:cacheprovider", "--cfn-bench", "-m", "bench")
+    result.stdout.fnmatch_lines(["cfn.toml::bench[[]baseline-2[]]", "cfn.toml::bench[[]ref-mp-pipes-3[]]"])
+    result = project.runpytest_subprocess("--co", "-q", "-p", "no:cacheprovider", "--cfn-bench")
+    result.stdout.fnmatch_lines(["test_functional.py::test_plain", "cfn.toml::bench[[]baseline-2[]]"])
+
+
+def test_this_repository_opts_in_through_its_pyproject():
+    proc = _pytest(["--co", "-q", "-m", "bench", "tests/test_bench_matrix.py"], ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cfn.toml::bench[baseline-100]" in proc.stdout
+    proc = _pytest(["--co", "-q", "tests/test_bench_matrix.py"], ROOT)  # addopts: -m 'not bench'
+    assert "bench[" not in proc.stdout
 
 
 def test_n2_merges_every_worker_row_into_one_report(project, no_leaks):

@@ -1,7 +1,9 @@
 """The benchmark matrix as pytest tests: ``pytest -n auto -m bench``.
 
-:mod:`cfn_core.pytest_plugin` registers :class:`BenchPlugin` when the marker
-expression selects ``bench``.  Every cell of ``[bench]`` becomes an item
+:mod:`cfn_core.pytest_plugin` registers :class:`BenchPlugin` only in a project
+that opted in (``cfn_bench = true`` in its pytest configuration, or
+``--cfn-bench``) and then when the marker expression selects ``bench`` (or,
+with ``--cfn-bench``, when there is no ``-m``).  Every cell of ``[bench]`` becomes an item
 ``cfn.toml::bench[pool+batch-500]`` marked ``bench``.
 
 Honest timing under pytest-xdist:
@@ -34,6 +36,20 @@ from ..errors import CfnError
 OUTPUT_KEY = "cfn_bench"
 LOCK_KEY = "cfn_bench_lock"
 GROUP = "cfn-bench"
+
+
+def opted_in(config) -> bool:
+    """True when this session asked for the matrix: ``--cfn-bench`` or the ``cfn_bench`` ini key."""
+    return bool(config.getoption("cfn_bench", False) or config.getini("cfn_bench"))
+
+
+def bench_requested(config) -> bool:
+    """Whether to collect the matrix: opted in, and ``-m`` selects ``bench`` (``--cfn-bench`` alone: yes)."""
+    if not opted_in(config):
+        return False
+    if not (config.option.markexpr or "").strip():
+        return bool(config.getoption("cfn_bench", False))
+    return bench_selected(config)
 
 
 def bench_selected(config) -> bool:
