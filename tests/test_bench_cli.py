@@ -108,3 +108,66 @@ def test_sigterm_stops_the_matrix_and_writes_the_cells_measured(tmp_path, bus_ro
     assert report["interrupted"] is True
     assert [c["id"] for c in report["cells"]] == ["baseline-2"]
     assert "Interrupted" in out
+
+
+BROKEN_PLUGIN = '''\
+"""A third-party plugin whose only step always raises: cfn falls back to the baseline on every call."""
+from cfn_core import hookimpl
+
+
+@hookimpl
+def cfn_assign(ctx, task, agent_ids):
+    raise RuntimeError("alwaysbroken: this plugin never works")
+'''
+
+
+@pytest.fixture
+def third_party_env(tmp_path):
+    """An environment in which a third-party plugin ``alwaysbroken`` is installed.
+
+    A real entry point in group ``cfn`` (a ``*.dist-info`` on ``PYTHONPATH``, which is all
+    ``pip install`` leaves behind), found by ``importlib.metadata`` like any installed
+    distribution; the shared environment is left alone.
+    """
+    site = tmp_path / "site"
+    dist = site / "cfn_alwaysbroken-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "cfn_alwaysbroken.py").write_text(BROKEN_PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfn-alwaysbroken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cfn]\nalwaysbroken = cfn_alwaysbroken\n")
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_the_default_matrix_lists_the_bundled_plugins_only(third_party_env):
+    proc = subprocess.run([sys.executable, "-m", "cfn_core", "bench", "--agents", "2", "--no-references", "--list"],
+                          capture_output=True, text=True, timeout=120, env=third_party_env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    cells = proc.stdout.split()
+    assert not [c for c in cells if "alwaysbroken" in c], cells
+    bundled = sorted(n for n in ("batch", "parallel", "pool", "shard") if n in installed())
+    assert cells[0] == "baseline-2" and "+".join(bundled) + "-2" in cells
+    # installed all the same: named, it is benchmarked
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfn_core", "bench", "--agents", "2", "--no-references", "--combinations", "alwaysbroken", "--list"],
+        capture_output=True, text=True, timeout=120, env=third_party_env, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout.split() == ["baseline-2", "alwaysbroken-2"], proc.stderr
+
+
+def test_a_cell_whose_plugin_falls_back_fails_instead_of_passing_as_the_baseline(tmp_path, bus_root, third_party_env, no_leaks):
+    """Cells run strict: the plugin's failure stops the cell, it is not timed as the baseline under its name."""
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfn_core", "bench", "--agents", "2", "--combinations", "alwaysbroken", "--no-references",
+         "--repetitions", "1", "--set", f"bus.root={bus_root}", "--output", str(out)],
+        capture_output=True, text=True, timeout=240, env=third_party_env, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    cells = {c["id"]: c for c in json.loads((tmp_path / "report.json").read_text())["cells"]}
+    assert cells["baseline-2"]["status"] == "PASS"
+    broken = cells["alwaysbroken-2"]
+    assert broken["status"] != "PASS"
+    assert broken["fallbacks"] == 0  # strict: nothing ran the baseline in its place
+    assert any("this plugin never works" in m for m in broken["error_messages"]), broken["error_messages"]
+    assert "alwaysbroken-2: " in proc.stdout  # listed under "Errors"

@@ -65,7 +65,8 @@ def analyze(report: dict) -> dict:
         if c.get("p50") is None:
             c["status"] = "ERROR"
         else:
-            c["status"] = "PASS" if all(checks.values()) and not c.get("errors") else "FAIL"
+            # a fallback means the baseline ran under the plugin's name: never a PASS
+            c["status"] = "PASS" if all(checks.values()) and not c.get("errors") and not c.get("fallbacks") else "FAIL"
         c["bottleneck"] = bottleneck(c.get("phases") or {})
     report["additivity"] = additivity(cfn_cells, by_key)
     report["decision_gate"] = decision_gate(report, by_key, combined)

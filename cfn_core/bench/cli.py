@@ -19,7 +19,7 @@ from ..errors import CfnError
 FLAGS = {
     "agents": ("bench.agents", "N", "agent counts, e.g. 100,200,300,500"),
     "combinations": ("bench.combinations", "C", "combinations: default, all, each, combined, baseline or pool+batch (comma-separated)"),
-    "matrix_plugins": ("bench.plugins", "A,B", "plugins the keyword combinations are built from (default: every installed one)"),
+    "matrix_plugins": ("bench.plugins", "A,B", "plugins the keyword combinations are built from (default: the bundled optimization plugins)"),
     "workloads": ("bench.workloads", "W", "star, mesh or star,mesh"),
     "repetitions": ("bench.repetitions", "R", "timed repetitions per cell"),
     "rounds": ("bench.rounds", "R", "coordinations per repetition (later rounds show warm reuse)"),

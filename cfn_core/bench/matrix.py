@@ -20,6 +20,10 @@ REFERENCES = {
     "mp-pipes": "multiprocessing.Process + Pipe",
 }
 
+#: the distributions shipped in this repository (plugins/): the only ones the keyword
+#: combinations take by default; a third-party plugin joins the matrix when it is named
+BUNDLED_DISTRIBUTIONS = ("cfn-batch", "cfn-parallel", "cfn-pool", "cfn-redis", "cfn-shard")
+
 #: words allowed in [bench] combinations besides explicit ones
 KEYWORDS = ("default", "all", "each", "combined", "baseline")
 
@@ -73,7 +77,7 @@ class Cell:
 
 def matrix_plugins(bench, installed: list[str], default: list[str] | None = None) -> list[str]:
     """The plugins the keyword combinations are built from: ``[bench] plugins``, else ``default``
-    (:func:`optimization_plugins`), else every installed one."""
+    (:func:`optimization_plugins`: the bundled ones), else every installed one."""
     names = list(bench.plugins) or sorted(installed if default is None else default)
     for name in names:
         if name not in installed:
@@ -146,18 +150,35 @@ def installed_plugins() -> list[str]:
     return sorted(installed())
 
 
-def optimization_plugins() -> list[str]:
-    """Installed plugins that do not replace the transport (``cfn_bus``).
+def bundled_plugins() -> list[str]:
+    """Installed plugins that come from this repository's distributions (:data:`BUNDLED_DISTRIBUTIONS`)."""
+    from ..plugins import installed
 
-    A transport such as cfn-redis exists to span machines, not to speed up one;
-    it joins the matrix only when named (``combinations = ["default", "redis"]``
-    or ``[bench] plugins``), so "all combined" means the optimizations.
+    out = []
+    for name, ep in installed().items():
+        dist = getattr(ep, "dist", None)
+        dist_name = (dist.metadata["Name"] or "") if dist is not None else ""
+        if dist_name.lower().replace("_", "-") in BUNDLED_DISTRIBUTIONS:
+            out.append(name)
+    return sorted(out)
+
+
+def optimization_plugins() -> list[str]:
+    """The bundled plugins that do not replace the transport (``cfn_bus``): the default matrix.
+
+    A third-party plugin is never in it: the report is the project's measure of
+    its own optimizations, and a plugin someone happened to install (which may
+    fall back on every call) must not show up under its name in every
+    ``cfn bench``; it joins when named (``combinations = ["default", "mine"]``
+    or ``[bench] plugins``).  A transport such as cfn-redis exists to span
+    machines, not to speed up one; it joins the matrix only when named too, so
+    "all combined" means the optimizations.
     """
     from ..errors import PluginError
     from ..plugins import load_plugin
 
     out = []
-    for name in installed_plugins():
+    for name in bundled_plugins():
         try:
             plugin = load_plugin(name)
         except PluginError:

@@ -30,7 +30,13 @@ Step = Callable[[str], None]
 
 
 def cell_config(base, bench, cell: Cell):
-    """The configuration one repetition of ``cell`` runs with (validated like a file)."""
+    """The configuration one repetition of ``cell`` runs with (validated like a file).
+
+    Always ``[run] strict``: a plugin step that fails stops the repetition
+    instead of running the baseline for it, so a cell named after a plugin
+    measures that plugin or fails; it never reports the baseline's time under
+    the plugin's name.
+    """
     mesh = cell.workload == "mesh"
     return base.evolve(
         plugins=list(cell.plugins),
@@ -41,7 +47,7 @@ def cell_config(base, bench, cell: Cell):
             "tasks": 0,
             "messages_per_agent": bench.mesh_messages if mesh else 0,
         },
-        run={"max_agents": max(base.run.max_agents, cell.agents), "metrics_port": 0, "metrics_file": ""},
+        run={"max_agents": max(base.run.max_agents, cell.agents), "metrics_port": 0, "metrics_file": "", "strict": True},
     )
 
 
@@ -240,6 +246,8 @@ def cell_problems(summary: dict, min_delivery: float) -> list[str]:
         problems.append(f"delivery {rate:.2%} is below the floor {min_delivery:.0%}")
     if summary["errors"] and not problems:
         problems.append(f"{summary['errors']} of {summary['coordinations']} coordinations failed")
+    if summary.get("fallbacks"):  # cells run strict; a report measured otherwise still says so
+        problems.append(f"{summary['fallbacks']} plugin step(s) fell back to the baseline: the cell did not measure its plugins")
     return problems
 
 
