@@ -109,7 +109,7 @@ class BenchSettings:
         "each, combined, baseline, or explicit ones such as pool+batch",
         join="+",
     )
-    plugins: tuple = setting((), "plugins the default/all/each/combined combinations are built from; empty: every installed one")
+    plugins: tuple = setting((), "plugins the default/all/each/combined combinations are built from; empty: the bundled ones except the transport (redis)")
     workloads: tuple = setting(("star",), "workloads of the matrix", choices=("star", "mesh"))
     mesh_messages: int = setting(5, "peer messages per agent in the mesh workload", min=1, max=1_000_000)
     rounds: int = setting(1, "coordinations per repetition (rounds after the first show warm reuse)", min=1, max=1000)
