@@ -141,6 +141,35 @@ def test_without_m_bench_the_matrix_is_not_collected(project):
     result.assert_outcomes(passed=1)
 
 
+def test_the_report_stamps_the_sessions_start_and_end(project):
+    """created and the first load average are the session's start, finished and the second its end."""
+    from datetime import datetime
+
+    # a functional test that ends in the next second: the session cannot start and end in the same one
+    project.makepyfile(test_tick=textwrap.dedent(
+        """
+        import time
+
+        def test_into_the_next_second():
+            start = int(time.time())
+            while int(time.time()) == start:
+                time.sleep(0.01)
+        """
+    ))
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "-m", "bench or not bench", "--bench-agents", "2")
+    result.assert_outcomes(passed=5)
+    report = json.loads((project.path / "out" / "report.json").read_text())
+
+    def epoch(stamp):
+        return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+
+    assert report["created"] < report["finished"]
+    assert epoch(report["created"]) <= min(c["started"] for c in report["cells"])
+    assert epoch(report["finished"]) >= int(max(c["finished"] for c in report["cells"]))
+    assert len(report["machine"]["load_average"]) == len(report["machine"]["load_average_end"]) == 3
+    assert report["runner"]["tool"] == "pytest"
+
+
 def test_compare_fails_the_session_on_a_regression(project):
     old = {
         "format": "cfn-bench-report/1", "created": "x", "runner": {"mode": "serial"}, "machine": {},

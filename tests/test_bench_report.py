@@ -1,6 +1,7 @@
 """Report rendering from a fixed JSON report: ratios, targets, additivity, gate, files."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -121,16 +122,42 @@ def test_write_report_writes_json_md_and_png_and_reads_back(tmp_path):
     assert by_id(again)["pool-500"]["improvement"] == pytest.approx(20.0)
 
 
-def test_cfn_bench_render_rewrites_the_report_from_json(tmp_path):
+def test_cfn_bench_render_only_renders(tmp_path):
+    """--render writes the Markdown (and PNG) of a report: its JSON is untouched, stdout stays quiet."""
     src = tmp_path / "fixed.json"
     src.write_text(json.dumps(fixed_report()))
-    proc = subprocess.run(
-        [sys.executable, "-m", "cfn_core", "bench", "--render", str(src), "--output", str(tmp_path / "again")],
-        capture_output=True, text=True, timeout=120,
+    original = src.read_bytes()
+    for output in (["--output", str(tmp_path / "again")], []):
+        proc = subprocess.run([sys.executable, "-m", "cfn_core", "bench", "--render", str(src), *output],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == ""
+        md = tmp_path / ("again.md" if output else "fixed.md")
+        assert md.read_text().startswith("# cfn Optimization Impact Report")
+        assert f"wrote {md}" in proc.stderr and ".json" not in proc.stderr
+        assert src.read_bytes() == original
+    assert not (tmp_path / "again.json").exists()
+
+
+def test_without_matplotlib_the_report_says_the_chart_was_skipped(tmp_path):
+    src = tmp_path / "fixed.json"
+    src.write_text(json.dumps(fixed_report()))
+    hide_matplotlib = (
+        "import sys; sys.modules['matplotlib'] = None; from cfn_core.cli import main; "
+        f"sys.exit(main(['bench', '--render', {str(src)!r}]))"
     )
+    proc = subprocess.run([sys.executable, "-c", hide_matplotlib], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "# cfn Optimization Impact Report" in proc.stdout
-    assert (tmp_path / "again.md").read_text().startswith("# cfn Optimization Impact Report")
+    assert "cfn bench: chart skipped: matplotlib is not installed (the plot extra" in proc.stderr
+    assert "No chart: chart skipped: matplotlib is not installed" in (tmp_path / "fixed.md").read_text()
+    assert not (tmp_path / "fixed.png").exists()
+
+
+def test_the_plot_extra_is_in_the_test_requirements():
+    """The PNG is part of what the tests check, so the test environment has matplotlib."""
+    root = Path(__file__).resolve().parents[1]
+    lines = [line.split("#")[0].strip() for line in (root / "requirements-test.txt").read_text().splitlines()]
+    assert any(line.startswith("matplotlib") for line in lines)
 
 
 @pytest.mark.parametrize("content, message", [("{", "not JSON"), ('{"cells": []}', "not a cfn bench report")])

@@ -41,7 +41,9 @@ def add_parser(subparsers) -> None:
         p.add_argument(flag, dest=name, metavar=metavar, help=f"{help_} ({key})")
     p.add_argument("--no-references", action="store_true", help="skip the ProcessPoolExecutor / multiprocessing rows")
     p.add_argument("--compare", metavar="PATH", help="regression gate: exit 1 if a cell is slower than in this old JSON report")
-    p.add_argument("--render", metavar="PATH", help="run nothing: render the Markdown/PNG of an existing JSON report")
+    p.add_argument("--render", metavar="PATH",
+                   help="run nothing: write the Markdown/PNG of an existing JSON report (next to it, or at --output); "
+                        "the JSON is left as it is and nothing is printed but the paths")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the Markdown")
     p.add_argument("--list", action="store_true", help="print the cells of the matrix and exit")
     p.set_defaults(func=cmd_bench)
@@ -121,16 +123,15 @@ def _on_sigterm(signum, frame):
 def cmd_bench(args) -> int:
     from ..config import load_config
     from .matrix import expand, installed_plugins, optimization_plugins
-    from .render import load_report, render_markdown, write_report
+    from .render import chart_unavailable, load_report, render_markdown, write_report
     from .runner import cell_problems, finish_report, new_report, run_cell
 
-    if args.render:
+    if args.render:  # render only: the input JSON is the record, never rewritten; stdout stays quiet
         report = load_report(args.render)
         old = load_report(args.compare) if args.compare else None
         prefix = args.output or args.render
-        paths = write_report(report, prefix)
-        print(json.dumps(report, indent=2, default=str) if args.json else render_markdown(report))
-        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        paths = write_report(report, prefix, with_json=False)
+        _say_written(paths)
         s = report["settings"]
         return _gate(report, old, args.compare, s["regression"], s["min_delivery"])
 
@@ -165,11 +166,21 @@ def cmd_bench(args) -> int:
     if code in (130, 143):
         report["interrupted"] = True
     paths = write_report(finish_report(report), bench.output)
-    print(json.dumps(report, indent=2, default=str) if args.json else render_markdown(report))
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    print(json.dumps(report, indent=2, default=str) if args.json else render_markdown(report, chart_note=chart_unavailable()))
+    _say_written(paths)
     if code in (130, 143):
         return code
     return max(code, _gate(report, old, args.compare, bench.regression, bench.min_delivery))
+
+
+def _say_written(paths) -> None:
+    """The files written, on stderr, and why there is no chart when there is none."""
+    from .render import chart_unavailable
+
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    note = chart_unavailable()
+    if note:
+        print(f"cfn bench: {note}", file=sys.stderr)
 
 
 def _gate(report: dict, old: dict | None, old_path: str | None, regression: float, min_delivery: float) -> int:

@@ -124,6 +124,7 @@ class BenchPlugin:
         self.lock_dir: str | None = None
         self.report_paths: list[Path] = []
         self.report: dict | None = None
+        self.started_report: dict | None = None  # the skeleton, made at the session's start (controller)
         self.comparison: str | None = None
         self.regressed = False
 
@@ -205,6 +206,14 @@ class BenchPlugin:
 
     # ------------------------------------------------------------------ the report
 
+    def pytest_sessionstart(self, session) -> None:
+        """Stamp the start (time, load average) now: the report is written at the end."""
+        if self.is_worker:
+            return
+        from .runner import new_report
+
+        self.started_report = new_report(self.bench, self.base, tool="pytest", overlap=False, workers=1)
+
     def pytest_sessionfinish(self, session) -> None:
         if self.is_worker:
             return
@@ -214,11 +223,12 @@ class BenchPlugin:
             return
         from .compare import compare, render_comparison
         from .render import load_report, write_report
-        from .runner import finish_report, new_report
+        from .runner import finish_report, new_report, runner_info
 
         workers = len(self.workers) or 1
         tool = f"pytest -n {workers}" if self.workers else "pytest"
-        report = new_report(self.bench, self.base, tool=tool, overlap=self.parallel and workers > 1, workers=workers)
+        report = self.started_report or new_report(self.bench, self.base, tool=tool, overlap=False, workers=workers)
+        report["runner"] = runner_info(tool, overlap=self.parallel and workers > 1, workers=workers)
         order = {c.id: i for i, c in enumerate(self.cells)}
         report["cells"] = sorted(self.results.values(), key=lambda c: order.get(c["id"], len(order)))
         missing = [c.id for c in self.cells if c.id not in self.results]
@@ -243,7 +253,7 @@ class BenchPlugin:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.is_worker or self.report is None:
             return
-        from .render import fmt_pct, fmt_s, fmt_x
+        from .render import chart_unavailable, fmt_pct, fmt_s, fmt_x
 
         tr = terminalreporter
         r = self.report
@@ -262,3 +272,6 @@ class BenchPlugin:
             tr.write_line(self.comparison)
         if self.report_paths:
             tr.write_line("report: " + ", ".join(str(p) for p in self.report_paths))
+            note = chart_unavailable()
+            if note:
+                tr.write_line(f"cfn bench: {note}")

@@ -2,7 +2,8 @@
 
 The PNG (time against N per combination, log scale) needs matplotlib, the
 ``plot`` extra (``pip install cfn-core[plot]``); without it the report is
-complete and says the chart was skipped.
+complete, its Markdown says the chart was skipped and why
+(:func:`chart_unavailable`), and ``cfn bench`` / ``pytest -m bench`` say so too.
 """
 
 from __future__ import annotations
@@ -37,8 +38,28 @@ def load_report(path: str | os.PathLike) -> dict:
     return analyze(data)
 
 
-def write_report(report: dict, prefix: str | os.PathLike) -> list[Path]:
-    """Write JSON, Markdown and (when matplotlib is importable) PNG; return the paths written."""
+#: what the report says when the chart cannot be drawn here
+NO_MATPLOTLIB = (
+    "chart skipped: matplotlib is not installed (the plot extra: pip install 'cfn-core[plot]', "
+    "or pip install -r requirements-test.txt in a checkout)"
+)
+
+
+def chart_unavailable() -> str | None:
+    """Why :func:`render_png` cannot draw on this machine (matplotlib missing), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return NO_MATPLOTLIB
+    return None
+
+
+def write_report(report: dict, prefix: str | os.PathLike, *, with_json: bool = True) -> list[Path]:
+    """Write JSON, Markdown and (when matplotlib is importable) PNG; return the paths written.
+
+    :param with_json: False renders only (``cfn bench --render``): the Markdown and
+        the PNG of a report whose JSON already exists, which is left untouched.
+    """
     analyze(report)
     prefix = Path(prefix)
     if prefix.suffix in (".json", ".md", ".png"):
@@ -46,15 +67,18 @@ def write_report(report: dict, prefix: str | os.PathLike) -> list[Path]:
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         written = []
+        if with_json:
+            js = prefix.with_name(prefix.name + ".json")
+            js.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            written.append(js)
         png = prefix.with_name(prefix.name + ".png")
         has_png = render_png(report, png)
+        md = prefix.with_name(prefix.name + ".md")
+        md.write_text(render_markdown(report, png.name if has_png else None, chart_note=None if has_png else chart_unavailable()))
+        written.append(md)
         if has_png:
             written.append(png)
-        js = prefix.with_name(prefix.name + ".json")
-        js.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        md = prefix.with_name(prefix.name + ".md")
-        md.write_text(render_markdown(report, png.name if has_png else None))
-        return [js, md] + written
+        return written
     except OSError as exc:
         raise ReportError(f"cannot write the report at {prefix}: {exc.strerror or exc}") from None
 
@@ -98,8 +122,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render_markdown(report: dict, png_name: str | None = None) -> str:
-    """The human report: decision gate, the plan-shaped impact report, every cell, phases, additivity."""
+def render_markdown(report: dict, png_name: str | None = None, chart_note: str | None = None) -> str:
+    """The human report: decision gate, the plan-shaped impact report, every cell, phases, additivity.
+
+    :param png_name: the chart to link; :param chart_note: else, why there is none.
+    """
     analyze(report)
     s = report["settings"]
     m = report["machine"]
@@ -170,6 +197,8 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
 
     if png_name:
         lines += [f"![coordination time against N, log scale]({png_name})", ""]
+    elif chart_note:
+        lines += [f"*No chart: {chart_note}.*", ""]
 
     lines += ["## Every cell", ""]
     rows = []
@@ -259,7 +288,10 @@ def render_markdown(report: dict, png_name: str | None = None) -> str:
 
 
 def render_png(report: dict, path: Path) -> bool:
-    """Coordination time (p50) against N per combination, log scale.  False without matplotlib."""
+    """Coordination time (p50) against N per combination, log scale.
+
+    False when nothing was drawn: no matplotlib (:func:`chart_unavailable` says so), or no cell has a time.
+    """
     try:
         import matplotlib
 

@@ -307,23 +307,31 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def runner_info(tool: str, overlap: bool, workers: int) -> dict:
+    """The report's ``runner``: what timed the cells, in which mode, on how many workers."""
+    return {
+        "tool": tool,
+        "mode": "parallel" if overlap else "serial",
+        "workers": workers,
+        "description": (
+            f"{tool}; {'timing cells overlapped on ' + str(workers) + ' workers' if overlap else 'one timing cell at a time'}"
+            f" on {os.cpu_count()} cores"
+        ),
+    }
+
+
 def new_report(bench, base, *, tool: str, overlap: bool, workers: int) -> dict:
-    """The report skeleton: machine, mode, settings; cells are appended as they finish."""
+    """The report skeleton, made when the session *starts*: its time and load average are the start's.
+
+    Machine, mode, settings; cells are appended as they finish; :func:`finish_report`
+    stamps the end.
+    """
     import attrs
 
-    mode = "parallel" if overlap else "serial"
     return {
         "format": "cfn-bench-report/1",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "runner": {
-            "tool": tool,
-            "mode": mode,
-            "workers": workers,
-            "description": (
-                f"{tool}; {'timing cells overlapped on ' + str(workers) + ' workers' if overlap else 'one timing cell at a time'}"
-                f" on {os.cpu_count()} cores"
-            ),
-        },
+        "runner": runner_info(tool, overlap, workers),
         "machine": machine_info(),
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(bench).items()},
         "workload": {
