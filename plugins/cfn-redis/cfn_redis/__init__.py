@@ -109,6 +109,7 @@ def cfn_coordination_start(ctx, round):
 def cfn_report(ctx):
     if not _is_hub(ctx):
         return None
-    figures = {"run": ctx.bus.run_id, "reconnects": ctx.bus.link.reconnects}
+    figures = {"run": ctx.bus.run_id, "reconnects": ctx.bus.link.reconnects,
+               "relay_relaunches": ctx.bus.relaunches}
     figures.update(_placement(ctx).figures())
     return {"redis": figures}

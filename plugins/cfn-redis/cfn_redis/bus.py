@@ -53,6 +53,10 @@ RS = b"\x1e"
 RUN_STATE = "redis.run"
 #: spool file where a relay leaves the reason it stopped
 FATAL = "relay.fatal"
+#: a relay that dies without a reason is relaunched, unless it died this many times ...
+RELAY_RESTARTS = 5
+#: ... within this many seconds (then it is crash-looping: the run fails with the reason)
+RELAY_RESTART_WINDOW = 60.0
 
 
 def outbox_records(dst: str, location: str, records: list[bytes]) -> list[bytes]:
@@ -127,6 +131,9 @@ class HubBus(LocalBus):
         self.link = None
         self.failed: str | None = None  # set once the run failed: shutdown must not raise again
         self.relay = None
+        self.relay_args = None
+        self.relay_restarts: list[float] = []  # when the relay was relaunched recently (monotonic)
+        self.relaunches = 0  # relaunches in the whole run
         self.settings = None
         self.host_id = None
         self.url = None
@@ -172,20 +179,41 @@ class HubBus(LocalBus):
     def _start_relay(self, config) -> None:
         s = self.settings
         settings = {k: getattr(s, k) for k in ("lease", "key_ttl", "reconnect_timeout", "max_deliveries", "pipeline", "read_count")}
-        self.relay = ForkedRelay.start(self.url, self.run_id, self.run_ref, self.host_id, settings)
+        self.relay_args = (self.url, self.run_id, self.run_ref, self.host_id, settings)
+        self.relay = ForkedRelay.start(*self.relay_args)
 
     def relay_failure(self) -> str | None:
-        """Why the relay stopped, or None while it runs."""
+        """Why the relay stopped for good, or None while it runs (or was relaunched).
+
+        A relay that stopped on a failure (Redis lost the run, could not be reached
+        within ``reconnect_timeout``) leaves the reason in the spool: the run fails.
+        One that died without a reason (SIGKILL, the OOM killer, a crash) is
+        relaunched here and resumes from the spool (see :mod:`cfn_redis.relay`),
+        unless it died :data:`RELAY_RESTARTS` times within :data:`RELAY_RESTART_WINDOW` s.
+        """
         try:
             reason = (self.run_dir / FATAL).read_text().strip()
         except OSError:
             reason = None
-        if self.relay is not None and self.relay.poll() is not None:
-            return reason or f"the relay process exited with status {self.relay.returncode}"
-        return reason
+        if reason or self.relay is None or self.relay.poll() is None:
+            return reason
+        status = self.relay.returncode
+        now = time.monotonic()
+        self.relay_restarts = [t for t in self.relay_restarts if now - t < RELAY_RESTART_WINDOW]
+        if len(self.relay_restarts) >= RELAY_RESTARTS:
+            return (f"the relay process died {len(self.relay_restarts) + 1} times within {RELAY_RESTART_WINDOW:g}s "
+                    f"(last exit status {status}); not relaunching it again")
+        log.warning("the Redis relay (pid %d) died with status %s; relaunching it", self.relay.pid, status)
+        self.relay_restarts.append(now)
+        self.relaunches += 1
+        self.relay = ForkedRelay.start(*self.relay_args)
+        return None
 
     def check(self) -> None:
-        """Raise BusError when the relay failed or Redis lost the run (called every coordinator tick)."""
+        """Raise BusError when the relay failed or Redis lost the run (called every coordinator tick).
+
+        Relaunches a relay that died without a reason (:meth:`relay_failure`).
+        """
         reason = self.relay_failure()
         if reason:
             self.failed = reason

@@ -16,6 +16,23 @@ Two threads, two connections, whatever the number of local agents:
 A lost connection is retried with backoff; if Redis comes back without the
 run (restarted with ``--save ""``) the relay stops with the reason in the
 spool's ``relay.fatal``, which fails the coordination loudly.
+
+A relay that dies without such a reason (SIGKILL, OOM killer, a crash) is
+relaunched by the coordinator and carries on where its predecessor stopped,
+from what the spool keeps (:meth:`Relay.resume`):
+
+* ``relay.readers/AGENT``: the inbox location of every registered local reader
+  (agents register once, on their first read, and do not register again);
+* ``relay.journal``: one ``AGENT END ENTRY-ID`` line per stream entry, written
+  *before* the entry is appended to the reader's spool inbox, END being the
+  inbox size after it.  An entry still pending in Redis for this host is in
+  the inbox iff the inbox is at least END long: then it is tracked for
+  ``XACK`` again, else it is delivered again.  So no entry is lost or appended
+  twice across a relaunch;
+* the outbox cursor (the kernel's): lines not yet settled are sent again.  A
+  line Redis accepted just before the kill is sent twice (at-least-once, the
+  window between the pipeline's reply and the outbox ack); results are
+  de-duplicated by task id and peer messages by id.
 """
 
 from __future__ import annotations
@@ -35,7 +52,7 @@ import threading
 import time
 from collections import defaultdict, deque
 
-from cfn_core import BusError, check_agent_id
+from cfn_core import COORDINATOR_ID, BusError, check_agent_id
 from cfn_core.bus.shm import ShmBus
 
 from . import keys
@@ -45,6 +62,12 @@ from .client import Link, RunLost, describe
 log = logging.getLogger("cfn.redis")
 
 _BLOCK_MS = 1000
+
+#: spool paths a relaunched relay resumes from (see the module docstring)
+READERS_DIR = "relay.readers"
+JOURNAL = "relay.journal"
+#: the journal is rewritten with only the unsettled entries once it grows past this
+JOURNAL_COMPACT_BYTES = 8 * 2**20
 
 
 class _Track:
@@ -75,8 +98,12 @@ class RunEnded(Exception):
     """The coordinator removed the run (normal end, for a `cfn agent` host)."""
 
 
-def append_local(bus: ShmBus, location: str, chunks: list[bytes]) -> list[int]:
-    """Append ``chunks`` to a spool inbox as one shm batch (one locked write); the end offset of each."""
+def append_local(bus: ShmBus, location: str, chunks: list[bytes], journal=None) -> list[int]:
+    """Append ``chunks`` to a spool inbox as one shm batch (one locked write); the end offset of each.
+
+    :param journal: ``write(ends)``, called with the end offsets once they are known and
+        *before* the data is written (the relay's journal: see the module docstring).
+    """
     fd = bus._append_fd(location)
     data = b"".join(chunks)
     data = data[:-1].replace(b"\n", RS) + b"\n"  # visible whole or not at all, same offsets
@@ -86,15 +113,17 @@ def append_local(bus: ShmBus, location: str, chunks: list[bytes]) -> list[int]:
         if size and os.pread(fd, 1, size - 1) != b"\n":
             os.write(fd, b"\n")
             size += 1
+        ends, pos = [], size
+        for chunk in chunks:
+            pos += len(chunk)
+            ends.append(pos)
+        if journal is not None:
+            journal(ends)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
-    ends, pos = [], size
-    for chunk in chunks:
-        pos += len(chunk)
-        ends.append(pos)
     return ends
 
 
@@ -141,6 +170,11 @@ class Relay:
         self.zygote = None
         self._reader = None
         self._next_lease = 0.0
+        self.journal_lock = threading.Lock()  # journal line + inbox append + pending, against compaction
+        self.journal_path = self.mbus.run_dir / JOURNAL
+        self.journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.readers_dir = self.mbus.run_dir / READERS_DIR
+        self.readers_dir.mkdir(mode=0o700, exist_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,6 +192,7 @@ class Relay:
                 p.execute()
 
         self.main.call(setup)
+        self.resume()  # before the reader starts: what a predecessor held comes before new entries
         self.mbus.listen(RELAY_ID)
         self.sel.register(self.mbus.wake_fd(RELAY_ID), selectors.EVENT_READ, "bell")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
@@ -266,6 +301,7 @@ class Relay:
         self.sel.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.journal_fd)
 
     # ------------------------------------------------------------------ reader thread
 
@@ -342,8 +378,15 @@ class Relay:
             ids.append(eid)
         if not chunks:
             return
-        ends = append_local(bus, track.location, chunks)
-        track.pending.extend(zip(ends, ids))
+        agent_b = track.agent.encode()
+
+        def journal(ends):
+            lines = b"".join(b"%s %d %s\n" % (agent_b, end, eid) for end, eid in zip(ends, ids))
+            os.write(self.journal_fd, lines)
+
+        with self.journal_lock:
+            ends = append_local(bus, track.location, chunks, journal)
+            track.pending.extend(zip(ends, ids))
         self.stats["received"] += len(chunks)
         bus.ring(track.agent)
 
@@ -455,13 +498,25 @@ class Relay:
 
     # ------------------------------------------------------------------ readers come and go
 
-    def register(self, readers: list[tuple[str, str]]) -> None:
-        """Start reading these ``(agent, location)`` inboxes: create their groups, reclaim, nudge the reader."""
+    def register(self, readers: list[tuple[str, str]], journal: dict | None = None) -> None:
+        """Start reading these ``(agent, location)`` inboxes: create their groups, reclaim, nudge the reader.
+
+        :param journal: on a relaunch (:meth:`resume`), ``{agent: {entry id: end}}`` from the
+            predecessor's journal, to tell which of this host's pending entries are in the spool.
+        """
         import redis
 
         new, keys_now = [], []
         for agent, location in readers:
-            key = keys.inbox_key(self.run, location)
+            try:
+                if agent != COORDINATOR_ID:
+                    check_agent_id(agent)  # it becomes a file name in the spool
+                key = keys.inbox_key(self.run, location)
+            except Exception as exc:
+                log.warning("relay: ignoring the registration of %r at %r: %s", agent[:80], location[:80], exc)
+                continue
+            if journal is None:
+                self.mbus._write_atomic(self.readers_dir / agent, location.encode())
             track = self.tracks.get(agent)
             if track is None or track.key != key:
                 new.append(_Track(agent, location, key))
@@ -484,7 +539,7 @@ class Relay:
             for track, summary in zip(new, summaries):
                 self.expiring.add(track.key)
                 if summary.get("pending"):
-                    self._reclaim(track)
+                    self._reclaim(track, (journal or {}).get(track.agent, {}))
                 self.tracks[track.agent] = track
                 self.key_agent[track.key.encode()] = track
         with self.lock:
@@ -497,12 +552,72 @@ class Relay:
         if track is not None:
             with self.lock:
                 self.reading.pop(track.key, None)
+            try:
+                os.unlink(self.readers_dir / agent)
+            except FileNotFoundError:
+                pass
 
-    def _reclaim(self, track: _Track) -> None:
-        """Take over what other (dead) hosts were handed for this inbox and never acked."""
+    # ------------------------------------------------------------------ relaunch
+
+    def resume(self) -> None:
+        """Carry on after a predecessor that died: its readers, and its entries by the journal."""
+        readers = []
+        for path in sorted(self.readers_dir.iterdir()):
+            try:
+                readers.append((path.name, path.read_text()))
+            except (OSError, UnicodeDecodeError):
+                continue
+        if not readers:
+            return
+        journal: dict[str, dict[bytes, int]] = defaultdict(dict)
+        with open(self.journal_path, "rb") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and line.endswith(b"\n") and parts[1].isdigit():
+                    journal[parts[0].decode(errors="replace")][parts[2]] = int(parts[1])  # the last line wins
+        self.stats["relaunched"] += 1
+        self.register(readers, journal=journal)
+        self._compact_journal()
+        log.warning("relay relaunched: %d reader(s), %d entr(ies) still in the spool, %d delivered again",
+                    len(readers), self.stats["resumed"], self.stats["redelivered"])
+
+    def _compact_journal(self) -> None:
+        """Rewrite the journal with the entries not yet acked (it is only read by a relaunch)."""
+        with self.journal_lock:
+            lines = b"".join(b"%s %d %s\n" % (t.agent.encode(), end, eid) for t in self.tracks.values() for end, eid in t.pending)
+            tmp = self.journal_path.with_name(JOURNAL + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, lines)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.journal_path)
+            os.close(self.journal_fd)
+            self.journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _reclaim(self, track: _Track, journal: dict[bytes, int]) -> None:
+        """Take over what other (dead) hosts were handed for this inbox and never acked, and,
+        after a relaunch, what this host was handed and its predecessor did not settle.
+
+        :param journal: the predecessor's ``{entry id: end}`` for this reader (empty on a first start).
+        """
         key = track.key
         pending = self.main.call(lambda r: r.xpending_range(key, keys.GROUP, min="-", max="+", count=1_000_000))
+        own = [p["message_id"] for p in pending if p["consumer"] == self.host_b]
         others = [p for p in pending if p["consumer"] != self.host_b]
+        if own:
+            try:
+                size = os.stat(self.mbus.run_dir / track.location).st_size
+            except FileNotFoundError:
+                size = 0
+            in_spool = sorted((journal[eid], eid) for eid in own if eid in journal and journal[eid] <= size)
+            track.pending.extend(in_spool)  # acked once the reader's cursor passes them, as before
+            self.stats["resumed"] += len(in_spool)
+            missing = [eid for eid in own if not (eid in journal and journal[eid] <= size)]
+            if missing:  # read from Redis by the predecessor, never appended: deliver them now, in order
+                self.stats["redelivered"] += len(missing)
+                others += [{"message_id": eid, "consumer": self.host_b, "times_delivered": 0} for eid in missing]
+                others.sort(key=lambda p: tuple(int(x) for x in p["message_id"].split(b"-")))
         if not others:
             return
         poison = [p["message_id"] for p in others if p["times_delivered"] >= self.max_deliveries]
@@ -560,6 +675,8 @@ class Relay:
                 ops.append(("xdel", (key, *ids), {}))
                 self.stats["acked"] += len(ids)
             self._execute(ops)
+            if os.fstat(self.journal_fd).st_size > JOURNAL_COMPACT_BYTES:
+                self._compact_journal()
 
     # ------------------------------------------------------------------ leases
 

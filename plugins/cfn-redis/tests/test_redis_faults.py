@@ -143,3 +143,63 @@ def test_garbage_on_an_inbox_stream_is_dead_lettered_and_counted(no_leaks, redis
     result = _run(config, inject)
     assert result.ok and result.delivery_rate == 1.0
     assert result.rounds[0].dead_lettered == 1
+
+
+def test_a_killed_relay_is_relaunched_and_the_run_carries_on(no_leaks, redis_config, tmp_path):
+    """SIGKILL the coordinator machine's relay three times (tasks still in the outbox, results
+    outstanding): it is relaunched, resumes from the spool, and every task's result counts once."""
+    from collections import Counter
+
+    log = tmp_path / "executions"
+    config = redis_config(
+        workload={"agents": 4, "command": f"printf '%s\\n' \"$(cat)\" >> {log}; sleep 0.3; echo done"},
+        run={"shutdown_timeout": 5.0},
+    )
+    tasks = [f"task-{i:02d}" for i in range(16)]
+    killed: list[int] = []
+
+    def kill_relay(coord):
+        relay = coord.ctx.bus.relay
+        if relay is not None and relay.pid not in killed and relay.poll() is None:
+            killed.append(relay.pid)
+            os.kill(relay.pid, signal.SIGKILL)
+
+    fired: set[str] = set()
+
+    def progress(phase, done, total):
+        # during distribute the tasks wait in the outbox; in collect, entries are pending in Redis
+        stage = {"distribute": "distribute"}.get(phase) or (phase == "collect" and ("half" if done >= total // 2 else "first"))
+        if stage and stage not in fired:
+            fired.add(stage)
+            kill_relay(coord)
+
+    coord = Coordinator(config, progress=progress)
+    with coord:
+        result = coord.run(tasks)
+    assert len(killed) == 3, killed
+    assert result.ok, [r.error for r in result.results.values() if not r.ok]
+    assert result.delivery_rate == 1.0
+    assert len(result.results) == len(tasks) and result.delivered == result.planned
+    assert sorted(r.value.strip() for r in result.results.values()) == ["done"] * len(tasks)
+    assert result.plugin_figures["redis"]["relay_relaunches"] == len(killed)
+    executions = Counter(line.strip('"') for line in log.read_text().split())
+    assert set(executions) == set(tasks)  # nothing lost; a duplicate can only come from the outbox window
+
+
+def test_a_relay_that_keeps_dying_fails_the_run_with_the_reason(no_leaks, redis_config):
+    """A crash-looping relay is relaunched RELAY_RESTARTS times, then the run fails, naming why."""
+    from cfn_redis.bus import RELAY_RESTARTS
+
+    coord = Coordinator(redis_config(workload={"agents": 2, "tasks": 2, "command": "cat", "payload_bytes": 8}))
+    with coord:
+        bus = coord.ctx.bus
+        for _ in range(RELAY_RESTARTS):
+            os.kill(bus.relay.pid, signal.SIGKILL)
+            bus.relay.wait(60)
+            bus.check()  # relaunches it
+        assert bus.relaunches == RELAY_RESTARTS
+        os.kill(bus.relay.pid, signal.SIGKILL)
+        bus.relay.wait(60)
+        with pytest.raises(BusError) as err:
+            coord.run()  # its first tick finds the relay dead once too often
+    assert f"the relay process died {RELAY_RESTARTS + 1} times within 60s (last exit status -9)" in str(err.value)
