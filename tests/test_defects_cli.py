@@ -32,10 +32,11 @@ def cli(tmp_path, bus_root):
     env["CFN_BUS_ROOT"] = str(bus_root)
 
     def run(*args, extra_env=None, cwd=None, timeout=180, **kwargs):
+        merged = {k: v for k, v in {**env, **(extra_env or {})}.items() if v is not None}  # None: unset
         return subprocess.run(
             [sys.executable, "-m", "cfn_core", *args],
             cwd=cwd or tmp_path,
-            env={**env, **(extra_env or {})},
+            env=merged,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -378,8 +379,9 @@ def test_a_relative_bus_root_in_cfn_toml_is_relative_to_the_file(cli, tmp_path, 
     # from a deeper directory the same relative path leads somewhere else (not to the bus root)
     deeper = tmp_path / "a" / "b" / "c" / "d" / "e"
     deeper.mkdir(parents=True)
-    proc = cli("run", "--config", str(project / "cfn.toml"), "--json", extra_env={"CFN_BUS_ROOT": ""}, cwd=deeper)
+    proc = cli("run", "--config", str(project / "cfn.toml"), "--json", extra_env={"CFN_BUS_ROOT": None}, cwd=deeper)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True  # and the bus_root fixture saw the run directory go
 
 
 # ---------------------------------------------------------------------- #20.13: summary and help
