@@ -80,8 +80,10 @@ def load_handler(workload) -> Callable[[Any], Any]:
 
     :raises ConfigError: when the handler cannot be imported (named with the reason).
     """
+    # relative names resolve against [workload] directory: by default the cfn.toml's (docs/CONFIG.md)
+    directory = getattr(workload, "directory", "") or None
     if workload.command:
-        return _command_handler(workload.command, workload.timeout)
+        return _command_handler(workload.command, workload.timeout, cwd=directory)
     spec = workload.handler
     if not _HANDLER_RE.match(spec):
         raise ConfigError(f"[workload] handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
@@ -91,8 +93,14 @@ def load_handler(workload) -> Callable[[Any], Any]:
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.append(cwd)
+    if directory is not None and directory not in sys.path:
+        sys.path.insert(0, directory)  # the module next to the cfn.toml that names it comes first
     try:
         module = importlib.import_module(modname)
+    except SystemExit as exc:  # sys.exit() at import time must not end the coordinator with its text alone
+        raise ConfigError(
+            f"[workload] handler = {spec!r}: importing module {modname!r} called sys.exit({exc.code!r})"
+        ) from None
     except Exception as exc:
         raise ConfigError(f"[workload] handler = {spec!r}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
     func = getattr(module, funcname, None)
@@ -126,7 +134,7 @@ def _term_with_agent(agent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
+def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Callable[[Any], Any]:
     script = _GUARDED.format(command=command)
 
     def run_command(payload: Any) -> str:
@@ -138,6 +146,7 @@ def _command_handler(command: str, timeout: float) -> Callable[[Any], Any]:
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_term_with_agent(os.getpid()),
+            cwd=cwd,
         )
         try:
             stdout, stderr = proc.communicate(data.encode(), timeout=timeout)

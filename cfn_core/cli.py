@@ -1,8 +1,10 @@
 """The ``cfn`` command.
 
-Exit codes: 0 all delivered, 1 some task failed or was lost, 2 usage or
-configuration error (one line, no traceback), 130 interrupted (SIGINT),
-143 terminated (SIGTERM).
+Exit codes (docs/USER_GUIDE.md): 0 all delivered, 1 some task failed or was
+lost, 2 usage or configuration error, nothing was started (one line, no
+traceback), 3 the run started and stopped on an error (the bus filled, an inbox
+stayed full, a plugin failed under --strict): the summary or JSON of what ran,
+with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .errors import CfnError
+
+#: the run started, then stopped on an error (see the module docstring)
+EXIT_STOPPED = 3
 
 # command-line flag -> config key (every other key: --set table.key=value)
 RUN_FLAGS = {
@@ -31,6 +37,9 @@ RUN_FLAGS = {
     "metrics_port": ("run.metrics_port", "serve /metrics on this port during the run"),
     "metrics_file": ("run.metrics_file", "write metrics in Prometheus text format here"),
 }
+
+#: metavars of flags whose value is not named by the flag's first word
+_METAVARS = {"metrics_port": "PORT", "metrics_file": "PATH", "messages_per_agent": "N", "payload_bytes": "BYTES", "timeout": "SECONDS"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -72,27 +81,103 @@ def _load(args):
 
 
 class _Progress:
-    """A live line on stderr when it is a terminal; nothing otherwise."""
+    """A live line on stderr when it is a terminal; nothing otherwise.
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
+    During the spawn it shows agents started and ready as they happen, with the rate
+    agents become ready and the time left at that rate (the coordinator reports
+    ``started`` and ``spawn`` counts on every launch and every ready message).
+    """
+
+    #: seconds between two redraws (a launch can be reported thousands of times a second)
+    INTERVAL = 0.1
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
         self.last = ""
+        self.last_at = 0.0
+        self.started = 0
+        self.spawn_t0: float | None = None
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        width = 30
-        filled = int(width * done / total) if total else width
-        line = f"\r{phase:<10} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-        if line != self.last:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            self.last = line
+        now = time.monotonic()
+        if phase == "started":  # shown with the next "spawn" report
+            self.started = done
+            return
+        if phase == "spawn":
+            if self.spawn_t0 is None or (done == 0 and self.started == 0):
+                self.spawn_t0 = now
+            line = self._spawn_line(done, total, now)
+        else:
+            self.spawn_t0, self.started = None, 0
+            line = f"{phase:<10} {self._bar(done, total)} {done}/{total}"
+        finished = total and done >= total
+        if line == self.last or (now - self.last_at < self.INTERVAL and not finished and phase == self._phase_of(self.last)):
+            return
+        # pad over the rest of a longer previous line
+        self.stream.write("\r" + line + " " * max(0, len(self.last) - len(line)))
+        self.stream.flush()
+        self.last, self.last_at = line, now
+
+    @staticmethod
+    def _phase_of(line: str) -> str:
+        return line.split(" ", 1)[0]
+
+    @staticmethod
+    def _bar(done: int, total: int, width: int = 30) -> str:
+        filled = min(width, int(width * done / total)) if total else 0
+        return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+    def _spawn_line(self, ready: int, total: int, now: float) -> str:
+        elapsed = now - (self.spawn_t0 or now)
+        rate = ready / elapsed if elapsed > 0 else 0.0
+        head = f"{'spawn':<10} {self._bar(ready, total)} {ready}/{total} ready" if total else f"{'spawn':<10} {ready} ready"
+        line = f"{head}, {max(self.started, ready)} started"
+        if rate > 0:
+            line += f", {rate:.1f}/s"
+            if total and ready < total:
+                line += f", ETA {_duration((total - ready) / rate)}"
+        return line
 
     def done(self) -> None:
         if self.enabled and self.last:
-            sys.stderr.write("\r" + " " * len(self.last) + "\r")
-            sys.stderr.flush()
+            self.stream.write("\r" + " " * len(self.last) + "\r")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '2 min 05 s', '1 h 03 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class _StdoutForJson:
+    """Keep stdout for the JSON document alone while ``cfn run --json`` runs.
+
+    A plugin or handler that prints (in this process, or in a process it starts, which
+    inherits the descriptor) would otherwise corrupt the document: during the run file
+    descriptor 1 points at stderr, and the document is written to the real stdout after.
+    """
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            sys.stdout.flush()  # what was printed during the run goes to stderr, not the document
+        except OSError:
+            pass
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
 
 
 def cmd_run(args) -> int:
@@ -104,6 +189,8 @@ def cmd_run(args) -> int:
     coord = Coordinator(config, progress=progress)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
+    stopped: CfnError | None = None
+    stdout_guard = _StdoutForJson().__enter__() if args.json else None
     try:
         with coord:
             result = coord.run()
@@ -112,21 +199,32 @@ def cmd_run(args) -> int:
         code = 143
     except KeyboardInterrupt:
         code = 130
+    except CfnError as exc:
+        if coord.partial is None:
+            raise  # nothing was started: one line, exit 2
+        stopped, code = exc, EXIT_STOPPED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         progress.done()
+        if stdout_guard is not None:
+            stdout_guard.__exit__(None, None, None)
     result = coord.partial
     if result is None:
         return code
     if code in (130, 143):
         result.interrupted = True
+    if stopped is not None:
+        result.error = str(stopped)
+    result.open_seconds, result.close_seconds = coord.open_seconds, coord.close_seconds
     if args.json:
         out = result.to_dict(with_tasks=args.results)
         out["exit_code"] = code
         print(json.dumps(out, indent=2, default=str))
     else:
         print(render_summary(result))
+    if stopped is not None:
+        print(f"cfn: error: {stopped}", file=sys.stderr)
     return code
 
 
@@ -167,11 +265,14 @@ def cmd_plugins(args) -> int:
 def cmd_clean(args) -> int:
     from .bus.shm import find_runs, remove_tree
 
-    root = args.root
+    root, where = args.root, "--root"
     if root is None:  # the root runs are created in: [bus] root of cfn.toml / CFN_BUS_ROOT
         from .config import load_config
 
-        root = load_config(args.config).bus.root or None
+        root, where = load_config(args.config).bus.root or None, "[bus] root"
+    if root is not None and not os.path.isdir(root):
+        # "0 stale runs removed" would hide a typo in the very path meant to be cleaned
+        raise CfnError(f"{where} {root}: no such directory")
     removed = kept = 0
     for path, stale in find_runs(root):
         if stale:
@@ -215,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one coordination (rounds times) and print the summary")
     with_config(run)
     for name, (key, help_) in RUN_FLAGS.items():
-        run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.split("_")[0].upper(), help=f"{help_} ({key})")
+        metavar = _METAVARS.get(name, name.split("_")[0].upper())
+        run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=f"{help_} ({key})")
     run.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     run.add_argument("--results", action="store_true", help="include every task's result in --json")
     run.set_defaults(func=cmd_run)

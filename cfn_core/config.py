@@ -18,6 +18,8 @@ plugin list and the plan's feature flags ``CFN_ENABLE_POOLING`` /
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -27,6 +29,8 @@ import attrs
 from attrs import define, field
 
 from .errors import ConfigError, did_you_mean
+
+log = logging.getLogger("cfn")
 
 CONFIG_NAME = "cfn.toml"
 
@@ -42,7 +46,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def setting(default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None, join=None):
+def setting(
+    default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None, join=None, path=False
+):
     """Declare one configuration key (an ``attrs`` field with the metadata the loader uses).
 
     :param default: the value when nobody sets it; its type is the key's type.  A list's
@@ -53,8 +59,11 @@ def setting(default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max
     :param choices: the allowed values of a string key.  (For a list: of each item.)
     :param join: for a list of strings, an item may itself be a list of strings, stored
         joined with this separator (``[["pool", "batch"]]`` -> ``("pool+batch",)``).
+    :param path: the string is a file or directory: :func:`load_config` makes a relative
+        one absolute, against the directory of the file that set it (cfn.toml), or the
+        current directory when it came from the environment or the command line.
     """
-    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices, "join": join}
+    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices, "join": join, "path": path}
     if isinstance(default, (list, tuple)):
         return field(factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,13 +84,19 @@ class WorkloadSettings:
     timeout: float = setting(60.0, "seconds one task may take before its agent is killed and the task retried", min=0.001, max=86_400.0)
     max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, timeouts) before it is reported failed", min=1, max=100)
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
+    directory: str = setting(
+        "",
+        "directory handler modules are imported from (first) and commands run in; "
+        "empty: the directory of the cfn.toml (the current directory without one)",
+        path=True,
+    )
 
 
 @define(frozen=True)
 class BusSettings:
     """``[bus]``: the embedded /dev/shm transport."""
 
-    root: str = setting("", "directory for run directories; empty: /dev/shm, or the temp dir without it")
+    root: str = setting("", "directory for run directories; empty: /dev/shm, or the temp dir without it", path=True)
     max_message_bytes: int = setting(1 << 20, "largest encoded message", min=256, max=1 << 30)
     inbox_depth: int = setting(1000, "unread messages an inbox may hold before senders wait; 0: unlimited", min=0, max=10_000_000)
 
@@ -95,7 +110,7 @@ class RunSettings:
     spawn_timeout: float = setting(30.0, "seconds an agent may take to become ready", min=0.01, max=3600.0)
     shutdown_timeout: float = setting(5.0, "seconds agents get to exit before they are killed", min=0.01, max=3600.0)
     metrics_port: int = setting(0, "serve Prometheus /metrics on this port during the run; 0: off", min=0, max=65535)
-    metrics_file: str = setting("", "write the Prometheus text format to this file at the end; empty: off")
+    metrics_file: str = setting("", "write the Prometheus text format to this file at the end; empty: off", path=True)
 
 
 @define(frozen=True)
@@ -316,10 +331,25 @@ def find_config(start: str | os.PathLike | None = None) -> tuple[Path, dict] | N
             return candidate, read_toml(candidate)
         pyproject = d / "pyproject.toml"
         if pyproject.is_file():
-            data = read_toml(pyproject)
-            if "cfn" in data.get("tool", {}):
-                return pyproject, data["tool"]["cfn"]
+            table = tool_cfn_table(read_toml(pyproject), pyproject)
+            if table is not None:
+                return pyproject, table
     return None
+
+
+def tool_cfn_table(data: dict, path: Path) -> dict | None:
+    """The ``[tool.cfn]`` table of a parsed pyproject.toml, None when there is none.
+
+    :raises ConfigError: when ``tool`` or ``tool.cfn`` is there but is not a table.
+    """
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise ConfigError(f"{path}: tool = {tool!r}: must be a table ([tool])")
+    if "cfn" not in tool:
+        return None
+    if not isinstance(tool["cfn"], dict):
+        raise ConfigError(f"{path}: [tool] cfn = {tool['cfn']!r}: must be a table ([tool.cfn]) holding cfn's settings")
+    return tool["cfn"]
 
 
 def read_toml(path: Path) -> dict:
@@ -329,6 +359,11 @@ def read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -359,9 +394,10 @@ def load_config(
             raise ConfigError(f"--config {path}: no such file")
         data = read_toml(p)
         if p.name == "pyproject.toml":
-            if "cfn" not in data.get("tool", {}):  # named on purpose: running on defaults would hide the mistake
+            table = tool_cfn_table(data, p)
+            if table is None:  # named on purpose: running on defaults would hide the mistake
                 raise ConfigError(f"--config {path}: has no [tool.cfn] table (cfn reads [tool.cfn] from a pyproject.toml)")
-            data = data["tool"]["cfn"]
+            data = table
         cfg_path, source = str(p), str(p)
     elif discover:
         found = found_path = None
@@ -372,6 +408,10 @@ def load_config(
 
     all_schemas = schemas(plugin_schemas)
     plugins = _plugins_from(data.get("plugins", []), source)
+    # `no:name` is a kill switch: once any layer blocks a plugin, no layer re-enables it
+    # (a feature flag set to true, --plugins naming it, CFN_PLUGINS), so a rollback
+    # written anywhere holds during an incident
+    blocked = _blocks(plugins)
     tables: dict[str, dict[str, tuple[Any, str, bool]]] = {name: {} for name in all_schemas}
     for key, value in data.items():
         if key == "plugins":
@@ -387,20 +427,21 @@ def load_config(
             tables[key][k] = (v, source, False)
 
     # environment
+    warn_unknown_env(env, all_schemas)
     if env.get("CFN_PLUGINS") is not None:
         plugins = _plugins_from(env["CFN_PLUGINS"], "environment variable CFN_PLUGINS")
+        blocked += _blocks(plugins)
     for var, name in FEATURE_FLAGS.items():
         if var in env:
             flag = env[var].strip().lower()
             if flag not in _TRUE | _FALSE:
                 raise ConfigError(f"environment variable {var} = {env[var]!r}: must be true or false")
             # off just removes the name: a flag set to false must not require the plugin installed
-            plugins = [p for p in plugins if p != name and p != f"no:{name}"]
+            plugins = [p for p in plugins if p != name]
             if flag in _TRUE:
                 plugins.append(name)
     if env.get("CFN_DISABLE_PLUGINS"):
-        for name in _plugins_from(env["CFN_DISABLE_PLUGINS"], "environment variable CFN_DISABLE_PLUGINS"):
-            plugins = [p for p in plugins if p != name] + [f"no:{name}"]
+        blocked += _plugins_from(env["CFN_DISABLE_PLUGINS"], "environment variable CFN_DISABLE_PLUGINS")
     for table, cls in all_schemas.items():
         for fld in attrs.fields(cls):
             for var in env_names(table, fld):
@@ -414,6 +455,7 @@ def load_config(
             continue
         if dotted == "plugins":
             plugins = _plugins_from(value, "command line --plugins")
+            blocked += _blocks(plugins)
             continue
         table, _, key = dotted.partition(".")
         if table not in all_schemas or not key:
@@ -423,8 +465,68 @@ def load_config(
             )
         tables[table][key] = (value, f"command line {dotted}", isinstance(value, str))
 
+    _resolve_paths(tables, all_schemas, file_source=source if cfg_path else None, file_dir=cfg_path and Path(cfg_path).parent)
+    if cfg_path and tables["workload"].get("directory", ("",))[0] == "":
+        # handler modules and commands are found next to the cfn.toml that names them
+        tables["workload"]["directory"] = (str(Path(cfg_path).resolve().parent), source, False)
     sections = {name: _build_section(name, cls, tables[name]) for name, cls in all_schemas.items()}
-    return Config(plugins=tuple(plugins), sections=sections, path=cfg_path)
+    enabled = [p for p in dict.fromkeys(plugins) if not p.startswith("no:") and p not in blocked]
+    return Config(plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path)
+
+
+def _blocks(plugins: list[str]) -> list[str]:
+    """The names a plugin list blocks (its ``no:name`` entries)."""
+    return [p[3:] for p in plugins if p.startswith("no:")]
+
+
+def _resolve_paths(tables: dict, all_schemas: Mapping[str, type], *, file_source: str | None, file_dir) -> None:
+    """Make relative path settings absolute, against the file that set them, else the current directory.
+
+    As pytest resolves its ini-file paths against the ini file and command-line paths
+    against the invocation directory: a cfn.toml means the same wherever `cfn` runs,
+    and a path stays valid when a handler changes directory.
+    """
+    for table, cls in all_schemas.items():
+        for fld in attrs.fields(cls):
+            entry = tables[table].get(fld.name)
+            if not fld.metadata.get("path") or entry is None:
+                continue
+            value, source, from_text = entry
+            if not isinstance(value, str) or not value.strip() or os.path.isabs(value):
+                continue  # wrong types are reported by the validation
+            base = Path(file_dir) if file_source is not None and source == file_source else Path.cwd()
+            tables[table][fld.name] = (os.path.normpath(os.path.join(base.resolve(), value)), source, from_text)
+
+
+#: CFN_* variables read outside the schema
+_OTHER_ENV = ("CFN_PLUGINS", "CFN_DISABLE_PLUGINS", *FEATURE_FLAGS)
+_warned_env: set[str] = set()
+
+
+def warn_unknown_env(env: Mapping[str, str], all_schemas: Mapping[str, type]) -> None:
+    """Warn (once per process) about a CFN_* variable that looks like a misspelt setting.
+
+    Only names under a table's prefix (``CFN_POOL_SIZ``) or close to a real name are
+    reported: other programs (and cfn's own agents) use CFN_* variables of their own.
+    """
+    known = set(_OTHER_ENV)
+    for table, cls in all_schemas.items():
+        for fld in attrs.fields(cls):
+            known.update(env_names(table, fld))
+    prefixes = tuple(f"CFN_{t.upper()}_" for t in all_schemas)
+    for var in sorted(env):
+        if not var.startswith("CFN_") or var in known or var in _warned_env:
+            continue
+        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.85)
+        if not close and not var.startswith(prefixes):
+            continue
+        hint = did_you_mean(var, sorted(known))
+        _warned_env.add(var)
+        log.warning(
+            "cfn: warning: environment variable %s is not a cfn setting%s; ignored (every key of [table] is CFN_<TABLE>_<KEY>)",
+            var,
+            hint,
+        )
 
 
 def config_from_dict(data: Mapping, *, source: str = "<dict>", path: str | None = None, plugin_schemas=None) -> Config:

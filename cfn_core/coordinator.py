@@ -35,12 +35,14 @@ from .errors import CfnError, ConfigError, PluginError
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
-from .process import ensure_fd_limit, interrupts_deferred, pidfd_open
+from .process import ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
 
 log = logging.getLogger("cfn")
 
 _TICK = 0.05
+#: free space on the bus below which an agent's death at start is blamed on a full bus
+_LOW_SPACE_BYTES = 64 * 1024
 
 
 @define(eq=False)
@@ -139,6 +141,8 @@ class CoordinatorContext:
         self._round: _Round | None = None
         self._in_execute = False
         self._next_tick = 0.0
+        #: called (no arguments) whenever an agent is launched or becomes ready: live spawn progress
+        self.on_spawn_progress: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ helpers for plugins
 
@@ -183,6 +187,9 @@ class CoordinatorContext:
                 handle.outstanding[task_id] = now  # the timeout runs from the relaunch
         self.spawn_failures.pop(agent_id, None)
         self.metrics.agents.inc()
+        self.counters["launched"] += 1
+        if self.on_spawn_progress is not None:
+            self.on_spawn_progress()
         if handle.pidfd is None:
             if handle.remote is None:
                 self._reap(handle)
@@ -217,6 +224,7 @@ class CoordinatorContext:
     def spawn_report(self, agent_ids: Iterable[str]) -> SpawnReport:
         """Which of ``agent_ids`` are ready, and why the others are not."""
         report = SpawnReport()
+        space_note = None
         for agent_id in agent_ids:
             handle = self.agents.get(agent_id)
             if handle is not None and handle.state == "ready":
@@ -224,12 +232,30 @@ class CoordinatorContext:
             elif handle is not None and handle.alive:
                 report.failed[agent_id] = self.spawn_failures.get(agent_id) or f"not ready yet ({handle.state})"
             else:
-                reason = self.spawn_failures.get(agent_id) or (
-                    "never launched" if handle is None else f"exited with status {handle.exit_code} before it was ready"
-                )
+                reason = self.spawn_failures.get(agent_id)
+                if reason is None and handle is None:
+                    reason = "never launched"
+                elif reason is None:
+                    if space_note is None:
+                        space_note = self._bus_space_note()
+                    reason = f"exited with status {handle.exit_code} before it was ready{space_note}"
                 # kept for the round's summary, which lists every agent that never became ready
                 report.failed[agent_id] = self.spawn_failures[agent_id] = reason
         return report
+
+    def _bus_space_note(self) -> str:
+        """'; the bus root has only 8 KiB free' when the bus is (nearly) out of space, else ''.
+
+        An agent that cannot write its ready message to a full bus dies with the reason
+        on its own stderr only; this puts the likely cause where the summary shows it.
+        """
+        free_bytes = getattr(self.bus, "free_bytes", None)
+        free = free_bytes() if callable(free_bytes) else None
+        if free is None or free >= _LOW_SPACE_BYTES:
+            return ""
+        where = getattr(self.bus, "run_dir", None)
+        where = f" {os.path.dirname(where)}" if where is not None else ""
+        return f"; the bus is full: its root{where} has only {free // 1024} KiB free"
 
     def kill(self, handle: AgentHandle, reason: str) -> None:
         """SIGKILL an agent (its death is then handled like any other)."""
@@ -338,7 +364,10 @@ class CoordinatorContext:
         handle.state = "ready"
         handle.ready_at = now
         self.metrics.spawn_seconds.observe(now - handle.launched_at)
+        self.counters["ready"] += 1
         self.hook.cfn_agent_started(ctx=self, agent=handle)
+        if self.on_spawn_progress is not None:
+            self.on_spawn_progress()
 
     def _on_result(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
         r = self._round
@@ -474,7 +503,10 @@ class Coordinator:
             result = coord.run()
 
     :param config: a :class:`~cfn_core.config.Config` (default: :func:`load_config`).
-    :param progress: ``callback(phase, done, total)`` for progress displays.
+    :param progress: ``callback(phase, done, total)`` for progress displays.  While agents
+        start it is called on every launch and every ready message, with ``("started",
+        launched, total)`` then ``("spawn", ready, total)`` (``total`` 0 while a plugin
+        pre-spawns before the first round); later phases are ``distribute`` and ``collect``.
     :param extra_plugins: plugin objects to register besides the enabled ones (tests,
         embedding applications); coordinator side only, agents do not load them.
     """
@@ -506,20 +538,54 @@ class Coordinator:
                 f"[workload] payload_bytes = {w.payload_bytes} does not fit in a message: "
                 f"[bus] max_message_bytes = {self.config.bus.max_message_bytes} (allow ~512 bytes of envelope)"
             )
-        if self.config.run.metrics_file:
-            parent = os.path.dirname(os.path.abspath(self.config.run.metrics_file))
+        self._check_mesh_fan_in()
+        # found now, not after the run when the file is written (or a task runs)
+        metrics_file = self.config.run.metrics_file
+        if metrics_file:
+            parent = os.path.dirname(os.path.abspath(metrics_file))
+            if os.path.isdir(metrics_file):
+                raise ConfigError(f"[run] metrics_file = {metrics_file!r} is a directory; name a file in it, e.g. {os.path.join(metrics_file, 'cfn.prom')!r}")
             if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-                # found now, not after the run when the file is written
                 raise ConfigError(
-                    f"[run] metrics_file = {self.config.run.metrics_file!r}: directory {parent} "
-                    "does not exist or is not writable"
+                    f"[run] metrics_file = {metrics_file!r}: directory {parent} does not exist or is not writable"
                 )
+        if w.directory and not os.path.isdir(w.directory):
+            raise ConfigError(
+                f"[workload] directory = {w.directory!r}: no such directory (handler modules are imported "
+                "from it and commands run in it)"
+            )
         self.progress = progress
+        #: seconds the session took to open (plugins, bus, a pool's pre-spawn) and to close
+        self.open_seconds = 0.0
+        self.close_seconds = 0.0
+        self._spawn_window: tuple[int, int, int, float] | None = None
         self.pm = None
         self.ctx: CoordinatorContext | None = None
         self.partial: CoordinationResult | None = None
         self._metrics_server = None
         self._handler = None
+
+    def _check_mesh_fan_in(self) -> None:
+        """Refuse, before anything starts, a mesh whose peer messages cannot fit in the inboxes.
+
+        The same figure is checked again per round (the tasks given to ``run`` may differ
+        from the configured ones); here it is the configured workload, so that `cfn run`
+        fails with exit status 2 before it spawns a single agent.
+        """
+        w = self.config.workload
+        depth = self.config.bus.inbox_depth
+        n = w.tasks or w.agents
+        if w.topology != "mesh" or not w.messages_per_agent or not depth or n < 2:
+            return
+        if n * w.messages_per_agent * w.rounds > 5_000_000:
+            return  # too costly to plan ahead; each round still checks its own plan
+        for number in range(1, w.rounds + 1):
+            expect = [0] * n
+            for row in mesh_peer_indices(n, w.messages_per_agent, w.seed, number):
+                for j in row:
+                    expect[j] += 1
+            if max(expect) + 1 > depth:
+                raise ConfigError(mesh_depth_message(number, max(expect), w.messages_per_agent, depth))
 
     # ------------------------------------------------------------------ session
 
@@ -534,13 +600,22 @@ class Coordinator:
         """Load plugins, open the bus, start session helpers (pool)."""
         if self.ctx is not None:
             return
+        t0 = time.perf_counter()
+        try:
+            self._open()
+        finally:
+            self.open_seconds = time.perf_counter() - t0
+
+    def _open(self) -> None:
         from .agent import load_handler
 
         load_handler(self.config.workload)  # a handler that cannot be imported fails here, not in 500 agents
         self.pm = make_plugin_manager(self.config, self.extra_plugins)
         metrics = Metrics()
         ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
-        ensure_fd_limit(3 * self.config.workload.agents + 256, f"{self.config.workload.agents} agents")
+        ctx.on_spawn_progress = self._spawn_progress
+        self._spawn_window = (0, 0, 0, time.monotonic())  # a plugin's pre-spawn (pool): no known total
+        ensure_fds_for_agents(self.config.workload.agents, f"{self.config.workload.agents} agents")
         try:
             with interrupts_deferred():  # a run directory made but not recorded would never be removed
                 ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
@@ -566,11 +641,16 @@ class Coordinator:
         """Stop every agent, the session helpers and the bus; remove the run directory."""
         if self.ctx is None:
             return
-        with interrupts_deferred():  # closing half way would leave agents or the run directory behind
-            self._close()
+        t0 = time.perf_counter()
+        try:
+            with interrupts_deferred():  # closing half way would leave agents or the run directory behind
+                self._close()
+        finally:
+            self.close_seconds = time.perf_counter() - t0
 
     def _close(self) -> None:
         ctx = self.ctx
+        error = None
         try:
             try:
                 if ctx.bus is not None:
@@ -589,11 +669,16 @@ class Coordinator:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
             if self.config.run.metrics_file:
-                ctx.metrics.write(self.config.run.metrics_file)
+                try:
+                    ctx.metrics.write(self.config.run.metrics_file)
+                except OSError as exc:  # reported once the bus is gone: nothing may outlive a failed close
+                    error = CfnError(f"[run] metrics_file = {self.config.run.metrics_file!r}: cannot write it: {exc.strerror}")
             if ctx.bus is not None:
                 ctx.bus.destroy()
             ctx._selector.close()
             self.ctx = None
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ rounds
 
@@ -664,8 +749,27 @@ class Coordinator:
             r.result.phases[name] += time.perf_counter() - t0
 
     def _report(self, phase: str, done: int, total: int) -> None:
+        if phase == "spawn" and done == 0 and self.ctx is not None:
+            # from here until the next phase, every launch and ready message is shown as it happens
+            c = self.ctx.counters
+            self._spawn_window = (total, c["launched"], c["ready"], time.monotonic())
+        elif phase != "spawn":
+            self._spawn_window = None
         if self.progress is not None:
             self.progress(phase, done, total)
+
+    def _spawn_progress(self) -> None:
+        """An agent was launched or became ready: report ``started`` and ``spawn`` (ready) counts.
+
+        The progress callback gets ``("started", launched, total)`` then ``("spawn", ready,
+        total)``; ``total`` is 0 while a plugin pre-spawns before any round (the pool).
+        """
+        if self.progress is None or self._spawn_window is None or self.ctx is None:
+            return
+        total, launched0, ready0, _t0 = self._spawn_window
+        c = self.ctx.counters
+        self.progress("started", c["launched"] - launched0, total)
+        self.progress("spawn", c["ready"] - ready0, total)
 
     def run_round(self, number: int, tasks: list[Any] | None = None, partial: CoordinationResult | None = None) -> RoundResult:
         """One coordination: acquire agents, distribute, collect, release."""
@@ -712,10 +816,13 @@ class Coordinator:
         except KeyboardInterrupt:
             res.interrupted = True
             raise
+        except CfnError as exc:  # the bus filled, an inbox stayed full...: the round stays in the result
+            res.error = str(exc)
+            raise
         finally:
             self._account(r, t_round)
             ctx._round = None
-            if partial is not None and not res.interrupted:
+            if partial is not None and not res.interrupted and res.error is None:
                 partial.rounds.remove(res)  # run() appends the finished round; an interrupted one stays
         self.pm.hook.cfn_coordination_finish(ctx=ctx, result=res)
         return res
@@ -770,24 +877,16 @@ class Coordinator:
             assigned.append(agent_id)
             ctx.agents[agent_id].outstanding[task.id] = time.monotonic()  # so assign sees it busy
         n = len(assigned)
-        rng = random.Random(w.seed * 1_000_003 + r.number)
         peers: list[list[str]] = [[] for _ in range(n)]
         expect = [0] * n
-        if n > 1:
-            for i in range(n):
-                for _ in range(w.messages_per_agent):
-                    j = rng.randrange(n - 1)
-                    j += j >= i
-                    peers[i].append(assigned[j])
-                    expect[j] += 1
+        for i, row in enumerate(mesh_peer_indices(n, w.messages_per_agent, w.seed, r.number)):
+            for j in row:
+                peers[i].append(assigned[j])
+                expect[j] += 1
         depth = self.config.bus.inbox_depth
         if depth and max(expect) + 1 > depth:
             # an agent settles its peer messages only with its task: they would fill its inbox for good
-            raise ConfigError(
-                f"mesh round {r.number}: an agent must hold {max(expect)} peer messages at once "
-                f"([workload] messages_per_agent = {w.messages_per_agent}) but [bus] inbox_depth = {depth}; "
-                f"raise inbox_depth above {max(expect)} (or 0: unlimited) or send fewer peer messages"
-            )
+            raise ConfigError(mesh_depth_message(r.number, max(expect), w.messages_per_agent, depth))
         planned, preassigned = [], {}
         for i, task in enumerate(tasks):
             t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i])
@@ -823,3 +922,27 @@ class Coordinator:
         ctx.counters["dead_seen"] = max(dead_total, ctx.counters.get("dead_seen", 0))
         for latency in r.latencies:
             m.latency_seconds.observe(latency)
+
+
+def mesh_peer_indices(n: int, messages: int, seed: int, number: int) -> list[list[int]]:
+    """The mesh plan of round ``number``: for each of ``n`` tasks, the indices of its peers.
+
+    Deterministic from ``seed``; no task is its own peer.  Used to plan a round and,
+    before anything starts, to check the configured workload's inboxes can hold it.
+    """
+    rng = random.Random(seed * 1_000_003 + number)
+    rows: list[list[int]] = [[] for _ in range(n)]
+    if n > 1:
+        for i in range(n):
+            for _ in range(messages):
+                j = rng.randrange(n - 1)
+                rows[i].append(j + (j >= i))
+    return rows
+
+
+def mesh_depth_message(number: int, fan_in: int, messages: int, depth: int) -> str:
+    return (
+        f"mesh round {number}: an agent must hold {fan_in} peer messages at once "
+        f"([workload] messages_per_agent = {messages}) but [bus] inbox_depth = {depth}; "
+        f"raise inbox_depth above {fan_in} (or 0: unlimited) or send fewer peer messages"
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from . import builtin
-from .errors import CfnError
+from .errors import CfnError, PluginError
 from .hookspecs import hookimpl
 
 log = logging.getLogger("cfn")
@@ -56,11 +56,16 @@ def _culprit(ctx, exc: BaseException) -> str | None:
 
 
 def _degrade(hook: str, ctx, kwargs: dict, exc: Exception):
-    if isinstance(exc, CfnError) or ctx.config.run.strict:
+    if isinstance(exc, CfnError):
         raise exc
     plugin = _culprit(ctx, exc)
     if plugin is None:
         raise exc  # the baseline itself failed: nothing to fall back to
+    if ctx.config.run.strict:  # one line naming the plugin for the user; the traceback stays chained
+        raise PluginError(
+            f"plugin {plugin!r} failed in {hook} ({type(exc).__name__}: {exc}); "
+            "[run] strict = true stops the run instead of falling back to the baseline"
+        ) from exc
     ctx.note_fallback(hook, plugin, exc)
     impl = getattr(builtin, hook, None)
     return impl(**kwargs) if impl is not None else None

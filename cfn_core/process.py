@@ -105,6 +105,16 @@ def ensure_fd_limit(needed: int, what: str) -> int:
     return target
 
 
+def ensure_fds_for_agents(count: int, what: str) -> int:
+    """:func:`ensure_fd_limit` for a process that will hold ``count`` agents at once.
+
+    Each agent costs the coordinator about three descriptors (its pidfd, its inbox and its
+    cursor); 256 more cover the bus, the metrics server and the plugins.  A plugin that
+    starts agents beyond ``[workload] agents`` (a pool's pre-spawn) checks its own count.
+    """
+    return ensure_fd_limit(3 * count + 256, what)
+
+
 def open_fd_count() -> int:
     """File descriptors this process holds (for leak checks)."""
     return len(os.listdir("/proc/self/fd"))

@@ -51,6 +51,8 @@ class RoundResult:
     results: dict[str, TaskResult] = field(factory=dict)
     spawn_failures: dict[str, str] = field(factory=dict)
     interrupted: bool = False
+    #: why the round stopped before it finished (the bus filled, ...); None when it did not
+    error: str | None = None
 
     @property
     def delivery_rate(self) -> float:
@@ -79,6 +81,7 @@ class RoundResult:
             "latency_p99": self.latency_p99,
             "spawn_failures": dict(self.spawn_failures),
             "interrupted": self.interrupted,
+            "error": self.error,
             "errors": sorted({r.error for r in self.results.values() if r.error})[:20],
         }
         if with_tasks:
@@ -98,6 +101,17 @@ class CoordinationResult:
     plugin_figures: dict[str, Any] = field(factory=dict)
     fallbacks: list[dict] = field(factory=list)
     interrupted: bool = False
+    #: why the coordination stopped before it finished (exit status 3); None when it did not
+    error: str | None = None
+    #: seconds the session took to open (plugins, bus, a pool's pre-spawn) and to close, when
+    #: the caller measured them (`cfn run` does); ``seconds`` covers the rounds alone
+    open_seconds: float = 0.0
+    close_seconds: float = 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        """Wall time of the whole coordination: session open, the rounds and session close."""
+        return self.open_seconds + self.seconds + self.close_seconds
 
     @property
     def agents(self) -> int:
@@ -132,13 +146,15 @@ class CoordinationResult:
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and self.failed == 0 and self.delivered == self.planned
+        return not self.interrupted and self.error is None and self.failed == 0 and self.delivered == self.planned
 
     @property
     def exit_code(self) -> int:
-        """0 all delivered, 1 something failed or was lost, 130 interrupted."""
+        """0 all delivered, 1 something failed or was lost, 3 stopped on an error, 130 interrupted."""
         if self.interrupted:
             return 130
+        if self.error is not None:
+            return 3
         return 0 if self.ok else 1
 
     def phases(self) -> dict[str, float]:
@@ -165,11 +181,15 @@ class CoordinationResult:
             "dead_lettered": sum(r.dead_lettered for r in self.rounds),
             "retries": sum(r.retries for r in self.rounds),
             "seconds": self.seconds,
+            "open_seconds": self.open_seconds,
+            "close_seconds": self.close_seconds,
+            "total_seconds": self.total_seconds,
             "phases": self.phases(),
             "rounds": [r.to_dict(with_tasks) for r in self.rounds],
             "plugin_figures": self.plugin_figures,
             "fallbacks": self.fallbacks,
             "interrupted": self.interrupted,
+            "error": self.error,
         }
 
 
@@ -183,6 +203,8 @@ def render_summary(result: CoordinationResult) -> str:
     status = "INTERRUPTED" if result.interrupted else "OK" if result.ok else "FAILED"
     plugins = "+".join(result.plugins) or "baseline"
     lines.append(f"cfn run: {status}  plugins={plugins}  bus={result.bus}  topology={result.topology}")
+    if result.error is not None:
+        lines.append(f"  stopped: {result.error}")
     lines.append(
         f"  agents {result.agents}  tasks {result.tasks}  messages {result.delivered}/{result.planned} delivered "
         f"({result.delivery_rate:.2%})  failed {result.failed}"
@@ -207,14 +229,38 @@ def render_summary(result: CoordinationResult) -> str:
         errors = sorted({res.error for res in r.results.values() if res.error})
         for err in errors[:5]:
             lines.append(f"           error: {err}")
-    lines.append(f"  total {result.seconds:.3f} s")
+    if result.open_seconds or result.close_seconds:
+        lines.append(
+            f"  total {result.total_seconds:.3f} s  (session open {result.open_seconds:.3f} s, "
+            f"rounds {result.seconds:.3f} s, session close {result.close_seconds:.3f} s)"
+        )
+    else:
+        lines.append(f"  total {result.seconds:.3f} s")
     for name, figures in result.plugin_figures.items():
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items() if not isinstance(v, (dict, list)))
-        lines.append(f"  {name}: {shown}")
+        items = [f"{k}={_fmt(v)}" for k, v in figures.items() if not isinstance(v, (dict, list))]
+        lines += _wrap(f"  {name}: ", items)
     for fb in result.fallbacks:
         where = " in agents" if fb.get("side") == "agent" else ""
         lines.append(f"  fallback: {fb['plugin']} failed in {fb['hook']}{where} {fb['count']}x ({fb['error']}); baseline used")
     return "\n".join(lines)
+
+
+#: the widest line of a plugin's figures in the summary (a terminal's, with room)
+SUMMARY_WIDTH = 100
+
+
+def _wrap(head: str, items: list[str], width: int = SUMMARY_WIDTH) -> list[str]:
+    """``head`` then the items joined by ", ", continued on indented lines at ``width``."""
+    lines, line = [], head
+    indent = " " * len(head)
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line.strip() and line not in (head, indent) and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = indent
+        line += ("" if line in (head, indent) else " ") + piece
+    lines.append(line)
+    return lines
 
 
 def _fmt(v: Any) -> str:

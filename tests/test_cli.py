@@ -131,8 +131,12 @@ def test_init_writes_a_config_that_loads_as_the_defaults(cli, tmp_path):
     text = (tmp_path / "cfn.toml").read_text()
     assert text.startswith("# cfn configuration.")
     assert "[workload]" in text and "[bus]" in text and "[run]" in text
-    loaded = load_config(tmp_path / "cfn.toml", env={})
-    assert loaded.to_dict() == load_config(None, env={}, discover=False).to_dict()
+    loaded = load_config(tmp_path / "cfn.toml", env={}).to_dict()
+    # the one difference: handlers and commands are found next to the file
+    assert loaded["workload"].pop("directory") == str(tmp_path.resolve())
+    defaults = load_config(None, env={}, discover=False).to_dict()
+    assert defaults["workload"].pop("directory") == ""
+    assert loaded == defaults
 
 
 def test_init_refuses_to_overwrite_without_force(cli, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from cfn_core import Coordinator, Task, hookimpl
-from cfn_core.errors import CfnError, ConfigError
+from cfn_core.errors import CfnError, ConfigError, PluginError
 
 
 def test_star_50_agents_two_rounds(make_config, no_leaks):
@@ -193,7 +193,8 @@ def test_fallback_after_a_partial_spawn_reuses_the_agents_already_launched(make_
 def test_strict_makes_a_plugin_failure_fatal(make_config, no_leaks):
     config = make_config(workload={"agents": 2}, run={"strict": True})
     with Coordinator(config, extra_plugins=[SpawnBreaks(launch_first=1)]) as coord:
-        with pytest.raises(RuntimeError, match="fork server died"):
+        # one line naming the plugin and the hook (the CLI prints it without a traceback)
+        with pytest.raises(PluginError, match=r"plugin 'spawnbreaks' failed in cfn_spawn \(RuntimeError: fork server died\)"):
             coord.run()
         assert coord.ctx.fallbacks == {}
 

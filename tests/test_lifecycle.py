@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from cfn_core import COORDINATOR_ID, Coordinator, hookimpl
+from cfn_core import COORDINATOR_ID, Coordinator, PluginError, hookimpl
 from cfn_core.bus.shm import ShmBus
 from cfn_core.messages import decode
 
@@ -54,7 +54,7 @@ class BreaksOnSecondAgent:
 def test_an_error_mid_spawn_still_stops_every_agent(make_config, bus_root, no_leaks):
     # strict: a plugin failure is fatal (without it the run falls back and completes)
     config = make_config(workload={"agents": 4}, run={"strict": True})
-    with pytest.raises(RuntimeError, match="observer crashed"):
+    with pytest.raises(PluginError, match="plugin 'breaks-on-second' failed in cfn_spawn .*observer crashed"):
         with Coordinator(config, extra_plugins=[BreaksOnSecondAgent()]) as coord:
             coord.run()
     assert coord.ctx is None

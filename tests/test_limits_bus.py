@@ -187,9 +187,9 @@ def test_mesh_that_cannot_fit_in_the_inbox_depth_is_refused(make_config, no_leak
     config = make_config(
         workload={"agents": 3, "topology": "mesh", "messages_per_agent": 20}, bus={"inbox_depth": 10}
     )
-    with Coordinator(config) as coord:
-        with pytest.raises(ConfigError, match=r"must hold \d+ peer messages at once.*inbox_depth = 10"):
-            coord.run()
+    # refused when the coordinator is made, before a single agent is spawned (cfn run: exit 2)
+    with pytest.raises(ConfigError, match=r"must hold \d+ peer messages at once.*inbox_depth = 10"):
+        Coordinator(config)
 
 
 # ---------------------------------------------------------------------- agent count

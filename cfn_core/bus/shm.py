@@ -164,7 +164,8 @@ class ShmBus:
         inbox_depth: int = 0,
         full_timeout: float = 30.0,
     ):
-        self.run_dir = Path(run_dir)
+        # absolute: doorbell addresses and paths must survive a handler's chdir
+        self.run_dir = Path(os.path.abspath(run_dir))
         #: most unsettled records an agent's inbox may hold (0: unlimited); see the module docstring
         self.inbox_depth = inbox_depth
         #: seconds a sender waits for room in a full inbox before raising InboxFull
@@ -196,8 +197,13 @@ class ShmBus:
     def create(
         cls, root: str | None = None, *, max_message_bytes: int = 1 << 20, inbox_depth: int = 0, full_timeout: float = 30.0
     ) -> "ShmBus":
-        """Make a new private run directory (coordinator side)."""
-        root = root or default_root()
+        """Make a new private run directory (coordinator side).
+
+        The run directory's path is absolute whatever ``root`` is, so agents and
+        their doorbells find it after a handler changes directory.  On any
+        failure (a full or read-only root) nothing is left under ``root``.
+        """
+        root = os.path.abspath(root or default_root())
         if not os.path.isdir(root):
             raise BusError(f"bus root {root!r} is not a directory (set [bus] root in cfn.toml)")
         try:
@@ -210,14 +216,20 @@ class ShmBus:
             raise BusError(
                 f"bus root {root!r} is too long for doorbell sockets (paths up to 107 bytes); use a shorter [bus] root"
             )
-        for sub in ("cursor", "bell", "dead", "state", "count"):
-            os.mkdir(os.path.join(run_dir, sub), 0o700)
-        bus = cls(run_dir, max_message_bytes=max_message_bytes, owner=True, inbox_depth=inbox_depth, full_timeout=full_timeout)
-        me = os.getpid()
-        bus._write_atomic(
-            Path(run_dir) / "owner.json",
-            json.dumps({"pid": me, "start": _proc_start_time(me), "created": time.time()}).encode(),
-        )
+        try:
+            for sub in ("cursor", "bell", "dead", "state", "count"):
+                os.mkdir(os.path.join(run_dir, sub), 0o700)
+            bus = cls(run_dir, max_message_bytes=max_message_bytes, owner=True, inbox_depth=inbox_depth, full_timeout=full_timeout)
+            me = os.getpid()
+            bus._write_atomic(
+                Path(run_dir) / "owner.json",
+                json.dumps({"pid": me, "start": _proc_start_time(me), "created": time.time()}).encode(),
+            )
+        except BaseException as exc:
+            remove_tree(run_dir)
+            if isinstance(exc, OSError):
+                raise BusError(f"cannot set up a run directory under {root!r}: {exc.strerror}") from None
+            raise
         return bus
 
     @classmethod
@@ -578,7 +590,15 @@ class ShmBus:
             inbox.acked_to = first
             moved += 1
         if moved:
-            os.pwrite(inbox.cursor_fd, inbox.acked_to.to_bytes(8, "little"), 0)
+            try:
+                os.pwrite(inbox.cursor_fd, inbox.acked_to.to_bytes(8, "little"), 0)
+            except OSError as exc:  # the cursor's first write needs a page of the (full) bus
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise BusError(
+                        f"bus {self.run_dir} is full ({exc.strerror}): cannot record what {agent_id} has settled; "
+                        "free space in the bus root or set [bus] root elsewhere"
+                    ) from None
+                raise
             if inbox.counts is not None:
                 inbox.acked_count += moved
                 inbox.counts[1] = inbox.acked_count  # senders waiting on a full inbox see room
@@ -674,12 +694,34 @@ class ShmBus:
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise BusError(
+                    f"bus {self.run_dir} is full ({exc.strerror}): cannot write {path.name}; "
+                    "free space in the bus root or set [bus] root elsewhere"
+                ) from None
+            raise
+
+    def free_bytes(self) -> int | None:
+        """Bytes still free on the file system of the run directory (None if unknown)."""
+        try:
+            st = os.statvfs(self.run_dir)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def put_state(self, key: str, data: bytes) -> None:
         check_agent_id(key)

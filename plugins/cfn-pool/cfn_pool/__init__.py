@@ -25,7 +25,7 @@ Hook implementations (all coordinator side; agents only load the settings):
 from __future__ import annotations
 
 from attrs import define
-from cfn_core import ConfigError, hookimpl, setting
+from cfn_core import ConfigError, ensure_fds_for_agents, hookimpl, setting
 
 NAME = "pool"
 
@@ -91,6 +91,11 @@ def cfn_configure(config):
     if NAME not in config.enabled():
         return
     s = config.section(NAME)
+    if s.size > config.run.max_agents:  # the pool starts its agents itself: the kernel's guard must hold for them too
+        raise ConfigError(
+            f"[pool] size = {s.size} exceeds [run] max_agents = {config.run.max_agents}; "
+            "raise max_agents if you mean it, or make the pool smaller"
+        )
     if s.min_size > s.size:
         raise ConfigError(
             f"[pool] min_size = {s.min_size} is larger than [pool] size = {s.size}: "
@@ -106,7 +111,10 @@ def _pool(ctx):
 def cfn_session_start(ctx):
     from .pool import Pool
 
-    pool = ctx.state[NAME] = Pool(ctx, ctx.config.section(NAME))
+    settings = ctx.config.section(NAME)
+    # the kernel raised the fd limit for [workload] agents; the pool may hold more (before any agent starts)
+    ensure_fds_for_agents(max(settings.size, ctx.config.workload.agents), f"[pool] size = {settings.size}")
+    pool = ctx.state[NAME] = Pool(ctx, settings)
     pool.start(ctx)
 
 
