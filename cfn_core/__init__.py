@@ -35,6 +35,7 @@ _EXPORTS = {
     "decode": "messages",
     "CoordinationResult": "report",
     "RoundResult": "report",
+    "start_process": "process",
 }
 
 
@@ -77,4 +78,5 @@ __all__ = [
     "hookspec",
     "load_config",
     "setting",
+    "start_process",
 ]
