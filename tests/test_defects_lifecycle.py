@@ -259,3 +259,33 @@ def test_ctrl_c_while_agents_work(tmp_path, bus_root, no_leaks, scratch, plugins
     assert not _still_running(_noted(scratch))
     _wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
+
+
+BENCH_REFERENCE = r"""
+import sys
+from cfn_core.bench import references
+
+def probe():  # every worker is alive: the test types Ctrl-C now
+    print("workers alive", flush=True)
+    import threading
+    threading.Event().wait(600)
+
+try:
+    references.RUNNERS[sys.argv[1]](3, "x", probe=probe)
+except KeyboardInterrupt:
+    print("bench interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("runner", ["processpool", "mp-pipes"])
+def test_ctrl_c_reaches_no_worker_of_the_bench_references(tmp_path, no_leaks, runner):
+    """`cfn bench`'s reference rows fork multiprocessing workers into the terminal's process
+    group: they must not each print a KeyboardInterrupt traceback when Ctrl-C is typed."""
+    term = _Terminal([sys.executable, "-c", BENCH_REFERENCE, runner], tmp_path, dict(os.environ))
+    try:
+        _wait_for(lambda: b"workers alive" in term.output, "the workers to start")
+        term.ctrl_c()
+    finally:
+        code, out = term.finish()
+    assert code == 0 and "bench interrupted" in out, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
