@@ -67,7 +67,8 @@ class _LastingThread:
 
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="cfn-launcher", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="cfn-launcher", daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         while True:
@@ -107,7 +108,8 @@ def in_lasting_thread(func, *args, **kwargs):
     started on first use and never ended, and the caller waits for the result.
     """
     global _lasting
-    if threading.current_thread() is threading.main_thread():
+    me = threading.current_thread()
+    if me is threading.main_thread() or (_lasting is not None and me is _lasting.thread):
         return func(*args, **kwargs)
     with _lasting_lock:
         if _lasting is None:
@@ -145,7 +147,12 @@ def become_subreaper() -> None:
     subreaper ancestor instead of pid 1: to this agent, which
     :func:`kill_leftovers` then finds among its children.
     """
+    global _subreaper_pid
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    _subreaper_pid = os.getpid()  # not inherited by fork: a forked child is not one until it says so
+
+
+_subreaper_pid: int | None = None
 
 
 def _has_children() -> bool:
@@ -176,9 +183,11 @@ def kill_leftovers(keep: frozenset[int] | set[int] = frozenset(), timeout: float
     directly or not, that is still running is a child or a child's descendant.
     Killed processes' own children are re-parented here and killed in the
     next pass, until none is left (or ``timeout``).  Costs one system call when
-    there is no child at all.  Never raises.
+    there is no child at all.  Never raises.  Does nothing in a process that did
+    not call :func:`become_subreaper` (``run_agent`` called in some other program
+    must not kill that program's children).
     """
-    if not keep and not _has_children():
+    if _subreaper_pid != os.getpid() or (not keep and not _has_children()):
         return 0
     import psutil
 
