@@ -143,6 +143,28 @@ def test_what_a_handler_forks_dies_with_a_sigkilled_coordinator(tmp_path, bus_ro
     subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
 
 
+@pytest.mark.parametrize("plugins", plugin_sets(), ids=set_id)
+def test_what_a_hung_handler_forked_dies_with_its_killed_agent(make_config, bus_root, no_leaks, scratch, plugins,
+                                                               monkeypatch):
+    """The watchdog SIGKILLs a hung agent: its forker (pool) or the janitor (at close) kills its leftovers."""
+    monkeypatch.setenv("CFN_LIFECYCLE_HANG", "1")
+    config = make_config(
+        plugins=plugins,
+        workload={"agents": 1, "tasks": 1, "timeout": 2.0, "max_attempts": 1,
+                  "handler": "lifecycle_handlers:leave_children"},
+        pool={"size": 1},
+    )
+    with Coordinator(config) as coord:
+        result = coord.run()
+        (failed,) = result.results.values()
+        assert not failed.ok and "timeout" in failed.error
+        noted = _noted(scratch)
+        assert len(noted) == 3
+        if "pool" in plugins:  # adopted by the agent's forker, killed when it reaped the agent
+            assert not _still_running(noted), "the forker left the killed agent's leftovers running"
+    assert not _still_running(noted), "left running after the session closed"
+
+
 # ---------------------------------------------------------------------- a command's background helpers
 
 
