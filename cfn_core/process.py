@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 
 from .errors import ResourceLimitError
@@ -66,7 +64,9 @@ class _LastingThread:
     """One daemon thread, never ended, that runs the calls handed to it (see :func:`start_process`)."""
 
     def __init__(self) -> None:
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        import queue  # here: agents import this module and never need them
+
+        self._calls = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._serve, name="cfn-launcher", daemon=True)
         self.thread.start()
 
@@ -79,7 +79,9 @@ class _LastingThread:
                 future.set_exception(exc)
 
     def call(self, func, *args, **kwargs):
-        future: Future = Future()
+        from concurrent.futures import Future
+
+        future = Future()
         self._calls.put((func, args, kwargs, future))
         return future.result()
 
