@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     from .process import become_subreaper, die_with_parent
 
     die_with_parent(args.parent)
-    # the launcher started us in a session of our own, so the terminal's Ctrl-C never
+    # the launcher started us in a process group of our own, so the terminal's Ctrl-C never
     # arrives; a SIGINT sent to this pid is the coordinator's to handle all the same
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     become_subreaper()  # what a handler orphans is adopted here, and killed after its task

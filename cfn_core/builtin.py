@@ -92,7 +92,7 @@ def cfn_launch_agent(ctx, agent_id):
     ]
     # stdout goes to our stderr: a handler's print must never corrupt `cfn run --json`.
     # start_process: forked from a thread that lasts (the agent's PR_SET_PDEATHSIG follows the
-    # forking thread), in its own session (the terminal's Ctrl-C is ours to handle, from the
+    # forking thread), in its own process group (the terminal's Ctrl-C is ours to handle, from the
     # agent's first instruction on), marked with CFN_RUN for the janitor
     popen = start_process(cmd, run_ref=ctx.run_ref, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
     return ctx.new_handle(agent_id, popen.pid, popen=popen)

@@ -4,7 +4,7 @@ And the three pieces that keep processes from outliving their run
 (docs/RELIABILITY.md, "No process outlives its agent"):
 
 * :func:`start_process` starts an agent (or a zygote) from a thread that lives
-  as long as this process, in a session of its own;
+  as long as this process, in a process group of its own;
 * :func:`become_subreaper` and :func:`kill_leftovers`: an agent adopts whatever
   its handler orphaned and kills it after every task and at exit;
 * :class:`Janitor`: one small process per session that kills every process
@@ -125,14 +125,18 @@ def start_process(cmd: list[str], *, run_ref: str | None = None, **popen_kwargs)
     * it is forked from a thread that lasts as long as this process
       (:func:`in_lasting_thread`), so its ``PR_SET_PDEATHSIG`` ties it to this
       process, not to the thread that happened to ask;
-    * it runs in a session of its own (``setsid`` before exec), so the
-      terminal's Ctrl-C (SIGINT to the foreground process group) and SIGHUP
-      never reach it, not even while its interpreter starts: Ctrl-C is the
-      coordinator's to handle, and the agent dies with it;
+    * it runs in a process group of its own (``setpgid`` before exec), so the
+      terminal's Ctrl-C (SIGINT to the foreground process group) never reaches
+      it, not even while its interpreter starts: Ctrl-C is the coordinator's to
+      handle, and the agent dies with it.  A group, not a session (``setsid``):
+      with the kernel's scheduler autogroups (one per session) a session would
+      also change how the CPU is shared between the coordinator and its agents,
+      which the benchmarks measure;
     * with ``run_ref``, its environment carries ``CFN_RUN=<run_ref>``, inherited
       by everything it starts, so the run's :class:`Janitor` finds them.
     """
-    popen_kwargs.setdefault("start_new_session", True)
+    if not popen_kwargs.get("start_new_session"):
+        popen_kwargs.setdefault("process_group", 0)
     if run_ref is not None:
         popen_kwargs["env"] = dict(popen_kwargs.get("env") or os.environ, **{RUN_MARKER: run_ref})
     return in_lasting_thread(subprocess.Popen, cmd, **popen_kwargs)
@@ -307,6 +311,7 @@ class Janitor:
                 [sys.executable, "-I", "-S", "-c", _JANITOR, run_ref],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
+                start_new_session=True,  # no terminal's hangup may stop it before it has swept
             )
         except BaseException:
             self._close_pipe()

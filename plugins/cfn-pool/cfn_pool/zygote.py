@@ -75,7 +75,7 @@ class Zygote:
             # agents' stdout goes to our stderr, like the baseline launcher's; start_process: from a
             # thread that lasts (PR_SET_PDEATHSIG follows the forking thread: a session opened from
             # a worker thread would lose the zygote, and every agent, when that thread ends), in a
-            # session of its own (the terminal's Ctrl-C never reaches the zygote or its agents),
+            # process group of its own (the terminal's Ctrl-C never reaches the zygote or its agents),
             # marked with CFN_RUN for the run's janitor
             self.proc = start_process(
                 cmd,
