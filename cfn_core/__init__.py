@@ -36,6 +36,7 @@ _EXPORTS = {
     "decode": "messages",
     "CoordinationResult": "report",
     "RoundResult": "report",
+    "start_process": "process",
 }
 
 
@@ -79,4 +80,5 @@ __all__ = [
     "hookspec",
     "load_config",
     "setting",
+    "start_process",
 ]

@@ -31,6 +31,7 @@ import orjson
 from .errors import CfnError, ConfigError
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
 from .plugins import direct_caller
+from .process import child_pids, kill_leftovers
 
 log = logging.getLogger("cfn.agent")
 
@@ -152,12 +153,14 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             stdout, stderr = proc.communicate(data.encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
             # kill the whole process group: killing only the shell would orphan its children
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc.pid)
             _stdout, stderr = proc.communicate()
             raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
+        # The command is done, its helpers too: `server & echo ok` must not leave `server`
+        # running.  Its process group (the shell's session) goes first; what left the group
+        # (setsid, setpgid) was re-parented to this agent, a subreaper, and run_agent's
+        # kill_leftovers after the task takes it.
+        _kill_group(proc.pid)
         if proc.returncode != 0:
             tail = _tail(stderr)
             last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
@@ -167,6 +170,14 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
         return stdout.decode("utf-8", "replace")
 
     return run_command
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL a command's process group (its shell's pid: the shell leads a session of its own)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left in it
+        pass
 
 
 def _tail(data: bytes | None, limit: int = 2000) -> str:
@@ -209,6 +220,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         handler = load_handler(config.workload)
     skip = set(json.loads(bus.get_state(f"skip.{agent_id}") or b"[]"))
     pm.hook.cfn_agent_init(ctx=ctx)
+    helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
     read = direct_caller(pm, "cfn_read")
     flush = direct_caller(pm, "cfn_flush")
     ctx.send([ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
@@ -243,6 +255,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
             body.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        ctx.counters["leftovers_killed"] += kill_leftovers(helpers)  # what the task left running dies with it
         if body["ok"]:
             try:  # checked here: a send (or a batching plugin's later flush) must not crash the agent
                 orjson.dumps(body["value"])
@@ -344,6 +357,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     if settled:
         bus.ack(agent_id, settled)
     pm.hook.cfn_agent_exit(ctx=ctx)
+    kill_leftovers()  # at exit nothing this agent started stays, helpers included
     bus.close()
     return 0
 
@@ -387,10 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="agent id")
     parser.add_argument("--parent", type=int, required=True, help="pid of the coordinator; the agent dies with it")
     args = parser.parse_args(argv)
-    from .process import die_with_parent
+    from .process import become_subreaper, die_with_parent
 
     die_with_parent(args.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    # the launcher started us in a process group of our own, so the terminal's Ctrl-C never
+    # arrives; a SIGINT sent to this pid is the coordinator's to handle all the same
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    become_subreaper()  # what a handler orphans is adopted here, and killed after its task
     logging.basicConfig(level=logging.WARNING, format=f"cfn agent {args.id}: %(message)s")
     from .plugins import make_plugin_manager
 

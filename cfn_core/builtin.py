@@ -20,6 +20,7 @@ import sys
 from .bus.shm import ShmBus
 from .hookspecs import hookimpl
 from .messages import MalformedMessage, decode
+from .process import start_process
 
 
 @hookimpl(trylast=True)
@@ -89,8 +90,11 @@ def cfn_launch_agent(ctx, agent_id):
         "--parent",
         str(os.getpid()),
     ]
-    # stdout goes to our stderr: a handler's print must never corrupt `cfn run --json`
-    popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
+    # stdout goes to our stderr: a handler's print must never corrupt `cfn run --json`.
+    # start_process: forked from a thread that lasts (the agent's PR_SET_PDEATHSIG follows the
+    # forking thread), in its own process group (the terminal's Ctrl-C is ours to handle, from the
+    # agent's first instruction on), marked with CFN_RUN for the janitor
+    popen = start_process(cmd, run_ref=ctx.run_ref, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
     return ctx.new_handle(agent_id, popen.pid, popen=popen)
 
 

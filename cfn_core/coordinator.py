@@ -35,7 +35,7 @@ from .errors import CfnError, ConfigError, PluginError
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
-from .process import ensure_fds_for_agents, interrupts_deferred, pidfd_open
+from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
 
 log = logging.getLogger("cfn")
@@ -564,6 +564,7 @@ class Coordinator:
         self.partial: CoordinationResult | None = None
         self._metrics_server = None
         self._handler = None
+        self._janitor: Janitor | None = None
 
     def _check_mesh_fan_in(self) -> None:
         """Refuse, before anything starts, a mesh whose peer messages cannot fit in the inboxes.
@@ -620,6 +621,8 @@ class Coordinator:
             with interrupts_deferred():  # a run directory made but not recorded would never be removed
                 ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
             ctx.run_ref = getattr(ctx.bus, "run_ref", None) or str(getattr(ctx.bus, "run_dir", ctx.bus.run_id))
+            with interrupts_deferred():  # started but not recorded, it would wait forever for its end of file
+                self._janitor = Janitor(ctx.run_ref)  # kills what the run's agents leave, even after our SIGKILL
             ctx.bus.put_state("config", self.agent_config_document())
             ctx.bus.listen(COORDINATOR_ID)
             ctx._selector.register(ctx.bus.wake_fd(COORDINATOR_ID), selectors.EVENT_READ, None)
@@ -665,18 +668,25 @@ class Coordinator:
                         for h in live:
                             ctx.kill(h, "coordinator closing")
         finally:
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
-            if self.config.run.metrics_file:
-                try:
-                    ctx.metrics.write(self.config.run.metrics_file)
-                except OSError as exc:  # reported once the bus is gone: nothing may outlive a failed close
-                    error = CfnError(f"[run] metrics_file = {self.config.run.metrics_file!r}: cannot write it: {exc.strerror}")
-            if ctx.bus is not None:
-                ctx.bus.destroy()
-            ctx._selector.close()
-            self.ctx = None
+            try:
+                if self._metrics_server is not None:
+                    self._metrics_server.shutdown()
+                    self._metrics_server.server_close()
+                if self.config.run.metrics_file:
+                    try:
+                        ctx.metrics.write(self.config.run.metrics_file)
+                    except OSError as exc:  # reported once the bus is gone: nothing may outlive a failed close
+                        error = CfnError(
+                            f"[run] metrics_file = {self.config.run.metrics_file!r}: cannot write it: {exc.strerror}"
+                        )
+                if ctx.bus is not None:
+                    ctx.bus.destroy()
+                ctx._selector.close()
+                self.ctx = None
+            finally:
+                if self._janitor is not None:
+                    self._janitor.close()  # last, whatever failed: the agents are gone, it kills what they left
+                    self._janitor = None
         if error is not None:
             raise error
 
@@ -815,6 +825,8 @@ class Coordinator:
                 self.pm.hook.cfn_release_agents(ctx=ctx, agent_ids=agent_ids)
         except KeyboardInterrupt:
             res.interrupted = True
+            if not res.agents:  # interrupted before the ready barrier counted them: those that did start
+                res.agents = sum(1 for h in ctx.agents.values() if h.alive and h.ready_at is not None)
             raise
         except CfnError as exc:  # the bus filled, an inbox stayed full...: the round stays in the result
             res.error = str(exc)

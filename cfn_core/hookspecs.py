@@ -180,6 +180,11 @@ def cfn_launch_agent(ctx, agent_id):
 
     Stops at first non-None result.  Baseline: a fresh Python interpreter
     (``python -m cfn_core.agent``).  cfn-pool forks from a pre-warmed zygote.
+    Start processes with ``cfn_core.start_process(cmd, run_ref=ctx.run_ref,
+    ...)`` rather than ``subprocess.Popen``: it forks from a thread that lasts
+    (the agent's parent-death signal follows the forking thread), in a process
+    group of the agent's own (the terminal's Ctrl-C stays the coordinator's) and
+    marks the environment so the run's janitor finds what the agent leaves.
     """
 
 

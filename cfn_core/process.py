@@ -1,4 +1,16 @@
-"""OS-level helpers for agent processes: parent-death signal, pidfds, resource limits."""
+"""OS-level helpers for agent processes: parent-death signal, pidfds, resource limits.
+
+And the three pieces that keep processes from outliving their run
+(docs/RELIABILITY.md, "No process outlives its agent"):
+
+* :func:`start_process` starts an agent (or a zygote) from a thread that lives
+  as long as this process, in a process group of its own;
+* :func:`become_subreaper` and :func:`kill_leftovers`: an agent adopts whatever
+  its handler orphaned and kills it after every task and at exit;
+* :class:`Janitor`: one small process per session that kills every process
+  carrying the run's marker (``CFN_RUN``) once the coordinator is gone, even
+  after a SIGKILL, when no agent was left to clean up.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +18,28 @@ import ctypes
 import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 
 from .errors import ResourceLimitError
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc = None
+
+#: The environment variable that marks every process of a run (agents, the zygote and
+#: everything they start): its value is the run reference.  The janitor kills by it.
+RUN_MARKER = "CFN_RUN"
+
+
+def _prctl(option: int, arg: int) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc.prctl(option, arg, 0, 0, 0)
 
 
 def die_with_parent(expected_parent: int) -> None:
@@ -20,13 +47,292 @@ def die_with_parent(expected_parent: int) -> None:
 
     The check after the call closes the race where the parent died before it:
     then we are already re-parented and exit at once.
+
+    The kernel sends the signal when the *thread* that forked this process
+    exits, not the process; so the parent must fork from a thread that lasts
+    (:func:`start_process` does).
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_parent:
         os._exit(0)
+
+
+# ---------------------------------------------------------------------- starting agents
+
+
+class _LastingThread:
+    """One daemon thread, never ended, that runs the calls handed to it (see :func:`start_process`)."""
+
+    def __init__(self) -> None:
+        import queue  # here: agents import this module and never need them
+
+        self._calls = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="cfn-launcher", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            func, args, kwargs, future = self._calls.get()
+            try:
+                future.set_result(func(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller; this thread must not end
+                future.set_exception(exc)
+
+    def call(self, func, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future = Future()
+        self._calls.put((func, args, kwargs, future))
+        return future.result()
+
+
+_lasting: _LastingThread | None = None
+_lasting_lock = threading.Lock()
+
+
+def _forget_lasting_thread() -> None:  # a forked child has no threads but the one that forked
+    global _lasting, _lasting_lock
+    _lasting = None
+    _lasting_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_lasting_thread)
+
+
+def in_lasting_thread(func, *args, **kwargs):
+    """``func(*args, **kwargs)`` called from a thread that lives as long as this process.
+
+    ``PR_SET_PDEATHSIG`` fires when the thread that forked a child exits: a
+    session opened from a worker thread would lose every agent it started
+    when that thread ended.  The main thread lasts as long as the process
+    (Python keeps it until the other threads are joined), so calls from it run
+    in place; calls from any other thread are handed to one daemon thread,
+    started on first use and never ended, and the caller waits for the result.
+    """
+    global _lasting
+    me = threading.current_thread()
+    if me is threading.main_thread() or (_lasting is not None and me is _lasting.thread):
+        return func(*args, **kwargs)
+    with _lasting_lock:
+        if _lasting is None:
+            _lasting = _LastingThread()
+    return _lasting.call(func, *args, **kwargs)
+
+
+def start_process(cmd: list[str], *, run_ref: str | None = None, **popen_kwargs) -> subprocess.Popen:
+    """Start an agent process (or a zygote) as ``subprocess.Popen(cmd, **popen_kwargs)`` would, except:
+
+    * it is forked from a thread that lasts as long as this process
+      (:func:`in_lasting_thread`), so its ``PR_SET_PDEATHSIG`` ties it to this
+      process, not to the thread that happened to ask;
+    * it runs in a process group of its own (``setpgid`` before exec), so the
+      terminal's Ctrl-C (SIGINT to the foreground process group) never reaches
+      it, not even while its interpreter starts: Ctrl-C is the coordinator's to
+      handle, and the agent dies with it.  A group, not a session (``setsid``):
+      with the kernel's scheduler autogroups (one per session) a session would
+      also change how the CPU is shared between the coordinator and its agents,
+      which the benchmarks measure;
+    * with ``run_ref``, its environment carries ``CFN_RUN=<run_ref>``, inherited
+      by everything it starts, so the run's :class:`Janitor` finds them.
+    """
+    if not popen_kwargs.get("start_new_session"):
+        popen_kwargs.setdefault("process_group", 0)
+    if run_ref is not None:
+        popen_kwargs["env"] = dict(popen_kwargs.get("env") or os.environ, **{RUN_MARKER: run_ref})
+    return in_lasting_thread(subprocess.Popen, cmd, **popen_kwargs)
+
+
+# ---------------------------------------------------------------------- what a handler leaves behind
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (PR_SET_CHILD_SUBREAPER).
+
+    A process a handler started and then left (fork-and-return, a shell's
+    ``cmd &``, a double fork, ``setsid``) is re-parented to the nearest living
+    subreaper ancestor instead of pid 1: to this agent, which
+    :func:`kill_leftovers` then finds among its children.
+    """
+    global _subreaper_pid
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    _subreaper_pid = os.getpid()  # not inherited by fork: a forked child is not one until it says so
+
+
+_subreaper_pid: int | None = None
+
+
+def _has_children() -> bool:
+    """Whether this process has any child, running or a zombie (one system call, nothing reaped)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def child_pids() -> set[int]:
+    """Pids of this process's children (running or zombies)."""
+    if not _has_children():
+        return set()
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def kill_leftovers(keep: frozenset[int] | set[int] = frozenset(), timeout: float = 5.0) -> int:
+    """SIGKILL every descendant of this process except ``keep`` and theirs; reap them.  Returns how many.
+
+    For a subreaper (:func:`become_subreaper`): then every process it started,
+    directly or not, that is still running is a child or a child's descendant.
+    Killed processes' own children are re-parented here and killed in the
+    next pass, until none is left (or ``timeout``).  Costs one system call when
+    there is no child at all.  Never raises.  Does nothing in a process that did
+    not call :func:`become_subreaper` (``run_agent`` called in some other program
+    must not kill that program's children).
+    """
+    if _subreaper_pid != os.getpid() or (not keep and not _has_children()):
+        return 0
+    import psutil
+
+    me = psutil.Process()
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            victims = []
+            for child in me.children():
+                if child.pid in keep:
+                    continue
+                victims.append(child)
+                try:
+                    victims += child.children(recursive=True)
+                except psutil.Error:
+                    pass
+            if not victims:
+                break
+            for proc in victims:
+                try:
+                    running = proc.status() != psutil.STATUS_ZOMBIE
+                    os.kill(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, psutil.Error):
+                    continue
+                if running:
+                    killed.add(proc.pid)
+            _reap(victims, deadline)
+    except psutil.Error:  # this process's own entry unreadable: nothing more to do
+        pass
+    return len(killed)
+
+
+def _reap(victims, deadline: float) -> None:
+    """Wait for SIGKILLed ``victims`` to die, reaping those that are (or became) our children."""
+    import psutil
+
+    pending = {p.pid for p in victims}
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    pending.discard(pid)
+            except ChildProcessError:  # not (yet) our child: gone, or its parent reaps it
+                if not psutil.pid_exists(pid):
+                    pending.discard(pid)
+        if pending:
+            time.sleep(0.002)  # SIGKILLed processes end within milliseconds; re-parented ones show up here
+
+
+#: The janitor's whole program: no import beyond the standard library's, so it starts in milliseconds.
+_JANITOR = r"""
+import os, signal, sys, time
+marker, me = ("%s=" + sys.argv[1]).encode(), os.getpid()
+sys.stdin.buffer.read()  # end of file: the coordinator closed its session, or died
+deadline = time.monotonic() + 10.0
+while time.monotonic() < deadline:
+    found = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/" + name + "/environ", "rb") as f:
+                environ = f.read()  # a zombie's is empty: a killed process is not found twice
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+                found += 1
+            except OSError:
+                pass
+    if not found:
+        break
+    time.sleep(0.005)  # let the killed ones' children show themselves
+""" % RUN_MARKER
+
+_close_in_children: set[int] = set()
+
+
+def _close_inherited() -> None:
+    for fd in _close_in_children:  # a forked child (a relay) must not keep the janitor waiting
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _close_in_children.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
+class Janitor:
+    """Kills every process of a run once its coordinator is gone, however it went.
+
+    Agents die with their coordinator (``PR_SET_PDEATHSIG``), but a SIGKILLed
+    agent cannot kill what its handler started, and those would be adopted by
+    pid 1.  Everything an agent starts inherits ``CFN_RUN=<run_ref>`` from its
+    environment (:func:`start_process`), so one process per session can find
+    them: it waits for end of file on a pipe only the coordinator holds, which
+    comes when the session closes or the coordinator dies (even by SIGKILL),
+    then SIGKILLs every process of this user whose environment carries the
+    marker, until none is left.  It has no parent-death signal, so it outlives
+    the coordinator for those milliseconds.  What escapes it: a process that
+    removed the marker from its environment (``env -i``, ``execve`` with its
+    own environment) *and* was orphaned by an agent's SIGKILL.
+    """
+
+    def __init__(self, run_ref: str):
+        read_end, self._write_end = os.pipe()
+        _close_in_children.add(self._write_end)
+        try:
+            self.proc = start_process(
+                [sys.executable, "-I", "-S", "-c", _JANITOR, run_ref],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # no terminal's hangup may stop it before it has swept
+            )
+        except BaseException:
+            self._close_pipe()
+            raise
+        finally:
+            os.close(read_end)
+
+    def _close_pipe(self) -> None:
+        if self._write_end is not None:
+            _close_in_children.discard(self._write_end)
+            os.close(self._write_end)
+            self._write_end = None
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Let it sweep (end of file) and wait for it; kill it if it does not finish in ``timeout``."""
+        self._close_pipe()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 _INTERRUPTS = (signal.SIGINT, signal.SIGTERM)

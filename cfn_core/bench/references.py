@@ -12,6 +12,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
+from ..process import interrupts_deferred
+
+# The workers are forked inside interrupts_deferred(): they inherit its handler, which only
+# notes a SIGINT, so the terminal's Ctrl-C (sent to the whole foreground process group,
+# these forks included) never makes a worker print a KeyboardInterrupt traceback; the
+# bench itself handles the Ctrl-C as soon as the workers are started.
+
 
 def _echo(payload):
     return payload
@@ -31,7 +38,8 @@ def processpool(agents: int, payload: str, probe: Callable[[], None] | None = No
     """
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=agents) as pool:
-        futures = [pool.submit(_echo, payload) for _ in range(agents)]
+        with interrupts_deferred():  # the first submit forks every worker (see above)
+            futures = [pool.submit(_echo, payload) for _ in range(agents)]
         t_sent = time.perf_counter()
         results = [f.result() for f in futures]
         t_done = time.perf_counter()
@@ -57,13 +65,14 @@ def mp_pipes(agents: int, payload: str, probe: Callable[[], None] | None = None)
     t0 = time.perf_counter()
     procs, conns = [], []
     try:
-        for _ in range(agents):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_pipe_worker, args=(child,), daemon=True)
-            proc.start()
-            child.close()
-            procs.append(proc)
-            conns.append(parent)
+        with interrupts_deferred():  # see above
+            for _ in range(agents):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_pipe_worker, args=(child,), daemon=True)
+                proc.start()
+                child.close()
+                procs.append(proc)
+                conns.append(parent)
         t_spawned = time.perf_counter()
         if probe is not None:
             probe()
@@ -77,6 +86,10 @@ def mp_pipes(agents: int, payload: str, probe: Callable[[], None] | None = None)
             except EOFError:
                 pass
         t_done = time.perf_counter()
+    except BaseException:  # interrupted: the workers wait in recv; do not give each 5 s to exit
+        for proc in procs:
+            proc.kill()
+        raise
     finally:
         for proc in procs:
             proc.join(5)

@@ -44,6 +44,8 @@ import sys
 import time
 from collections import OrderedDict
 
+from cfn_core import start_process
+
 _MAX_STATUSES = 20_000
 
 
@@ -70,9 +72,14 @@ class Zygote:
         for _, theirs in pairs:
             cmd += ["--fd", str(theirs.fileno())]
         try:
-            # agents' stdout goes to our stderr, like the baseline launcher's
-            self.proc = subprocess.Popen(
+            # agents' stdout goes to our stderr, like the baseline launcher's; start_process: from a
+            # thread that lasts (PR_SET_PDEATHSIG follows the forking thread: a session opened from
+            # a worker thread would lose the zygote, and every agent, when that thread ends), in a
+            # process group of its own (the terminal's Ctrl-C never reaches the zygote or its agents),
+            # marked with CFN_RUN for the run's janitor
+            self.proc = start_process(
                 cmd,
+                run_ref=run_ref,
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr.fileno(),
                 pass_fds=[theirs.fileno() for _, theirs in pairs],
@@ -272,9 +279,10 @@ def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: i
             obj.close() if hasattr(obj, "close") else os.close(obj)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from cfn_core.process import die_with_parent
+        from cfn_core.process import become_subreaper, die_with_parent
 
         die_with_parent(zygote_pid)
+        become_subreaper()  # not inherited through fork: what its handler orphans is the agent's to kill
         if _sched_batch(config) and hasattr(os, "SCHED_BATCH"):
             # a woken agent does not preempt the coordinator in the middle of a burst of sends
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -309,8 +317,17 @@ def _sched_batch(config) -> bool:
         return False
 
 
-def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
-    """Fork agents on request until the socket reaches end of file."""
+def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozenset[int] = frozenset()) -> None:
+    """Fork agents on request until the socket reaches end of file.
+
+    The forker is a subreaper: when one of its agents dies by a signal (the
+    coordinator's SIGKILL of a hung agent, a crash), what that agent's handler
+    had started is adopted here, and killed at once.  ``keep``: other children
+    that are not agents (the main zygote's forkers).
+    """
+    from cfn_core.process import become_subreaper, kill_leftovers
+
+    become_subreaper()
     me = os.getpid()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -320,17 +337,22 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
     control = [sock, wake_r, wake_w]
 
     def reap() -> None:
+        orphaned = False  # an agent that did not exit cleanly could not kill what its handler left
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            children.discard(pid)
+                break
+            if pid in children:
+                children.discard(pid)
+                orphaned = orphaned or status != 0
             statuses[pid] = os.waitstatus_to_exitcode(status)
             if len(statuses) > _MAX_STATUSES:
                 statuses.popitem(last=False)
+        if orphaned:
+            kill_leftovers(keep=children | keep)
 
     sock.sendall(f"R {me}\n".encode())
     buf = b""
@@ -391,6 +413,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler) -> None:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+    kill_leftovers(keep=keep)  # whatever the killed agents' handlers had started
 
 
 #: trivial tasks the warm-up agent runs before the zygote forks anything
@@ -498,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(code)
         forkers.append(pid)
         sock.close()
-    serve(socks[0], args.run, config, pm, handler)
+    serve(socks[0], args.run, config, pm, handler, keep=frozenset(forkers))
     for pid in forkers:  # they see end of file on their sockets too
         try:
             os.waitpid(pid, 0)
