@@ -81,8 +81,14 @@ class WorkloadSettings:
     handler: str = setting("cfn_core.handlers:echo", "module:function called in the agent with each task's payload")
     command: str = setting("", "shell command run per task (payload on stdin, stdout is the result); replaces handler")
     payload_bytes: int = setting(64, "size of each task's payload string", min=0, max=1 << 30)
-    timeout: float = setting(60.0, "seconds one task may take before its agent is killed and the task retried", min=0.001, max=86_400.0)
-    max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, timeouts) before it is reported failed", min=1, max=100)
+    timeout: float = setting(
+        60.0,
+        "seconds one task may take; then a handler's agent is killed and the task retried (an attempt), "
+        "a command is killed with everything it started and its task fails (no retry)",
+        min=0.001,
+        max=86_400.0,
+    )
+    max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, handler timeouts) before it is reported failed", min=1, max=100)
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
     directory: str = setting(
         "",

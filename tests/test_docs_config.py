@@ -124,3 +124,19 @@ def test_the_feature_flags_documented_are_the_loaders():
         assert f"| `{var}` | `{name}` |" in text
         assert name in load_config(discover=False, env={var: "true"}).enabled()
         assert load_config(discover=False, env={"CFN_PLUGINS": name, var: "false"}).enabled() == []
+
+
+def test_what_the_timeout_key_says_happens_to_a_command_is_what_happens(make_config, no_leaks):
+    """`[workload] timeout`: a command over it is killed and its task fails at once (not retried,
+    its agent is healthy); a Python handler's agent is killed and the task retried (tested in
+    tests/test_faults_tasks.py).  The command sleeps far longer than the timeout: unmistakable."""
+    from cfn_core import Coordinator
+
+    assert "a command is killed with everything it started and its task fails (no retry)" in DOC.read_text()
+    config = make_config(workload={"agents": 2, "command": "sleep 600", "timeout": 1.0, "max_attempts": 3})
+    with Coordinator(config) as coord:
+        result = coord.run(["a", "b"])
+    assert result.failed == 2 and result.rounds[0].retries == 0
+    for r in result.results.values():
+        assert not r.ok and r.answered and r.attempts == 1
+        assert r.error == "command timed out after 1s"

@@ -13,7 +13,7 @@ from cfn_core.plugins import installed, load_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [
-    ROOT / "docs" / name for name in ("USER_GUIDE.md", "PLUGIN_GUIDE.md", "OPERATIONS.md", "ARCHITECTURE.md", "CONFIG.md")
+    ROOT / "docs" / name for name in ("USER_GUIDE.md", "PLUGIN_GUIDE.md", "OPERATIONS.md", "ARCHITECTURE.md", "CONFIG.md", "TESTING.md")
 ] + sorted((ROOT / "examples").glob("*/README.md")) + [ROOT / "examples" / "README.md"]
 HOOKS = {name[4:] for name in vars(hookspecs) if name.startswith("cfn_")}
 

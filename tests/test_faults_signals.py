@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_faults_handlers import HERE, plugin_sets, read_log, set_id  # noqa: E402
 
 CFN = [os.path.join(os.path.dirname(sys.executable), "cfn")]
+#: Seconds the agents of a SIGKILLed coordinator may take to die.  Their handlers hang for an
+#: hour, so only the kernel's PDEATHSIG can end them this soon; the bound is generous (they
+#: die in tens of ms when idle) so that a loaded machine's scheduling delay cannot fail it.
+ORPHAN_BOUND = 15.0
 
 
 def _write_config(path, plugins, agents, bus_root, **workload):
@@ -105,7 +109,7 @@ def test_interrupt_prints_partial_result_and_cleans_up(tmp_path, bus_root, no_le
     assert {v["value"] for v in ok} <= {f"t{i:03d}" for i in range(tasks) if i not in hanging}
     assert round_["failed"] == tasks - len(ok)
     print(f"\n{set_id(plugins)} {sig!r}: exit {proc.returncode}, {len(ok)} of {tasks} results in the partial result")
-    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=10)
+    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -130,10 +134,10 @@ def test_coordinator_sigkill_takes_every_agent_down(tmp_path, bus_root, no_leaks
         proc.kill()
     t0 = time.monotonic()
     proc.communicate(timeout=30)
-    _wait_for(lambda: _gone(agents), "the orphaned agents to die", timeout=5)
+    _wait_for(lambda: _gone(agents), "the orphaned agents to die", timeout=ORPHAN_BOUND)
     elapsed = time.monotonic() - t0
     print(f"\n{set_id(plugins)}: {len(agents)} processes gone {elapsed * 1000:.0f} ms after the coordinator's SIGKILL")
-    assert elapsed < 2.0, f"agents outlived their coordinator by {elapsed:.2f}s"
+    assert elapsed < ORPHAN_BOUND, f"agents outlived their coordinator by {elapsed:.2f}s"
 
     # the run directory is still there, and recognisably stale
     runs = find_runs(str(bus_root))
@@ -186,7 +190,7 @@ def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig
     doc = json.loads(out)
     assert doc["interrupted"] is True and doc["rounds"][0]["tasks"] == 40
     assert "Traceback" not in err.decode()
-    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=10)
+    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -210,7 +214,7 @@ def test_coordinator_sigkill_takes_running_commands_down_too(tmp_path, bus_root,
     finally:
         proc.kill()
     proc.communicate(timeout=30)
-    _wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=5)
+    _wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=ORPHAN_BOUND)
     subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
 
 

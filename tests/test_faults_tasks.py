@@ -14,6 +14,12 @@ from test_faults_handlers import fault_env, plugin_params, plugin_sets, read_log
 from cfn_core import Coordinator, Task  # noqa: E402
 
 
+#: Seconds a hanging task runs before the watchdog kills its agent.  Far above what a healthy
+#: agent needs to start and answer even under load (two busy loops on two cores), which is what
+#: makes the test independent of the machine; the cost is two such waits per plugin set.
+HANG_TIMEOUT = 8.0
+
+
 def _tasks(scratch, count, flag, bad):
     return [
         Task(id=f"t{i:03d}", payload={"key": f"t{i:03d}", "dir": str(scratch), flag: i in bad}) for i in range(count)
@@ -38,15 +44,19 @@ def _good_ones_ok(result, tasks, bad):
 @pytest.mark.parametrize("plugins", plugin_params())
 def test_hanging_task_is_timed_out_retried_then_reported(make_config, fault_env, no_leaks, plugins):
     tasks = _tasks(fault_env, 8, "hang", {3})
+    # The hang is unmistakable (the handler sleeps forever), so the timeout can be generous:
+    # the watchdog counts a replacement's start-up (a fresh interpreter on the baseline) against
+    # the task, and on a loaded machine that start-up alone took longer than the 0.5 s this test
+    # once used, so the second attempt was killed before its handler ran (starts == 1).
     result = _run(
         make_config, plugins, tasks, agents=4,
-        handler="test_faults_handlers:hang", timeout=0.5, max_attempts=2,
+        handler="test_faults_handlers:hang", timeout=HANG_TIMEOUT, max_attempts=2,
     )
     failed = result.results["t003"]
     assert not failed.ok and not failed.answered
     assert failed.attempts == 2
     assert "gave up after 2 attempts" in failed.error
-    assert "exceeded the 0.5s timeout" in failed.error
+    assert f"exceeded the {HANG_TIMEOUT:g}s timeout" in failed.error
     _good_ones_ok(result, tasks, {3})
     assert result.failed == 1
     assert result.exit_code == 1

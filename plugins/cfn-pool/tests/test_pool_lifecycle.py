@@ -133,7 +133,7 @@ def test_unresponsive_idle_agent_is_replaced_before_it_gets_work(make_config, no
     config = make_config(
         plugins=["pool"],
         workload={"agents": 3},
-        pool={"size": 3, "health_interval": 0.0, "health_timeout": 0.3},
+        pool={"size": 3, "health_interval": 0.0, "health_timeout": 3.0},  # healthy agents answer well within it under load
     )
     with Coordinator(config) as coord:
         pool = pool_of(coord)
