@@ -60,6 +60,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import select
 import socket
 import stat
@@ -78,6 +79,15 @@ _MAX_CACHED_FDS = 512
 #: doorbell paths a sender keeps (a string each; cleared when full)
 _MAX_CACHED_ADDRS = 4096
 _BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
+#: what an inbox id, a destination and each part of a location may be: an agent id
+#: (cfn_core.messages.check_agent_id), a kernel inbox (``_coordinator``, ``_relay``), a
+#: reader's secondary inbox (``agent-0001.fb``) or a directory (``inbox``, ``shard-3``)
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+
+
+def _plain_name(name: str) -> bool:
+    """Can ``name`` be one file name in the run directory (no path, no ``..``, not too long)?"""
+    return type(name) is str and _NAME_RE.match(name) is not None and ".." not in name
 
 
 def bell_name(agent_id: str) -> str:
@@ -179,6 +189,11 @@ class ShmBus:
         self._ringer: socket.socket | None = None
         self._ringer_sndbuf = 0
         self._bell_addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
+        #: whether the latest ``deliver`` wrote its records (whole).  Read after a deliver that
+        #: raised: an interrupt (a signal handler that raises) can arrive after the write and
+        #: before deliver returns, and a caller that keeps records until they are written
+        #: (cfn-batch) must then not send them again.  A BusError always means not written.
+        self.last_written = False
         #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
         self.rings_retried = 0
         self._dead_fds: dict[str, int] = {}
@@ -266,8 +281,15 @@ class ShmBus:
 
     @staticmethod
     def _check_location(location: str) -> None:
-        if location.startswith("/") or ".." in location.split("/"):
+        """Refuse a location that is not plain names joined by ``/`` (checked once per location)."""
+        parts = location.split("/")
+        if location.startswith("/") or ".." in parts:
             raise BusError(f"inbox location {location!r} escapes the run directory")
+        if not all(_plain_name(part) for part in parts):
+            raise BusError(
+                f"inbox location {location!r:.200} is not plain names joined by '/' "
+                "(letters, digits, '_', '.', '-', up to 128 each)"
+            )
 
     def _open_in_run(self, rel: str, flags: int) -> int:
         """Open ``run_dir/rel`` following no symlink below (or at) the run directory.
@@ -384,6 +406,9 @@ class ShmBus:
         With ``inbox_depth`` set, waits (up to ``full_timeout``) while the inbox
         holds that many unsettled records, then raises :class:`InboxFull`.
         """
+        self.last_written = False
+        if dst not in self._bell_addrs:
+            self._bell_addr(dst)  # checks dst (defence in depth: a destination may come from a message)
         data = records[0] if len(records) == 1 else b"".join(records).replace(b"\n", RECORD_SEP, len(records) - 1)
         fd = self._append_fd(location)
         depth = self.inbox_depth
@@ -433,6 +458,7 @@ class ShmBus:
         """The append itself, under the inbox's flock: all of ``data`` or nothing."""
         size = os.fstat(fd).st_size
         torn = 0
+        writing = False
         try:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 # a sender died in the middle of a write: remove the torn write whole (a batch
@@ -442,9 +468,11 @@ class ShmBus:
                 os.write(fd, TORN_RECORD)
                 size += len(TORN_RECORD)
                 torn = 1
+            writing = True
             written = os.write(fd, data)
             while written < len(data):
                 written += os.write(fd, data[written:])
+            self.last_written = True
         except OSError as exc:
             os.ftruncate(fd, size)  # no half-written batch is ever visible
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -452,6 +480,17 @@ class ShmBus:
                     f"bus {self.run_dir} is full ({exc.strerror}): {count} message(s) to {dst} "
                     "were not written; free space in the bus root or set [bus] root elsewhere"
                 ) from None
+            raise
+        except BaseException:
+            # A signal handler raised (Ctrl-C, the CLI's SIGTERM): Python runs it as a system
+            # call returns, so it may be right after the write.  A whole write stays (a reader
+            # may have read it already) and last_written says so; a partial one is removed.
+            if writing and os.fstat(fd).st_size == size + len(data):
+                self.last_written = True
+                if counts is not None:
+                    counts[0] += torn + n
+            else:
+                os.ftruncate(fd, size)
             raise
         if counts is not None:
             counts[0] += torn + n  # one aligned 8-byte store
@@ -471,11 +510,7 @@ class ShmBus:
         room left, the receiver's queue is full, which is the common case (a
         busy receiver), and the ring is done.
         """
-        addr = self._bell_addrs.get(dst)
-        if addr is None:
-            if len(self._bell_addrs) >= _MAX_CACHED_ADDRS:
-                self._bell_addrs.clear()
-            addr = self._bell_addrs[dst] = self._bell_prefix + bell_name(dst)
+        addr = self._bell_addrs.get(dst) or self._bell_addr(dst)
         for fresh in (False, True):
             if self._ringer is None or fresh:
                 if self._ringer is not None:
@@ -494,14 +529,25 @@ class ShmBus:
                     return  # dst's queue is full: a wake-up is pending there
                 # this socket's buffer is full: once more from a fresh socket
 
+    def _bell_addr(self, dst: str) -> str:
+        """The path of ``dst``'s doorbell, kept; BusError when ``dst`` is not a plain name."""
+        addr = self._bell_addrs.get(dst)
+        if addr is None:
+            if not _plain_name(dst):
+                raise BusError(f"destination {dst!r:.200} is not an inbox id (letters, digits, '_', '.', '-', up to 128)")
+            if len(self._bell_addrs) >= _MAX_CACHED_ADDRS:
+                self._bell_addrs.clear()
+            addr = self._bell_addrs[dst] = self._bell_prefix + bell_name(dst)
+        return addr
+
     # ------------------------------------------------------------------ receiving
 
     def _inbox(self, agent_id: str, location: str) -> _Inbox:
         inbox = self._inboxes.get(agent_id)
         if inbox is None:
             self._check_location(location)
-            if "/" in agent_id or agent_id in ("", ".", ".."):
-                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            if not _plain_name(agent_id):
+                raise BusError(f"inbox id {agent_id!r:.200} is not a plain name")
             fd = self._open_in_run(location, os.O_RDONLY | os.O_CREAT)
             try:
                 cursor_fd = self._open_in_run(f"cursor/{agent_id}", os.O_RDWR | os.O_CREAT)
@@ -650,8 +696,8 @@ class ShmBus:
     def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
         fd = self._dead_fds.get(agent_id)
         if fd is None:
-            if "/" in agent_id:
-                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            if not _plain_name(agent_id):
+                raise BusError(f"inbox id {agent_id!r:.200} is not a plain name")
             fd = self._open_in_run(f"dead/{agent_id}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             self._dead_fds[agent_id] = fd
         line = json.dumps({"reason": reason, "raw_b64": base64.b64encode(record[:65536]).decode()}) + "\n"
