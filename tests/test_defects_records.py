@@ -280,3 +280,134 @@ def test_an_interrupt_after_a_batch_was_written_does_not_write_it_again(fault_en
     assert sorted(out["written"]) == sorted(set(out["written"])), out["written"]
     starts = _starts(fault_env)
     assert all(n == 1 for n in starts.values()), starts
+
+
+# ---------------------------------------------------------------------- 11: no record read whole
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read()/pread() so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def _msg(i: int, size: int = 0) -> bytes:
+    return Message(id=f"s.1.{i}", src="s", dst="a1", kind="peer", body="y" * size).encode()
+
+
+def test_an_oversized_record_is_skipped_and_dead_lettered_without_being_read_whole(bus_root):
+    import tracemalloc
+
+    huge = 64 << 20  # 64 MiB; the bus allows 1 MiB
+    bus = ShmBus.create(str(bus_root))
+    try:
+        bus.deliver("a1", "inbox/a1", [_msg(1)])
+        with open(bus.run_dir / "inbox" / "a1", "ab") as f:  # as a hostile or buggy writer would
+            f.write(b'{"id":"x"' + b" " * huge + b"}\n")
+        # and inside a batch: the records around it are whole messages
+        bus.deliver("a1", "inbox/a1", [_msg(2), b'{"big":"' + b"z" * (3 << 20) + b'"}\n', _msg(3, 200_000)])
+        tracemalloc.start()
+        try:
+            got = bus.read("a1", "inbox/a1")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [decode(raw).id for raw, _ in got] == ["s.1.1", "s.1.2", "s.1.3"]
+        assert peak < 8 << 20, f"the reader held {peak} bytes at once"
+        dead = bus.dead_letters()
+        assert [d["reason"].split(";")[0] for d in dead] == [
+            f"record of {huge + 11} bytes exceeds bus.max_message_bytes={1 << 20}",
+            f"record of {(3 << 20) + 11} bytes exceeds bus.max_message_bytes={1 << 20}",
+        ]
+        assert all(len(base64.b64decode(d["raw_b64"])) == 4096 for d in dead)
+        bus.ack("a1", [r for _, r in got])
+        # settled: a replacement re-reads nothing, and the next message arrives as usual
+        bus.deliver("a1", "inbox/a1", [_msg(4)])
+        again = ShmBus.attach(bus.run_dir)
+        try:
+            assert [decode(raw).id for raw, _ in again.read("a1", "inbox/a1")] == ["s.1.4"]
+        finally:
+            again.close()
+    finally:
+        bus.destroy()
+
+
+def test_a_torn_tail_is_read_once_not_on_every_read(bus_root):
+    bus = ShmBus.create(str(bus_root))
+    try:
+        bus.deliver("a1", "inbox/a1", [_msg(1)])
+        tail = 32 << 20
+        with open(bus.run_dir / "inbox" / "a1", "ab") as f:  # a writer that died half way through
+            f.write(b'{"id":"torn","pad":"' + b"t" * tail)
+        assert [decode(raw).id for raw, _ in bus.read("a1", "inbox/a1")] == ["s.1.1"]
+        before = _rchar()
+        for _ in range(20):
+            assert bus.read("a1", "inbox/a1") == []
+        assert _rchar() - before < 20 * 2 * (64 << 10), "the torn tail was read again"
+        # the next sender repairs the tail (a marker record in its place), which the reader notices
+        bus.deliver("a1", "inbox/a1", [_msg(2)])
+        raws = [raw for raw, _ in bus.read("a1", "inbox/a1")]
+        assert raws[0].startswith(b"\x1ftorn write") and [decode(r).id for r in raws[1:]] == ["s.1.2"]
+    finally:
+        bus.destroy()
+
+
+def test_large_reads_return_every_record_whole_and_in_order(bus_root):
+    """Records up to the limit and batches longer than the read chunk, in random sizes."""
+    import random
+
+    rng = random.Random(13)
+    bus = ShmBus.create(str(bus_root))
+    try:
+        sent = []
+        i = 0
+        for _ in range(60):
+            batch = []
+            for _ in range(rng.choice([1, 1, 3, 40])):
+                i += 1
+                batch.append(_msg(i, rng.choice([10, 1000, 70_000, 300_000, (1 << 20) - 200])))
+            bus.deliver("a1", "inbox/a1", batch)
+            sent += batch
+        got = []
+        while len(got) < len(sent):
+            records = bus.read("a1", "inbox/a1")
+            assert records, "a read returned nothing with records unread"
+            got += records
+        assert [raw for raw, _ in got] == sent
+        ends = [r for _, r in got]
+        assert ends == sorted(ends) and ends[-1] == os.path.getsize(bus.run_dir / "inbox" / "a1")
+        assert bus.dead_letters() == []
+    finally:
+        bus.destroy()
+
+
+class _HugeRecords:
+    """Writes a record of 64 MiB into each agent's inbox, and into the coordinator's, as each agent starts."""
+
+    def __init__(self):
+        self.count = 0
+
+    @hookimpl
+    def cfn_agent_started(self, ctx, agent):
+        for who in (agent.id, "_coordinator"):
+            with open(ctx.bus.run_dir / ctx.route(who), "ab") as f:  # a MiB at a time: not held here either
+                f.write(b'{"id":"h","pad":"')
+                for _ in range(64):
+                    f.write(b"h" * (1 << 20))
+                f.write(b'"}\n')
+            ctx.bus.ring(who)
+            self.count += 1
+
+
+@pytest.mark.parametrize("plugins", plugin_params())
+def test_agents_and_the_coordinator_skip_a_huge_record_and_carry_on(make_config, fault_env, no_leaks, plugins):
+    config = make_config(plugins=plugins, **_tables(plugins, 2, handler="records_handlers:peak_rss"))
+    huge = _HugeRecords()
+    with Coordinator(config, extra_plugins=[huge]) as coord:
+        result = coord.run(_payloads(fault_env, 4))
+        dead = coord.ctx.bus.dead_letters()
+    assert huge.count >= 2
+    assert result.ok and result.rounds[0].retries == 0
+    assert sum("exceeds bus.max_message_bytes" in d["reason"] for d in dead) == huge.count
+    # no agent ever held the 64 MiB record (reading it whole took twice that)
+    assert max(r.value for r in result.results.values()) < 100 << 20
