@@ -23,12 +23,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Callable
 
 import orjson
 
-from .errors import CfnError, ConfigError
+from .errors import CfnError, ConfigError, MessageTooLarge
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
 from .plugins import direct_caller
 from .process import child_pids, kill_leftovers
@@ -58,8 +58,15 @@ class AgentContext:
         self._send = direct_caller(pm, "cfn_send")
 
     def route(self, agent_id: str) -> str:
+        """Where ``agent_id``'s inbox is.  Raises ConfigError for an id that is not an agent's.
+
+        Destinations come from messages (a ping's sender, a task's peers): an id is
+        checked before it can become a path, once per process (the route is kept).
+        """
         loc = self._routes.get(agent_id)
         if loc is None:
+            if agent_id != COORDINATOR_ID:
+                check_agent_id(agent_id)
             loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
         return loc
 
@@ -186,22 +193,85 @@ def _tail(data: bytes | None, limit: int = 2000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` for a person to read.  Never raises, whatever ``exc`` is.
+
+    A handler's exception may have a ``__str__`` that raises (or returns something
+    that is not a string): that must fail the task, not the agent.
+    """
+    try:
+        name = type(exc).__name__
+        if not isinstance(name, str):
+            raise TypeError("__name__ is not a string")
+    except Exception:
+        name = "exception"
+    try:
+        text = str(exc)
+    except Exception as inner:
+        try:
+            why = type(inner).__name__
+        except Exception:
+            why = "an exception"
+        text = f"(its str() raised {why})"
+    return f"{name}: {text}"
+
+
 # ---------------------------------------------------------------------- the loop
 
 
-class _Work:
-    """One task in progress inside the agent."""
+#: task records remembered for de-duplication (their message ids): a copy of a record
+#: (a sender that wrote a batch twice, a transport's redelivery) arrives soon after it
+_RECENT_TASKS = 4096
 
-    __slots__ = ("msg", "payload", "peers", "expect")
+
+class _RecentIds:
+    """The last ``size`` ids seen, in bounded memory (a pooled agent serves many rounds)."""
+
+    __slots__ = ("ids", "order")
+
+    def __init__(self, size: int):
+        self.ids: set[str] = set()
+        self.order: deque[str] = deque(maxlen=size)
+
+    def add(self, key: str) -> bool:
+        """Remember ``key``; False when it is one of the recent ones already."""
+        if key in self.ids:
+            return False
+        if len(self.order) == self.order.maxlen:
+            self.ids.discard(self.order[0])
+        self.order.append(key)
+        self.ids.add(key)
+        return True
+
+
+class _Work:
+    """One task in progress inside the agent.
+
+    ``error`` is set when the task cannot run (its record names peers that are not
+    agent ids, or its peer messages could not be sent): it then fails with that reason.
+    """
+
+    __slots__ = ("msg", "payload", "peers", "expect", "error")
 
     def __init__(self, msg: Message):
         body = msg.body if isinstance(msg.body, dict) else {}
         self.msg = msg
         self.payload = body.get("payload")
-        peers = body.get("peers") or []
-        self.peers = [p for p in peers if isinstance(p, str)]
+        self.error: str | None = None
+        peers = body.get("peers")
+        if peers is None:
+            peers = []
+        elif not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+            self.error = f"task {msg.task}: 'peers' must be a list of agent ids, not {_short(peers)}"
+            peers = []
+        self.peers: list[str] = peers
         expect = body.get("expect", 0)
         self.expect = expect if isinstance(expect, int) and not isinstance(expect, bool) else 0
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
@@ -234,6 +304,20 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     settled: list = []
     stopping = False
     unflushed = False  # a result handed to cfn_send since the last flush
+    # Task records started by this incarnation, by message id: a copy of a record already
+    # run (or running) is settled without running again.  Message ids, not task ids or
+    # rounds: a pooled session's next run() starts again at round 1 with the same task ids.
+    # Across incarnations the coordinator's de-duplication of results covers it.
+    started = _RecentIds(_RECENT_TASKS)
+
+    def reject(msg: Message, reason: str) -> None:
+        """A record that cannot be acted on: dead-lettered with the reason (and settled by the caller)."""
+        log.warning("%s record %s dead-lettered: %s", msg.kind, msg.id, reason)
+        ctx.counters["dead_lettered"] += 1
+        try:
+            bus.dead_letter(agent_id, msg.encode(), reason)
+        except (CfnError, OSError) as exc:  # a full bus: the warning above is all that is left
+            log.warning("could not dead-letter record %s: %s", msg.id, exc)
 
     def finish(work: _Work) -> None:
         nonlocal unflushed
@@ -247,14 +331,16 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
         try:
-            if gather is not None:
+            if work.error is not None:  # it cannot run: fail it with the reason, nobody waits for it
+                body.update(ok=False, error=work.error)
+            elif gather is not None:
                 body["value"] = gather(work.payload, list(peers_seen.get(msg.round, {}).values()))
             else:
                 body["value"] = handler(work.payload)
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
-            body.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            body.update(ok=False, error=describe_exception(exc))
         ctx.counters["leftovers_killed"] += kill_leftovers(helpers)  # what the task left running dies with it
         if body["ok"]:
             try:  # checked here: a send (or a batching plugin's later flush) must not crash the agent
@@ -281,6 +367,17 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
 
     def start(msg: Message) -> None:
         work = _Work(msg)
+        if work.error is None:
+            try:
+                for peer in work.peers:  # before anything is sent (kept: one check per id per process)
+                    ctx.route(peer)
+            except CfnError as exc:
+                work.error = f"task {msg.task}: cannot send to peer {_short(peer)}: {exc}"
+        if work.error is not None:
+            reject(msg, work.error)
+            work.peers = []
+            finish(work)
+            return
         bodies: list[Any] = [None] * len(work.peers)
         if scatter is not None and work.peers:
             try:
@@ -289,10 +386,11 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                     raise ValueError(f"scatter returned {len(bodies)} bodies for {len(work.peers)} peers")
                 orjson.dumps(bodies)  # a body that is not JSON would crash the send below
             except Exception as exc:  # the peers still get their (empty) messages: nobody waits forever
-                log.warning("scatter failed for task %s: %s", msg.task, exc)
+                log.warning("scatter failed for task %s: %s", msg.task, describe_exception(exc))
                 bodies = [None] * len(work.peers)
         if work.peers:
-            ctx.send(
+            send_peer_messages(
+                work,
                 [
                     Message(
                         id=f"{msg.task}.p{i}",  # the same id when a replacement re-sends: receivers de-duplicate
@@ -306,33 +404,72 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                         seq=i,
                     )
                     for i, peer in enumerate(work.peers)
-                ]
+                ],
             )
-        if len(peers_seen[msg.round]) >= work.expect:
+        if work.error is not None or len(peers_seen[msg.round]) >= work.expect:
             finish(work)
         else:
             waiting.append(work)
+
+    def send_peer_messages(work: _Work, messages: list[Message]) -> None:
+        """Send (and flush) a task's peer messages; a failure fails the task with the reason.
+
+        Flushed here so that an error of a batching plugin's write surfaces now, with
+        this task to charge, not in a later flush.  A body too large for the bus is sent
+        empty instead (as when ``scatter`` fails): its receiver does not wait for it
+        forever.  Messages sent before a failure may be sent again: receivers
+        de-duplicate peer messages by id.
+        """
+        try:
+            try:
+                ctx.send(messages)
+            except MessageTooLarge as exc:
+                work.error = f"peer message not sent: {exc}; its receiver got an empty body"
+                limit = config.bus.max_message_bytes
+                for m in messages:
+                    try:
+                        m.encode(limit)
+                    except MessageTooLarge:
+                        m.body = None
+                ctx.send(messages)
+            flush(ctx=ctx, reason="explicit")
+        except (CfnError, OSError) as exc:
+            work.error = f"peer messages not sent: {describe_exception(exc) if isinstance(exc, OSError) else exc}"
+            log.warning("task %s: %s", work.msg.task, work.error)
 
     while True:
         messages = read(ctx=ctx, agent_id=agent_id)
         for msg in messages:
             ctx.counters["received"] += 1
             kind = msg.kind
-            if kind == "task":
-                if msg.task in skip:
-                    settled.append(msg.receipt)  # the coordinator gave up on it (poison)
+            try:
+                if kind == "task":
+                    if msg.task in skip:
+                        settled.append(msg.receipt)  # the coordinator gave up on it (poison)
+                    elif not started.add(msg.id):
+                        ctx.counters["duplicate_tasks"] += 1  # a copy of a record already run (or running)
+                        settled.append(msg.receipt)
+                    else:
+                        start(msg)
+                elif kind == "peer":
+                    peers_seen[msg.round][msg.id] = msg.body
+                    held[msg.round].append(msg.receipt)
+                elif kind == "stop":
+                    stopping = True
+                    settled.append(msg.receipt)
+                elif kind == "ping":
+                    try:
+                        ctx.route(msg.src)  # the reply's destination comes from the record: checked first
+                        ctx.send([ctx.factory.make(msg.src, "pong", body=msg.body)])
+                    except CfnError as exc:
+                        reject(msg, f"ping not answered: {exc}")
+                    settled.append(msg.receipt)
                 else:
-                    start(msg)
-            elif kind == "peer":
-                peers_seen[msg.round][msg.id] = msg.body
-                held[msg.round].append(msg.receipt)
-            elif kind == "stop":
-                stopping = True
-                settled.append(msg.receipt)
-            elif kind == "ping":
-                ctx.send([ctx.factory.make(msg.src, "pong", body=msg.body)])
-                settled.append(msg.receipt)
-            else:
+                    settled.append(msg.receipt)
+            except (CfnError, OSError):
+                raise  # the bus failed (full, removed), not the record: a replacement retries it
+            except Exception as exc:  # no record may kill its agent: every replacement would re-read it
+                reject(msg, f"{kind} record could not be handled: {describe_exception(exc)}")
                 settled.append(msg.receipt)
         if waiting:
             still = []

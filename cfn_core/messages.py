@@ -47,8 +47,11 @@ def check_agent_id(agent_id: str) -> str:
         or not AGENT_ID_RE.match(agent_id)
         or ".." in agent_id
     ):
+        shown = repr(agent_id)
+        if len(shown) > 80:  # an id from a hostile record may be any length
+            shown = f"{shown[:60]}... ({len(agent_id)} characters)"
         raise ConfigError(
-            f"agent id {agent_id!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', "
+            f"agent id {shown} is not allowed: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit, without '..'"
         )
     return agent_id

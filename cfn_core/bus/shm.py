@@ -60,6 +60,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import select
 import socket
 import stat
@@ -78,6 +79,15 @@ _MAX_CACHED_FDS = 512
 #: doorbell paths a sender keeps (a string each; cleared when full)
 _MAX_CACHED_ADDRS = 4096
 _BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
+#: what an inbox id, a destination and each part of a location may be: an agent id
+#: (cfn_core.messages.check_agent_id), a kernel inbox (``_coordinator``, ``_relay``), a
+#: reader's secondary inbox (``agent-0001.fb``) or a directory (``inbox``, ``shard-3``)
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+
+
+def _plain_name(name: str) -> bool:
+    """Can ``name`` be one file name in the run directory (no path, no ``..``, not too long)?"""
+    return type(name) is str and _NAME_RE.match(name) is not None and ".." not in name
 
 
 def bell_name(agent_id: str) -> str:
@@ -87,9 +97,12 @@ def bell_name(agent_id: str) -> str:
     import hashlib
 
     return "h" + hashlib.blake2b(agent_id.encode(), digest_size=15).hexdigest()
+#: most bytes a reader holds of an inbox it scans (more only for a batch it returns whole)
 _READ_CHUNK = 1 << 20
 #: bytes a read asks for first; more only when that much was there (below malloc's mmap threshold)
 _FIRST_READ = 1 << 16
+#: bytes of a skipped oversized record kept in its dead letter
+_DEAD_PREFIX = 4096
 #: joins the records of one write; only the write's last record ends in b"\n"
 RECORD_SEP = b"\x1e"
 #: what replaces a write torn by its sender's death (dead-lettered by the reader)
@@ -134,7 +147,7 @@ def _proc_start_time(pid: int) -> str | None:
 class _Inbox:
     """Reader state of one inbox in this process."""
 
-    __slots__ = ("fd", "pos", "pending", "order", "cursor_fd", "acked_to", "partial_since", "counts", "acked_count")
+    __slots__ = ("fd", "pos", "pending", "order", "cursor_fd", "acked_to", "tail", "counts", "acked_count")
 
     def __init__(self, fd: int, pos: int, cursor_fd: int):
         self.counts = None  # [appended, settled] of count/<location> when inbox_depth is on
@@ -147,7 +160,9 @@ class _Inbox:
         self.order: deque[int] = deque()
         self.cursor_fd = cursor_fd
         self.acked_to = pos
-        self.partial_since = 0.0
+        #: (size, mtime, pos, first bytes) of the file when a read last stopped at a long
+        #: unterminated tail (a torn or unfinished write): while all four match it is not scanned again
+        self.tail: tuple | None = None
 
 
 class ShmBus:
@@ -180,6 +195,11 @@ class ShmBus:
         self._ringer: socket.socket | None = None
         self._ringer_sndbuf = 0
         self._bell_addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
+        #: whether the latest ``deliver`` wrote its records (whole).  Read after a deliver that
+        #: raised: an interrupt (a signal handler that raises) can arrive after the write and
+        #: before deliver returns, and a caller that keeps records until they are written
+        #: (cfn-batch) must then not send them again.  A BusError always means not written.
+        self.last_written = False
         #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
         self.rings_retried = 0
         self._dead_fds: dict[str, int] = {}
@@ -278,8 +298,15 @@ class ShmBus:
 
     @staticmethod
     def _check_location(location: str) -> None:
-        if location.startswith("/") or ".." in location.split("/"):
+        """Refuse a location that is not plain names joined by ``/`` (checked once per location)."""
+        parts = location.split("/")
+        if location.startswith("/") or ".." in parts:
             raise BusError(f"inbox location {location!r} escapes the run directory")
+        if not all(_plain_name(part) for part in parts):
+            raise BusError(
+                f"inbox location {location!r:.200} is not plain names joined by '/' "
+                "(letters, digits, '_', '.', '-', up to 128 each)"
+            )
 
     def _open_in_run(self, rel: str, flags: int) -> int:
         """Open ``run_dir/rel`` following no symlink below (or at) the run directory.
@@ -396,6 +423,9 @@ class ShmBus:
         With ``inbox_depth`` set, waits (up to ``full_timeout``) while the inbox
         holds that many unsettled records, then raises :class:`InboxFull`.
         """
+        self.last_written = False
+        if dst not in self._bell_addrs:
+            self._bell_addr(dst)  # checks dst (defence in depth: a destination may come from a message)
         data = records[0] if len(records) == 1 else b"".join(records).replace(b"\n", RECORD_SEP, len(records) - 1)
         fd = self._append_fd(location)
         depth = self.inbox_depth
@@ -445,6 +475,7 @@ class ShmBus:
         """The append itself, under the inbox's flock: all of ``data`` or nothing."""
         size = os.fstat(fd).st_size
         torn = 0
+        writing = False
         try:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 # a sender died in the middle of a write: remove the torn write whole (a batch
@@ -454,9 +485,11 @@ class ShmBus:
                 os.write(fd, TORN_RECORD)
                 size += len(TORN_RECORD)
                 torn = 1
+            writing = True
             written = os.write(fd, data)
             while written < len(data):
                 written += os.write(fd, data[written:])
+            self.last_written = True
         except OSError as exc:
             os.ftruncate(fd, size)  # no half-written batch is ever visible
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -464,6 +497,17 @@ class ShmBus:
                     f"bus {self.run_dir} is full ({exc.strerror}): {count} message(s) to {dst} "
                     "were not written; free space in the bus root or set [bus] root elsewhere"
                 ) from None
+            raise
+        except BaseException:
+            # A signal handler raised (Ctrl-C, the CLI's SIGTERM): Python runs it as a system
+            # call returns, so it may be right after the write.  A whole write stays (a reader
+            # may have read it already) and last_written says so; a partial one is removed.
+            if writing and os.fstat(fd).st_size == size + len(data):
+                self.last_written = True
+                if counts is not None:
+                    counts[0] += torn + n
+            else:
+                os.ftruncate(fd, size)
             raise
         if counts is not None:
             counts[0] += torn + n  # one aligned 8-byte store
@@ -483,11 +527,7 @@ class ShmBus:
         room left, the receiver's queue is full, which is the common case (a
         busy receiver), and the ring is done.
         """
-        addr = self._bell_addrs.get(dst)
-        if addr is None:
-            if len(self._bell_addrs) >= _MAX_CACHED_ADDRS:
-                self._bell_addrs.clear()
-            addr = self._bell_addrs[dst] = self._bell_prefix + bell_name(dst)
+        addr = self._bell_addrs.get(dst) or self._bell_addr(dst)
         for fresh in (False, True):
             if self._ringer is None or fresh:
                 if self._ringer is not None:
@@ -506,14 +546,25 @@ class ShmBus:
                     return  # dst's queue is full: a wake-up is pending there
                 # this socket's buffer is full: once more from a fresh socket
 
+    def _bell_addr(self, dst: str) -> str:
+        """The path of ``dst``'s doorbell, kept; BusError when ``dst`` is not a plain name."""
+        addr = self._bell_addrs.get(dst)
+        if addr is None:
+            if not _plain_name(dst):
+                raise BusError(f"destination {dst!r:.200} is not an inbox id (letters, digits, '_', '.', '-', up to 128)")
+            if len(self._bell_addrs) >= _MAX_CACHED_ADDRS:
+                self._bell_addrs.clear()
+            addr = self._bell_addrs[dst] = self._bell_prefix + bell_name(dst)
+        return addr
+
     # ------------------------------------------------------------------ receiving
 
     def _inbox(self, agent_id: str, location: str) -> _Inbox:
         inbox = self._inboxes.get(agent_id)
         if inbox is None:
             self._check_location(location)
-            if "/" in agent_id or agent_id in ("", ".", ".."):
-                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            if not _plain_name(agent_id):
+                raise BusError(f"inbox id {agent_id!r:.200} is not a plain name")
             fd = self._open_in_run(location, os.O_RDONLY | os.O_CREAT)
             try:
                 cursor_fd = self._open_in_run(f"cursor/{agent_id}", os.O_RDWR | os.O_CREAT)
@@ -540,17 +591,21 @@ class ShmBus:
         # one pread, no fstat: an empty or small read (the common case) is one system call
         data = os.pread(inbox.fd, _FIRST_READ, inbox.pos)
         if len(data) == _FIRST_READ:
-            size = os.fstat(inbox.fd).st_size
-            if size > inbox.pos + _FIRST_READ:
-                data += os.pread(inbox.fd, size - inbox.pos - _FIRST_READ, inbox.pos + _FIRST_READ)
+            return self._read_large(agent_id, inbox, data)
         end = data.rfind(b"\n")
         if end < 0:
             return []
+        out: list[tuple[bytes, int]] = []
+        self._take(inbox, data, end, inbox.pos, out)
+        inbox.pos += end + 1
+        return out
+
+    @staticmethod
+    def _take(inbox: _Inbox, data: bytes, end: int, base: int, out: list) -> None:
+        """Append the records of ``data[:end + 1]`` (file offset ``base``; ``data[end]`` is b"\\n")."""
         if RECORD_SEP in data:  # a batch: split its records like lines (same offsets, same length)
             data = data.replace(RECORD_SEP, b"\n")
-        out = []
         start = 0
-        base = inbox.pos
         pending = inbox.pending
         order = inbox.order.append
         while start <= end:
@@ -560,8 +615,115 @@ class ShmBus:
             pending[receipt] = False
             order(receipt)
             start = nl + 1
-        inbox.pos = base + end + 1
+
+    def _read_large(self, agent_id: str, inbox: _Inbox, first: bytes) -> list[tuple[bytes, int]]:
+        """A read that found at least ``_FIRST_READ`` unread bytes: scan them a chunk at a time.
+
+        No record over ``max_message_bytes`` is ever held whole: one with no
+        separator within a chunk is skipped by scanning for its end, dead-lettered
+        (its first bytes and the reason) and settled.  A long unterminated tail (a
+        write torn by its sender's death, or still being written) is scanned once:
+        while the file's size, mtime and the tail's first bytes are unchanged, later
+        reads return at once.  A sender that repairs a torn tail rewrites its first
+        bytes (the torn-write marker), so a repair is always noticed.
+        """
+        fd = inbox.fd
+        st = os.fstat(fd)
+        size = st.st_size
+        head = first[: len(TORN_RECORD)]
+        if inbox.tail == (size, st.st_mtime_ns, inbox.pos, head):
+            return []  # the same unterminated tail as last time
+        inbox.tail = None
+        limit = self.max_message_bytes
+        chunk = max(_FIRST_READ, min(limit, _READ_CHUNK))
+        # a record longer than a chunk is skipped unread; a shorter one over the limit is read
+        # (at most a chunk) and dead-lettered by cfn_core.builtin.decode_records
+        longest = max(limit, chunk)
+        out: list[tuple[bytes, int]] = []
+        off = inbox.pos  # data holds the file's bytes from off
+        data = first
+        skipped = False
+        while True:
+            want = min(chunk, size - off) - len(data)
+            if want > 0:
+                data += os.pread(fd, want, off + len(data))
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                self._take(inbox, data, nl, off, out)
+                off += nl + 1
+                data = data[nl + 1 :]
+                if off < size:
+                    continue
+                break
+            if off + len(data) >= size:
+                break  # an unterminated tail shorter than a chunk
+            end, oversized = self._scan_write(fd, off, size, chunk, longest)
+            if end is None:
+                break  # a long unterminated tail
+            self._take_skipping(agent_id, inbox, off, end, oversized, out)
+            skipped = True
+            off = end
+            data = b""
+        inbox.pos = off
+        if off < size:
+            inbox.tail = (size, st.st_mtime_ns, off, data[: len(TORN_RECORD)])
+        if skipped:
+            self._advance(inbox)  # a skipped record is settled now: no replacement re-reads it
         return out
+
+    @staticmethod
+    def _scan_write(fd: int, start: int, size: int, chunk: int, longest: int) -> tuple[int | None, list]:
+        """Find the end of the write starting at ``start`` without holding more than a chunk.
+
+        Returns the offset just past its b"\\n" (None if there is none before ``size``)
+        and the ``(start, end)`` of each of its records longer than ``longest``.  Only
+        the first and last separator of each chunk are looked at: two separators
+        inside one chunk are less than ``chunk <= longest`` apart.
+        """
+        oversized = []
+        record = start  # where the current record began
+        pos = start
+        while pos < size:
+            buf = os.pread(fd, min(chunk, size - pos), pos)
+            if not buf:
+                break  # the file shrank (a torn tail was repaired): read again next time
+            nl = buf.find(b"\n")
+            part = buf if nl < 0 else buf[: nl + 1]
+            first = part.find(RECORD_SEP)
+            if nl >= 0 and (first < 0 or nl < first):
+                first = nl
+            if first >= 0:
+                last = nl if nl >= 0 else part.rfind(RECORD_SEP)
+                if pos + first + 1 - record > longest:
+                    oversized.append((record, pos + first + 1))
+                record = pos + last + 1
+                if nl >= 0:
+                    return pos + nl + 1, oversized
+            pos += len(buf)
+        return None, oversized
+
+    def _take_skipping(self, agent_id: str, inbox: _Inbox, start: int, end: int, oversized: list, out: list) -> None:
+        """Append the records of the write ``[start, end)``; dead-letter and settle the oversized ones."""
+        fd = inbox.fd
+        here = start
+        for big_start, big_end in [*oversized, (end, end)]:
+            if big_start > here:  # whole records (each ended by a separator): read them
+                data = os.pread(fd, big_start - here, here)
+                self._take(inbox, data, len(data) - 1, here, out)
+            if big_end > big_start:
+                prefix = os.pread(fd, min(_DEAD_PREFIX, big_end - big_start), big_start)
+                try:
+                    self.dead_letter(
+                        agent_id,
+                        prefix,
+                        f"record of {big_end - big_start} bytes exceeds bus.max_message_bytes={self.max_message_bytes}; "
+                        f"skipped unread (its first {len(prefix)} bytes kept)",
+                    )
+                except (BusError, OSError):
+                    pass  # a full bus: the record is skipped and settled all the same
+                inbox.pending[big_end] = True
+                inbox.order.append(big_end)
+            here = big_end
 
     def ack(self, agent_id: str, receipts: Iterable[int]) -> None:
         """Settle records; the cursor moves over the longest settled prefix.
@@ -580,8 +742,12 @@ class ShmBus:
                 others.setdefault(r[0], []).append(r[1])
         for other, rs in others.items():
             self.ack(other, rs)
-        if inbox is None:
-            return
+        if inbox is not None:
+            self._advance(inbox)
+
+    def _advance(self, inbox: _Inbox) -> None:
+        """Move the cursor over the longest settled prefix of the inbox's records."""
+        pending = inbox.pending
         moved = 0
         order = inbox.order
         while order and pending[order[0]]:
@@ -670,8 +836,8 @@ class ShmBus:
     def dead_letter(self, agent_id: str, record: bytes, reason: str) -> None:
         fd = self._dead_fds.get(agent_id)
         if fd is None:
-            if "/" in agent_id:
-                raise BusError(f"inbox id {agent_id!r} is not a plain name")
+            if not _plain_name(agent_id):
+                raise BusError(f"inbox id {agent_id!r:.200} is not a plain name")
             fd = self._open_in_run(f"dead/{agent_id}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             self._dead_fds[agent_id] = fd
         line = json.dumps({"reason": reason, "raw_b64": base64.b64encode(record[:65536]).decode()}) + "\n"

@@ -35,7 +35,14 @@ The flusher cannot die silently: if it raises, the death is counted and logged,
 sends are delivered unbatched until it is restarted (by the next send that
 leaves a record buffered, after a back-off), and the restart is counted.
 Nothing is ever dropped: a delivery that fails leaves the records at the head
-of their buffer and raises to the sender.
+of their buffer and raises to the sender.  Nothing is written twice: an
+interrupt (a signal handler that raises, such as the CLI's SIGTERM) arriving
+after ``deliver`` wrote a batch but before it returned leaves the batch out of
+the buffer, when the bus says it was written (the shm bus's ``last_written``;
+on a bus that cannot say, the batch stays buffered and may be written again,
+which receivers de-duplicate by message id).  One flush writes every
+destination it can: a destination that fails (a full inbox) does not hold back
+the others, and the first error is raised after all were tried.
 """
 
 from __future__ import annotations
@@ -128,6 +135,8 @@ class Batcher:
         self.adaptive = settings.adaptive
         self.size = self.floor
         self.stats = stats
+        #: the bus says whether a deliver that raised had written (see the module docstring)
+        self.tracks_writes = hasattr(bus, "last_written")
         self.pid = os.getpid()
         self.cond = threading.Condition(threading.Lock())
         self.buffers: dict[str, list[bytes]] = {}  # only non-empty buffers, in first-use order
@@ -244,7 +253,8 @@ class Batcher:
             else:
                 group.append(rec)
         self._window_dsts.update(groups)
-        buffers, cap, route, deliver, batch = self.buffers, self.max_size, self.route, self.bus.deliver, self.stats.batch
+        buffers, cap, route, batch = self.buffers, self.max_size, self.route, self.stats.batch
+        bus, tracks = self.bus, self.tracks_writes
         pending = iter(groups.items())
         for dst, group in pending:
             if dst in buffers:  # after what was buffered for it, through the buffer
@@ -254,14 +264,20 @@ class Batcher:
                     self._flush_locked(dst, "leading", now, cap)
                 self._flush_locked(dst, "leading", now)
                 continue
-            done = 0
+            done = in_flight = 0
             try:
                 while done < len(group):
                     chunk = group if not done and len(group) <= cap else group[done : done + cap]
-                    deliver(dst, route(dst), chunk)
-                    done += len(chunk)
+                    in_flight = len(chunk)
+                    if tracks:
+                        bus.last_written = False
+                    bus.deliver(dst, route(dst), chunk)
+                    done += in_flight
+                    in_flight = 0
                     batch("leading", len(chunk), sum(map(len, chunk)), now, None)
             except BaseException:
+                if in_flight and tracks and bus.last_written:
+                    done += in_flight  # interrupted after the write: written, not to be sent again
                 for rec in group[done:]:
                     self._buffer_locked(dst, rec, now)
                 for later, rest in pending:
@@ -284,9 +300,17 @@ class Batcher:
                 self._flush_all_locked(reason)
 
     def _flush_all_locked(self, reason: str) -> None:
+        """Every buffer, each tried even when an earlier one fails; the first error is raised."""
         now = time.monotonic()
+        first_error = None
         for dst in list(self.buffers):
-            self._flush_locked(dst, reason, now)
+            try:
+                self._flush_locked(dst, reason, now)
+            except Exception as exc:  # e.g. that inbox is full: its records stay buffered
+                if first_error is None:
+                    first_error = exc
+        if first_error is not None:
+            raise first_error
 
     def _flush_locked(self, dst: str, reason: str, now: float, count: int | None = None) -> None:
         """One ``deliver`` of ``dst``'s buffer (its first ``count`` records, default all).
@@ -303,11 +327,23 @@ class Batcher:
             batch, waited = buf, times
         else:
             batch, waited = buf[:count], times[:count]
-        self.bus.deliver(dst, self.route(dst), batch)
-        if batch is buf:
-            del self.buffers[dst], self.arrivals[dst]
-        else:
-            del buf[:count], times[:count]
+        bus = self.bus
+        tracks = self.tracks_writes
+        if tracks:
+            bus.last_written = False
+        returned = False
+        try:
+            bus.deliver(dst, self.route(dst), batch)
+            returned = True
+        finally:
+            # Straight-line code, no call before the records leave the buffer: Python runs a
+            # signal handler only at a call or a loop's jump, so an interrupt cannot land
+            # between "written" and "out of the buffer" (else close() would write them again).
+            if returned or (tracks and bus.last_written):
+                if batch is buf:
+                    del self.buffers[dst], self.arrivals[dst]
+                else:
+                    del buf[:count], times[:count]
         self.stats.batch(reason, len(batch), sum(map(len, batch)), now, waited)
 
     def _adapt_locked(self, now: float) -> None:
