@@ -113,6 +113,7 @@ class _Round:
         self.latencies: list[float] = []
         self.result = RoundResult(round=run_number, session_round=number, tasks=len(tasks))
         self.collect = 0.0
+        self.distributing = False  # tasks may still wait for an agent of the round
         self.peers_sent = 0
         self.peers_received = 0
 
@@ -499,6 +500,13 @@ class CoordinatorContext:
         if r.attempts[culprit] >= self.config.workload.max_attempts:
             self._give_up(handle, culprit, f"gave up after {r.attempts[culprit]} attempts: {why}")
         if not handle.outstanding:
+            if r.distributing:
+                # tasks still wait for an agent (a plugin that hands them out one per idle agent):
+                # without this one the round could be left with none and wait for ever
+                try:
+                    self.launch(handle.id)
+                except Exception as exc:
+                    log.warning("agent %s died and could not be replaced: %s", handle.id, exc)
             return
         r.result.retries += len(handle.outstanding)
         self.metrics.task_retries.inc(len(handle.outstanding))
@@ -797,7 +805,11 @@ class Coordinator:
             # 3. distribute
             self._report("distribute", 0, len(r.order))
             with self._phase(r, "distribute"):
-                self._distribute(r, agent_ids)
+                r.distributing = True
+                try:
+                    self._distribute(r, agent_ids)
+                finally:
+                    r.distributing = False
             # 4. execute and collect
             t_exec = time.perf_counter()
             ctx._in_execute = True

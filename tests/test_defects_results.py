@@ -153,6 +153,18 @@ def test_a_pooled_agent_that_read_the_give_up_list_runs_the_id_in_a_later_run(ma
     assert r.ok and r.value == "t-poison" and r.attempts == 1, r
 
 
+@pytest.mark.parametrize("plugins", pooled_sets())
+def test_a_pooled_round_goes_on_when_its_only_agent_dies_on_a_task_given_up_on(make_config, fault_env, no_leaks, plugins):
+    """The pool hands out one task per idle agent: the one agent dies twice on the poison with
+    nothing else outstanding, and the round still has a task to hand out (it used to wait for ever)."""
+    tables = _tables(plugins, 1, handler="test_faults_handlers:poison", max_attempts=2, timeout=20)
+    payload = {"key": "t-poison", "dir": str(fault_env)}
+    with Coordinator(make_config(plugins=plugins, **tables)) as coord:
+        result = coord.run([Task(id="t-poison", payload={**payload, "poison": True}), Task(id="t-ok", payload={**payload, "key": "t-ok"})])
+    assert result.results["t-poison"].ok is False and "gave up after 2 attempts" in result.results["t-poison"].error
+    assert result.results["t-ok"].ok and result.results["t-ok"].value == "t-ok"
+
+
 # ---------------------------------------------------------------------- item 3: explicit peers
 
 
