@@ -29,7 +29,7 @@ from typing import Any, Callable
 import orjson
 
 from .errors import CfnError, ConfigError, MessageTooLarge
-from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id
+from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id, peer_message_id
 from .plugins import direct_caller
 from .process import child_pids, kill_leftovers
 
@@ -288,7 +288,6 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     bus.listen(agent_id)  # bind the doorbell before the first read
     if handler is None:
         handler = load_handler(config.workload)
-    skip = set(json.loads(bus.get_state(f"skip.{agent_id}") or b"[]"))
     pm.hook.cfn_agent_init(ctx=ctx)
     helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
     read = direct_caller(pm, "cfn_read")
@@ -301,6 +300,9 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     scatter = getattr(handler, "scatter", None)
     gather = getattr(handler, "gather", None)
     held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
+    newest_round = 0  # of the tasks started so far
+    skip: set[tuple[int, str]] = set()  # (round, task) the coordinator gave up on
+    skip_read_for: int | None = None  # the round the skip list was last read for
     settled: list = []
     stopping = False
     unflushed = False  # a result handed to cfn_send since the last flush
@@ -365,7 +367,32 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         settled.append(msg.receipt)
         settled.extend(held.pop(msg.round, ()))
 
+    def given_up(msg: Message) -> bool:
+        # read again for every newer round: a pooled agent outlives the run it was started in
+        nonlocal skip, skip_read_for
+        if skip_read_for is None or msg.round > skip_read_for:
+            skip = read_skip_list(bus, agent_id)
+            skip_read_for = msg.round
+        return (msg.round, msg.task) in skip
+
+    def forget_rounds_before(number: int) -> None:
+        # The coordinator starts a round only when every earlier one is complete, so what
+        # this agent still holds of those (peer messages, a task whose peers never came)
+        # is stale: settle it, or a pooled agent would count it in a later round.
+        nonlocal waiting
+        for old in [n for n in list(peers_seen) + list(held) if n < number]:
+            peers_seen.pop(old, None)
+            settled.extend(held.pop(old, ()))
+        stale = [w for w in waiting if w.msg.round < number]
+        if stale:
+            waiting = [w for w in waiting if w.msg.round >= number]
+            settled.extend(w.msg.receipt for w in stale)
+
     def start(msg: Message) -> None:
+        nonlocal newest_round
+        if msg.round > newest_round:
+            forget_rounds_before(msg.round)
+            newest_round = msg.round
         work = _Work(msg)
         if work.error is None:
             try:
@@ -392,16 +419,11 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             send_peer_messages(
                 work,
                 [
-                    Message(
-                        id=f"{msg.task}.p{i}",  # the same id when a replacement re-sends: receivers de-duplicate
-                        src=agent_id,
-                        dst=peer,
-                        kind="peer",
-                        round=msg.round,
-                        task=msg.task,
-                        body=bodies[i],
-                        ts=time.time(),
-                        seq=i,
+                    # the same id when a replacement re-sends (receivers de-duplicate by it); the
+                    # seq is this sender's, like that of every other message it sends
+                    ctx.factory.make(
+                        peer, "peer", round=msg.round, task=msg.task, body=bodies[i],
+                        id=peer_message_id(msg.round, msg.task, i),
                     )
                     for i, peer in enumerate(work.peers)
                 ],
@@ -444,7 +466,7 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
             kind = msg.kind
             try:
                 if kind == "task":
-                    if msg.task in skip:
+                    if given_up(msg):
                         settled.append(msg.receipt)  # the coordinator gave up on it (poison)
                     elif not started.add(msg.id):
                         ctx.counters["duplicate_tasks"] += 1  # a copy of a record already run (or running)
@@ -452,8 +474,11 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
                     else:
                         start(msg)
                 elif kind == "peer":
-                    peers_seen[msg.round][msg.id] = msg.body
-                    held[msg.round].append(msg.receipt)
+                    if msg.round < newest_round:  # a late re-send of a round the coordinator has finished
+                        settled.append(msg.receipt)
+                    else:
+                        peers_seen[msg.round][msg.id] = msg.body
+                        held[msg.round].append(msg.receipt)
                 elif kind == "stop":
                     stopping = True
                     settled.append(msg.receipt)
@@ -497,6 +522,28 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     kill_leftovers()  # at exit nothing this agent started stays, helpers included
     bus.close()
     return 0
+
+
+def read_skip_list(bus, agent_id: str) -> set[tuple[int, str]]:
+    """The ``(round, task)`` pairs the coordinator gave up on for ``agent_id``.
+
+    Stored by the coordinator in state ``skip.<agent_id>`` as ``{"<round>": [task ids]}``:
+    keyed by the session-wide round, so a task id given up on in one ``run`` is run
+    again when a later ``run`` submits it.  Anything else there is ignored.
+    """
+    try:
+        stored = json.loads(bus.get_state(f"skip.{agent_id}") or b"{}")
+    except ValueError:
+        return set()
+    if not isinstance(stored, dict):
+        return set()
+    return {
+        (int(number), task)
+        for number, tasks in stored.items()
+        if number.isascii() and number.isdigit() and isinstance(tasks, list)
+        for task in tasks
+        if isinstance(task, str)
+    }
 
 
 # ---------------------------------------------------------------------- entry point

@@ -10,8 +10,11 @@ else here is bookkeeping that keeps the guarantees:
   re-reads the messages its predecessor had not settled;
 * the task that was running when an agent died is charged an attempt; after
   ``max_attempts`` it is reported failed and the agent is told to skip it;
-* results are de-duplicated by task id, peer messages by message id, and the
-  delivery rate is counted from what arrived.
+* results are de-duplicated by task id and accepted only from the agent the task
+  was sent to, in the round it was sent in (rounds are numbered across the whole
+  session, so nothing of an earlier ``run`` is taken for a later one's); a result
+  that does not fit is dead-lettered; peer messages are de-duplicated by message
+  id, and the delivery rate is counted from what arrived.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import random
 import selectors
 import signal
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
@@ -32,7 +35,7 @@ from attrs import define, field
 
 from .config import Config, load_config
 from .errors import CfnError, ConfigError, PluginError
-from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id
+from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id, split_message_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
@@ -43,6 +46,13 @@ log = logging.getLogger("cfn")
 _TICK = 0.05
 #: free space on the bus below which an agent's death at start is blamed on a full bus
 _LOW_SPACE_BYTES = 64 * 1024
+
+
+def _some(ids: list[str], limit: int = 6) -> str:
+    """``a, b, c`` or, for many, ``a, b, c, ..., y, z``: enough for a person to see what is known."""
+    if len(ids) <= limit:
+        return ", ".join(ids) or "none"
+    return ", ".join(ids[: limit // 2]) + ", ..., " + ", ".join(ids[-(limit // 2) :])
 
 
 @define(eq=False)
@@ -88,18 +98,24 @@ class SpawnReport:
 
 
 class _Round:
-    """Bookkeeping of the round in progress."""
+    """Bookkeeping of the round in progress.
 
-    def __init__(self, number: int, tasks: list[Task]):
+    ``number`` is the round's number in the session (what its messages carry);
+    ``result.round`` its place in the ``run`` call that started it.
+    """
+
+    def __init__(self, number: int, run_number: int, tasks: list[Task]):
         self.number = number
         self.tasks = {t.id: t for t in tasks}
         self.order = [t.id for t in tasks]
+        self.assigned: dict[str, str] = {}  # task id -> the agent it was sent to
         self.results: dict[str, TaskResult] = {}
         self.attempts: dict[str, int] = defaultdict(int)
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
-        self.result = RoundResult(round=number, tasks=len(tasks))
+        self.result = RoundResult(round=run_number, session_round=number, tasks=len(tasks))
         self.collect = 0.0
+        self.distributing = False  # tasks may still wait for an agent of the round
         self.peers_sent = 0
         self.peers_received = 0
 
@@ -108,14 +124,55 @@ class _Round:
         return len(self.results) >= len(self.tasks)
 
 
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def result_problem(msg: Message) -> str | None:
+    """Why a result record cannot be accepted, or None when its shape is what agents send.
+
+    Agents send ``{"ok": bool, "value": any, "error": str | None, "seconds": number >= 0,
+    "peers_received": int >= 0, "peers_sent": int >= 0, "counters": {...},
+    "stderr": str, "fallbacks": [...]}`` (all but ``ok`` optional) under an id
+    ``<src>.<pid>.<seq>``.  Checked before any of it is used, so a forged or broken
+    record is dead-lettered instead of crashing the coordinator.
+    """
+    parts = split_message_id(msg.id)
+    if parts is None or parts[0] != msg.src:
+        return f"result id {msg.id[:100]!r} is not '{msg.src[:100]}.<pid>.<seq>'"
+    if msg.task is None:
+        return "result names no task"
+    body = msg.body
+    if not isinstance(body, dict):
+        return f"result body is {type(body).__name__}, not an object"
+    if type(body.get("ok")) is not bool:
+        return "result field 'ok' is missing or not true/false"
+    for key in ("error", "stderr"):
+        if body.get(key) is not None and type(body[key]) is not str:
+            return f"result field {key!r} is not a string"
+    seconds = body.get("seconds", 0.0)
+    if type(seconds) not in (int, float) or not 0 <= seconds < float("inf"):
+        return f"result field 'seconds' = {str(seconds)[:40]} is not a number >= 0"
+    for key in ("peers_received", "peers_sent"):
+        if not _is_count(body.get(key, 0)):
+            return f"result field {key!r} = {str(body[key])[:40]} is not an integer >= 0"
+    if not isinstance(body.get("counters", {}), dict):
+        return "result field 'counters' is not an object"
+    if not isinstance(body.get("fallbacks", []), list):
+        return "result field 'fallbacks' is not a list"
+    return None
+
+
 class CoordinatorContext:
     """What coordinator-side hooks get as ``ctx``.
 
     Besides the common attributes (``config``, ``hook``, ``bus``, ``route``,
     ``metrics``, ``state``), plugins use: ``agents`` (id -> :class:`AgentHandle`),
     ``launch``, ``new_handle``, ``wait_ready``, ``spawn_report``, ``pump``,
-    ``stop_agents``, ``kill``, ``reap``, ``round_state`` (cleared every round) and
-    ``run_ref`` (what an agent needs to attach to the bus).
+    ``stop_agents``, ``kill``, ``reap``, ``round_state`` (cleared every round),
+    ``rounds_started`` (rounds begun in this session: the number of the current
+    one, which its messages carry) and ``run_ref`` (what an agent needs to attach
+    to the bus).
     """
 
     side = "coordinator"
@@ -131,6 +188,7 @@ class CoordinatorContext:
         self.agents: dict[str, AgentHandle] = {}
         self.state: dict[str, Any] = {}
         self.round_state: dict[str, Any] = {}
+        self.rounds_started = 0
         self.factory = MessageFactory(COORDINATOR_ID)
         self.counters: dict[str, int] = defaultdict(int)
         self.fallbacks: dict[str, dict] = {}
@@ -371,47 +429,63 @@ class CoordinatorContext:
 
     def _on_result(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
         r = self._round
-        if handle is not None:
-            handle.outstanding.pop(msg.task, None)
-        if isinstance(msg.body, dict) and "fallbacks" in msg.body:
+        problem = result_problem(msg)
+        if problem is not None:
+            self._reject_result(msg, problem)
+            return
+        body = msg.body
+        if handle is not None and "fallbacks" in body:
             from .fallback import merge_agent_fallbacks
 
-            merge_agent_fallbacks(self, (msg.src, msg.id.rsplit(".", 2)[-2]), msg.body["fallbacks"])
+            merge_agent_fallbacks(self, (msg.src, split_message_id(msg.id)[1]), body["fallbacks"])
         if r is None or msg.round != r.number or msg.task not in r.tasks:
             self.counters["stale_results"] += 1
+            if handle is not None and (r is None or msg.task not in r.tasks):
+                handle.outstanding.pop(msg.task, None)  # a late answer from an interrupted round
             return
+        assignee = r.assigned.get(msg.task)
+        if msg.src != assignee:
+            # a stray or buggy process: it must not replace (or pre-empt) the real result
+            self._reject_result(
+                msg,
+                f"result for task {msg.task} from {msg.src!r}, but the task "
+                + (f"was sent to {assignee!r}" if assignee else "has not been sent to any agent"),
+            )
+            return
+        handle.outstanding.pop(msg.task, None)
         if msg.task in r.results:
             r.result.duplicates += 1
             return
-        body = msg.body if isinstance(msg.body, dict) else {}
-        peers = body.get("peers_received", 0)
-        peers = peers if isinstance(peers, int) and not isinstance(peers, bool) else 0
-        seconds = body.get("seconds", 0.0)
+        task = r.tasks[msg.task]
         error = body.get("error")
         r.results[msg.task] = TaskResult(
             task=msg.task,
-            ok=body.get("ok") is True,
+            ok=body["ok"],
             value=body.get("value"),
-            error=str(error) if error is not None else None,
+            error=error,
             agent=msg.src,
             attempts=r.attempts.get(msg.task, 0) + 1,
-            peers_received=min(peers, r.tasks[msg.task].expect),
-            seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0,
-            stderr=body.get("stderr") if isinstance(body.get("stderr"), str) else None,
+            peers_received=min(body.get("peers_received", 0), task.expect),
+            seconds=float(body.get("seconds", 0.0)),
+            stderr=body.get("stderr"),
         )
         if not r.results[msg.task].ok:
             self.metrics.task_failures.inc()  # as the summary's "failed" counts it
         sent = r.sent_at.get(msg.task)
         if sent is not None:
             r.latencies.append(now - sent)
-        peers_sent = body.get("peers_sent", 0)
-        if not isinstance(peers_sent, int) or isinstance(peers_sent, bool):
-            peers_sent = 0
+        peers_sent = min(body.get("peers_sent", 0), len(task.peers))  # no more than it was asked to send
         r.peers_sent += peers_sent
         # live counters that end equal to the round's figures: the result and the peer messages
         # its agent sent; delivered: the task (its result proves it), the result, its peers received
         self.metrics.messages_sent.inc(1 + peers_sent)
         self.metrics.messages_delivered.inc(2 + r.results[msg.task].peers_received)
+
+    def _reject_result(self, msg: Message, reason: str) -> None:
+        """Dead-letter a result record that cannot be accepted (counted in ``dead_lettered``)."""
+        self.counters["rejected_results"] += 1
+        log.warning("result %s dead-lettered: %s", msg.id[:100], reason)
+        self.bus.dead_letter(COORDINATOR_ID, msg.encode(), reason)
 
     def reap(self, handle: AgentHandle, exit_code: int | None = None) -> None:
         """A plugin learned that a remote agent ended: handle it like a death seen through a pidfd."""
@@ -455,6 +529,13 @@ class CoordinatorContext:
         if r.attempts[culprit] >= self.config.workload.max_attempts:
             self._give_up(handle, culprit, f"gave up after {r.attempts[culprit]} attempts: {why}")
         if not handle.outstanding:
+            if r.distributing:
+                # tasks still wait for an agent (a plugin that hands them out one per idle agent):
+                # without this one the round could be left with none and wait for ever
+                try:
+                    self.launch(handle.id)
+                except Exception as exc:
+                    log.warning("agent %s died and could not be replaced: %s", handle.id, exc)
             return
         r.result.retries += len(handle.outstanding)
         self.metrics.task_retries.inc(len(handle.outstanding))
@@ -472,10 +553,17 @@ class CoordinatorContext:
             TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False),
         )
         self.metrics.task_failures.inc()
+        # keyed by the session-wide round (see cfn_core.agent.read_skip_list): a later run
+        # that submits the same task id gets it run again
         key = f"skip.{handle.id}"
-        skip = set(json.loads(self.bus.get_state(key) or b"[]"))
-        skip.add(task_id)
-        self.bus.put_state(key, json.dumps(sorted(skip)).encode())
+        try:
+            skip = json.loads(self.bus.get_state(key) or b"{}")
+        except ValueError:
+            skip = {}
+        if not isinstance(skip, dict):
+            skip = {}
+        skip[str(r.number)] = sorted(set(skip.get(str(r.number), [])) | {task_id})
+        self.bus.put_state(key, json.dumps(skip).encode())
 
     def _watchdog(self, now: float) -> None:
         """Kill agents whose oldest task has run longer than ``[workload] timeout``."""
@@ -494,6 +582,21 @@ class CoordinatorContext:
             started = max(sent, handle.last_seen)
             if now - started > limit + grace:
                 self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
+
+
+def _check_task(task: Task) -> None:
+    """The shape of a task given to ``run``: a string id, peers that are agent ids, a count."""
+    if not isinstance(task.id, str) or not task.id:
+        raise ConfigError(f"task id {task.id!r} is not allowed: a task id is a non-empty string")
+    if isinstance(task.peers, str) or not isinstance(task.peers, (tuple, list)):
+        raise ConfigError(f"task {task.id!r}: peers = {task.peers!r} must be a list of agent ids")
+    for peer in task.peers:
+        try:
+            check_agent_id(peer)
+        except ConfigError as exc:
+            raise ConfigError(f"task {task.id!r}: peer {exc}") from None
+    if not _is_count(task.expect):
+        raise ConfigError(f"task {task.id!r}: expect = {task.expect!r} must be an integer >= 0 (peer messages to wait for)")
 
 
 class Coordinator:
@@ -744,6 +847,7 @@ class Coordinator:
             if t.id in seen:  # results are keyed by task id: a duplicate would silently vanish
                 raise ConfigError(f"task id {t.id!r} appears more than once in the tasks given to Coordinator.run")
             seen.add(t.id)
+            _check_task(t)
             try:  # found now, not as a TypeError half way through sending
                 orjson.dumps(t.payload)
             except TypeError as exc:
@@ -782,10 +886,17 @@ class Coordinator:
         self.progress("spawn", c["ready"] - ready0, total)
 
     def run_round(self, number: int, tasks: list[Any] | None = None, partial: CoordinationResult | None = None) -> RoundResult:
-        """One coordination: acquire agents, distribute, collect, release."""
+        """One coordination: acquire agents, distribute, collect, release.
+
+        :param number: the round's place in its ``run`` (``RoundResult.round``, and the
+            ``r<number>-`` of default task ids); its messages carry the session-wide
+            number (``RoundResult.session_round``).
+        """
         ctx = self.ctx
         w = self.config.workload
-        r = _Round(number, self._make_tasks(number, tasks))
+        tasks = self._make_tasks(number, tasks)
+        ctx.rounds_started += 1  # never restarts: what a pooled agent kept of earlier runs stays apart
+        r = _Round(ctx.rounds_started, number, tasks)
         res = r.result
         if partial is not None:
             partial.rounds.append(res)  # visible to an interrupt handler while it runs
@@ -793,7 +904,7 @@ class Coordinator:
         ctx.round_state = {}
         ctx.spawn_failures = {}
         t_round = time.perf_counter()
-        self.pm.hook.cfn_coordination_start(ctx=ctx, round=number)
+        self.pm.hook.cfn_coordination_start(ctx=ctx, round=r.number)
         try:
             # 1. spawn (and, for strategies that wait per agent, the ready barrier)
             self._report("spawn", 0, w.agents)
@@ -808,7 +919,11 @@ class Coordinator:
             # 3. distribute
             self._report("distribute", 0, len(r.order))
             with self._phase(r, "distribute"):
-                self._distribute(r, agent_ids)
+                r.distributing = True
+                try:
+                    self._distribute(r, agent_ids)
+                finally:
+                    r.distributing = False
             # 4. execute and collect
             t_exec = time.perf_counter()
             ctx._in_execute = True
@@ -853,6 +968,8 @@ class Coordinator:
         preassigned: dict[str, str] = {}
         if w.topology == "mesh":
             tasks, preassigned = self._plan_mesh(r, tasks, agent_ids)
+        else:
+            self._check_peers(r, tasks, agent_ids)
         batch: list[Message] = []
         pending = deque(tasks)
         while pending:
@@ -869,6 +986,7 @@ class Coordinator:
             pending.popleft()
             now = time.monotonic()
             handle.outstanding[task.id] = now
+            r.assigned[task.id] = agent_id
             r.sent_at[task.id] = now
             batch.append(ctx.factory.make(agent_id, "task", round=r.number, task=task.id, body=task.body()))
         ctx.send(batch)
@@ -878,35 +996,83 @@ class Coordinator:
         """Give every task its own agent, then choose each one's peers (deterministic from ``seed``)."""
         ctx = self.ctx
         w = self.config.workload
+        number = r.result.round  # the same traffic in every run of a session: same seed, same plan
         assigned = []
-        for task in tasks:
-            agent_id = self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
-            if not agent_id or agent_id in assigned:
-                raise ConfigError(
-                    f"mesh round {r.number}: {len(tasks)} tasks need {len(tasks)} distinct agents; "
-                    f"only {len(agent_ids)} are ready"
-                )
-            assigned.append(agent_id)
-            ctx.agents[agent_id].outstanding[task.id] = time.monotonic()  # so assign sees it busy
+        try:
+            for task in tasks:
+                agent_id = self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
+                if not agent_id or agent_id in assigned:
+                    raise ConfigError(
+                        f"mesh round {number}: {len(tasks)} tasks need {len(tasks)} distinct agents; "
+                        f"only {len(agent_ids)} are ready"
+                    )
+                assigned.append(agent_id)
+                ctx.agents[agent_id].outstanding[task.id] = time.monotonic()  # so assign sees it busy
+        finally:  # _distribute marks them outstanding when it sends them; a refusal sends nothing
+            for task, agent_id in zip(tasks, assigned):
+                ctx.agents[agent_id].outstanding.pop(task.id, None)
         n = len(assigned)
         peers: list[list[str]] = [[] for _ in range(n)]
         expect = [0] * n
-        for i, row in enumerate(mesh_peer_indices(n, w.messages_per_agent, w.seed, r.number)):
+        for i, row in enumerate(mesh_peer_indices(n, w.messages_per_agent, w.seed, number)):
             for j in row:
                 peers[i].append(assigned[j])
                 expect[j] += 1
         depth = self.config.bus.inbox_depth
         if depth and max(expect) + 1 > depth:
             # an agent settles its peer messages only with its task: they would fill its inbox for good
-            raise ConfigError(mesh_depth_message(r.number, max(expect), w.messages_per_agent, depth))
+            raise ConfigError(mesh_depth_message(number, max(expect), w.messages_per_agent, depth))
         planned, preassigned = [], {}
         for i, task in enumerate(tasks):
             t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i])
             r.tasks[t.id] = t
             preassigned[t.id] = assigned[i]
-            ctx.agents[assigned[i]].outstanding.pop(t.id, None)
             planned.append(t)
         return planned, preassigned
+
+    def _check_peers(self, r: _Round, tasks: list[Task], agent_ids: list[str]) -> None:
+        """Refuse, before anything is sent, explicit peers (``Task(peers=..., expect=...)``)
+        whose messages could not arrive or whose tasks could never complete."""
+        addressed: Counter[str] = Counter()
+        ready = set(agent_ids)
+        for task in tasks:
+            for peer in task.peers:
+                if peer not in ready:
+                    known = self.ctx.spawn_failures.get(peer)
+                    raise ConfigError(
+                        f"task {task.id!r}: peer {peer!r} is not an agent of this round"
+                        + (f" (it could not be started: {known})" if known else "")
+                        + f"; its {len(agent_ids)} agent(s): {_some(agent_ids)}"
+                    )
+                addressed[peer] += 1
+        depth = self.config.bus.inbox_depth
+        most = max(addressed.values(), default=0)
+        for task in tasks:
+            if depth and task.expect + 1 > depth:
+                # its peer messages are settled only with the task: they would fill the inbox for good
+                raise ConfigError(
+                    f"task {task.id!r}: expect = {task.expect} peer messages, but [bus] inbox_depth = {depth} "
+                    f"lets an agent hold {depth - 1} besides its task; raise inbox_depth above {task.expect} "
+                    "(or 0: unlimited) or expect fewer"
+                )
+            if task.expect > most:
+                raise ConfigError(
+                    f"task {task.id!r}: expect = {task.expect} peer messages, but no agent is sent more than "
+                    f"{most} in this round (the tasks' peers): it could never complete"
+                )
+        if depth and most + 1 > depth:
+            busiest = addressed.most_common(1)[0][0]
+            raise ConfigError(
+                f"agent {busiest!r} is sent {most} peer messages in this round, but [bus] inbox_depth = {depth}; "
+                f"raise inbox_depth above {most} (or 0: unlimited) or send fewer peer messages"
+            )
+        sent, expected = sum(addressed.values()), sum(task.expect for task in tasks)
+        if sent != expected:
+            # a message nobody waits for is counted nowhere; one waited for that is never sent hangs
+            raise ConfigError(
+                f"the tasks send {sent} peer message(s) but expect {expected} in all: every peer message "
+                "must be expected by the task of the agent it is sent to"
+            )
 
     def _account(self, r: _Round, t_round: float) -> None:
         """Delivery figures of the round, counted from what arrived."""

@@ -295,7 +295,9 @@ def cfn_agent_exit(ctx):
 def cfn_coordination_start(ctx, round):
     """A round begins (before agents are acquired).
 
-    :param round: 1-based round number.  Called on: the coordinator.
+    :param round: the round's number in the session: 1, 2, ... over every ``run`` of
+        one coordinator, never restarting (what its messages carry,
+        ``RoundResult.session_round``).  Called on: the coordinator.
     """
 
 

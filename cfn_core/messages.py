@@ -8,7 +8,14 @@ split an inbox into records without a length prefix.
 Message ids are ``{sender}.{pid}.{seq}``: the sender's id, the process id of the
 incarnation that sent it and a per-process counter, so ids never collide, not
 even for thousands of messages sent in the same millisecond or by a replacement
-of a dead agent.
+of a dead agent.  The one exception is a mesh peer message, whose id
+(:func:`peer_message_id`) must be the same when a replacement re-sends it, so
+that its receiver counts it once; its ``seq`` still comes from the sender's
+counter.
+
+``round`` is the round's number within the coordinator's session: 1, 2, ...
+across every ``Coordinator.run`` of one session, never restarting, so the
+messages of a pooled agent's earlier runs can never be taken for this one's.
 """
 
 from __future__ import annotations
@@ -69,11 +76,13 @@ class Message:
     :param src: sender id (an agent id or :data:`COORDINATOR_ID`).
     :param dst: receiver id.
     :param kind: one of :data:`KINDS`.
-    :param round: the coordination round it belongs to (pooled agents outlive rounds).
+    :param round: the round it belongs to, numbered across the whole coordinator session
+        (pooled agents outlive rounds and ``run`` calls; see the module docstring).
     :param task: the task id it concerns, if any.
     :param body: any JSON value.
     :param ts: wall-clock send time (``time.time()``), for latency figures.
-    :param seq: per-sender sequence number, for ordering checks.
+    :param seq: per-sender sequence number (1, 2, ... in each sender process, over every
+        kind of message it sends), for ordering checks.
     """
 
     id: str
@@ -181,10 +190,18 @@ class MessageFactory:
         self.pid = os.getpid()
         self._seq = itertools.count(1)
 
-    def make(self, dst: str, kind: str, *, round: int = 0, task: str | None = None, body: Any = None) -> Message:
+    def make(
+        self, dst: str, kind: str, *, round: int = 0, task: str | None = None, body: Any = None, id: str | None = None
+    ) -> Message:
+        """The next message from this sender.
+
+        :param id: a fixed id instead of ``{sender}.{pid}.{seq}``, for a message that must
+            keep its id when it is sent again (see :func:`peer_message_id`); ``seq`` is
+            taken from this sender's counter either way.
+        """
         seq = next(self._seq)
         return Message(
-            id=f"{self.sender}.{self.pid}.{seq}",
+            id=id if id is not None else f"{self.sender}.{self.pid}.{seq}",
             src=self.sender,
             dst=dst,
             kind=kind,
@@ -194,6 +211,26 @@ class MessageFactory:
             ts=time.time(),
             seq=seq,
         )
+
+
+def peer_message_id(round: int, task: str, index: int) -> str:
+    """The id of the ``index``-th peer message a task sends in a round.
+
+    Derived from what a replacement of a dead sender knows (its task message), so a
+    re-sent peer message has the same id and its receiver counts it once; the
+    session-wide round number keeps the ids of a later ``run`` (whose task ids may
+    repeat) apart from an earlier one's.
+    """
+    return f"{task}.r{round}.p{index}"
+
+
+_FACTORY_ID_RE = re.compile(r"(.+)\.([0-9]+)\.([0-9]+)")
+
+
+def split_message_id(msg_id: str) -> tuple[str, str, str] | None:
+    """``(sender, pid, seq)`` of an id made by :class:`MessageFactory`, or None for any other shape."""
+    match = _FACTORY_ID_RE.fullmatch(msg_id)
+    return match.groups() if match else None
 
 
 @define(frozen=True)

@@ -33,9 +33,15 @@ class RoundResult:
     round needs (a task and its result per task, plus every mesh peer
     message); ``delivered`` counts those that arrived (a result proves its task
     arrived; peers are counted by their receivers, de-duplicated by id).
+
+    ``round`` is the round's place in its ``Coordinator.run`` (1, 2, ... in every
+    run); ``session_round`` its place in the coordinator session (1, 2, ... over
+    every ``run`` of one ``with Coordinator(...)`` block, never restarting), the
+    number its messages carry and ``cfn_coordination_start`` receives.
     """
 
     round: int
+    session_round: int = 0
     agents: int = 0
     tasks: int = 0
     phases: dict[str, float] = field(factory=lambda: {p: 0.0 for p in PHASES})
@@ -65,6 +71,7 @@ class RoundResult:
     def to_dict(self, with_tasks: bool = False) -> dict[str, Any]:
         d = {
             "round": self.round,
+            "session_round": self.session_round,
             "agents": self.agents,
             "tasks": self.tasks,
             "seconds": self.seconds,

@@ -668,7 +668,7 @@ class ShmBus:
         if off < size:
             inbox.tail = (size, st.st_mtime_ns, off, data[: len(TORN_RECORD)])
         if skipped:
-            self._advance(inbox)  # a skipped record is settled now: no replacement re-reads it
+            self._advance(agent_id, inbox)  # a skipped record is settled now: no replacement re-reads it
         return out
 
     @staticmethod
@@ -743,9 +743,9 @@ class ShmBus:
         for other, rs in others.items():
             self.ack(other, rs)
         if inbox is not None:
-            self._advance(inbox)
+            self._advance(agent_id, inbox)
 
-    def _advance(self, inbox: _Inbox) -> None:
+    def _advance(self, agent_id: str, inbox: _Inbox) -> None:
         """Move the cursor over the longest settled prefix of the inbox's records."""
         pending = inbox.pending
         moved = 0

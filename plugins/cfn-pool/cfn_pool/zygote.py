@@ -395,6 +395,8 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
                         _, status = os.waitpid(pid, 0)
                         children.discard(pid)
                         statuses[pid] = os.waitstatus_to_exitcode(status)
+                        if status != 0:  # reaped here, not in reap(): its leftovers die here too
+                            kill_leftovers(keep=children | keep)
                     except ChildProcessError:
                         children.discard(pid)
                 status = statuses.pop(pid, None)
