@@ -1,6 +1,9 @@
 """cfn: coordinate hundreds to thousands of agent processes over a lossless message bus.
 
-Public API (plugins import only these names and :mod:`cfn_core.hookspecs`)::
+The public API is the names below (``cfn_core.__all__``) and
+:mod:`cfn_core.hookspecs`; docs/PLUGIN_GUIDE.md ("The public API") lists them
+with what each is for.  Plugins import nothing else from the kernel
+(tests/test_layering.py checks it)::
 
     from cfn_core import Coordinator, load_config, hookimpl
 """
@@ -9,15 +12,17 @@ import importlib
 
 # Names are imported on first use (PEP 562) so that an agent process, which
 # needs only the bus and the hooks, does not pay for the coordinator's imports.
+# name -> the kernel module that defines it, grouped as the plugin guide lists them.
 _EXPORTS = {
+    # writing a plugin
+    "hookimpl": "hookspecs",
+    "hookspec": "hookspecs",
+    "setting": "config",
+    # configuration
     "Config": "config",
     "config_from_dict": "config",
     "load_config": "config",
-    "setting": "config",
-    "AgentHandle": "coordinator",
-    "Coordinator": "coordinator",
-    "CoordinatorContext": "coordinator",
-    "SpawnReport": "coordinator",
+    # errors
     "BusError": "errors",
     "CfnError": "errors",
     "ConfigError": "errors",
@@ -25,17 +30,42 @@ _EXPORTS = {
     "MessageTooLarge": "errors",
     "PluginError": "errors",
     "ResourceLimitError": "errors",
-    "ensure_fds_for_agents": "process",
-    "hookimpl": "hookspecs",
-    "hookspec": "hookspecs",
+    # the coordinator and its results
+    "AgentHandle": "coordinator",
+    "Coordinator": "coordinator",
+    "CoordinatorContext": "coordinator",
+    "SpawnReport": "coordinator",
+    "CoordinationResult": "report",
+    "RoundResult": "report",
+    # messages
     "COORDINATOR_ID": "messages",
     "Message": "messages",
+    "MessageFactory": "messages",
     "Task": "messages",
     "TaskResult": "messages",
     "check_agent_id": "messages",
     "decode": "messages",
-    "CoordinationResult": "report",
-    "RoundResult": "report",
+    # the transport
+    "Bus": "bus",
+    "ShmBus": "bus.shm",
+    "decode_records": "builtin",
+    # plugin managers
+    "builtin_plugin_manager": "plugins",
+    "make_plugin_manager": "plugins",
+    # running agents
+    "AgentContext": "agent",
+    "AgentForker": "forker",
+    "bootstrap_shm": "agent",
+    "config_from_state": "agent",
+    "load_handler": "agent",
+    "run_agent": "agent",
+    # processes and resource limits
+    "become_subreaper": "process",
+    "die_with_parent": "process",
+    "ensure_fd_limit": "process",
+    "ensure_fds_for_agents": "process",
+    "kill_leftovers": "process",
+    "open_fd_count": "process",
     "start_process": "process",
 }
 
@@ -53,32 +83,4 @@ def __dir__():
     return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = [
-    "AgentHandle",
-    "BusError",
-    "COORDINATOR_ID",
-    "CfnError",
-    "Config",
-    "ConfigError",
-    "CoordinationResult",
-    "Coordinator",
-    "CoordinatorContext",
-    "InboxFull",
-    "Message",
-    "MessageTooLarge",
-    "PluginError",
-    "ResourceLimitError",
-    "RoundResult",
-    "SpawnReport",
-    "Task",
-    "TaskResult",
-    "check_agent_id",
-    "config_from_dict",
-    "decode",
-    "ensure_fds_for_agents",
-    "hookimpl",
-    "hookspec",
-    "load_config",
-    "setting",
-    "start_process",
-]
+__all__ = sorted(_EXPORTS)

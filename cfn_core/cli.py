@@ -337,21 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     clean.set_defaults(func=cmd_clean)
 
-    for extra in _extra_commands():
-        extra(sub)
+    # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)
+    from .plugins import add_plugin_commands
+
+    add_plugin_commands(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands that live in their own modules (bench, agent)."""
-    out = []
-    for modname in ("cfn_core.bench.cli", "cfn_redis.cli"):
-        try:
-            module = __import__(modname, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        out.append(module.add_parser)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

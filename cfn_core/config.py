@@ -12,8 +12,10 @@ cannot disagree.
 Environment: every key is ``CFN_<TABLE>_<KEY>`` (``CFN_POOL_SIZE``,
 ``CFN_WORKLOAD_AGENTS``); a setting may declare more names (the plan's
 ``CFN_SPAWN_PARALLELISM``, ``CFN_BATCH_TIMEOUT``).  ``CFN_PLUGINS`` replaces the
-plugin list and the plan's feature flags ``CFN_ENABLE_POOLING`` /
-``_BATCHING`` / ``_PARALLEL_SPAWN`` / ``_SHARDING`` add or remove one plugin.
+plugin list; a feature flag (a variable a plugin declares with the
+``cfn_feature_flags`` hook, e.g. ``CFN_ENABLE_POOLING``) adds or removes one
+plugin; ``CFN_DISABLE_PLUGINS`` blocks plugins, and a block beats every layer
+that enables.
 """
 
 from __future__ import annotations
@@ -33,14 +35,6 @@ from .errors import ConfigError, did_you_mean
 log = logging.getLogger("cfn")
 
 CONFIG_NAME = "cfn.toml"
-
-#: the plan's feature flags -> plugin names
-FEATURE_FLAGS = {
-    "CFN_ENABLE_POOLING": "pool",
-    "CFN_ENABLE_BATCHING": "batch",
-    "CFN_ENABLE_PARALLEL_SPAWN": "parallel",
-    "CFN_ENABLE_SHARDING": "shard",
-}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -215,6 +209,13 @@ def schemas(plugin_schemas: Mapping[str, type] | None = None) -> dict[str, type]
     return out
 
 
+def feature_flags() -> dict[str, str]:
+    """``{environment variable: plugin name}``: the feature flags the installed plugins declare (``cfn_feature_flags``)."""
+    from .plugins import installed_feature_flags
+
+    return installed_feature_flags()
+
+
 def env_names(table: str, fld: attrs.Attribute) -> tuple[str, ...]:
     """Environment variable names of one key, generic name first."""
     return (f"CFN_{table.upper()}_{fld.name.upper()}",) + tuple(fld.metadata.get("env", ()))
@@ -380,6 +381,7 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     plugin_schemas: Mapping[str, type] | None = None,
+    flags: Mapping[str, str] | None = None,
     discover: bool = True,
 ) -> Config:
     """Load and validate the configuration.
@@ -388,6 +390,8 @@ def load_config(
     :param overrides: command-line values, ``{"workload.agents": "500", "plugins": "pool,batch"}``.
     :param env: the environment to read CFN_* from (default ``os.environ``).
     :param plugin_schemas: plugin tables (default: every installed plugin's).
+    :param flags: feature flags, ``{variable: plugin name}`` (default: every installed
+        plugin's, see :func:`feature_flags`).
     :param discover: look for cfn.toml upward when ``path`` is None.
     """
     env = os.environ if env is None else env
@@ -413,6 +417,7 @@ def load_config(
             cfg_path = source = str(found_path)
 
     all_schemas = schemas(plugin_schemas)
+    flags = feature_flags() if flags is None else flags
     plugins = _plugins_from(data.get("plugins", []), source)
     # `no:name` is a kill switch: once any layer blocks a plugin, no layer re-enables it
     # (a feature flag set to true, --plugins naming it, CFN_PLUGINS), so a rollback
@@ -433,11 +438,11 @@ def load_config(
             tables[key][k] = (v, source, False)
 
     # environment
-    warn_unknown_env(env, all_schemas)
+    warn_unknown_env(env, all_schemas, flags)
     if env.get("CFN_PLUGINS") is not None:
         plugins = _plugins_from(env["CFN_PLUGINS"], "environment variable CFN_PLUGINS")
         blocked += _blocks(plugins)
-    for var, name in FEATURE_FLAGS.items():
+    for var, name in sorted(flags.items()):  # several flags on: the list order is the variables' order
         if var in env:
             flag = env[var].strip().lower()
             if flag not in _TRUE | _FALSE:
@@ -504,18 +509,25 @@ def _resolve_paths(tables: dict, all_schemas: Mapping[str, type], *, file_source
             tables[table][fld.name] = (os.path.normpath(os.path.join(base.resolve(), value)), source, from_text)
 
 
-#: CFN_* variables read outside the schema
-_OTHER_ENV = ("CFN_PLUGINS", "CFN_DISABLE_PLUGINS", *FEATURE_FLAGS)
+#: CFN_* variables read outside the schema (besides the plugins' feature flags)
+_OTHER_ENV = ("CFN_PLUGINS", "CFN_DISABLE_PLUGINS")
 _warned_env: set[str] = set()
 
 
-def warn_unknown_env(env: Mapping[str, str], all_schemas: Mapping[str, type]) -> None:
+def warn_unknown_env(
+    env: Mapping[str, str], all_schemas: Mapping[str, type], flags: Mapping[str, str] | None = None
+) -> None:
     """Warn (once per process) about a CFN_* variable that looks like a misspelt setting.
 
     Only names under a table's prefix (``CFN_POOL_SIZ``) or close to a real name are
     reported: other programs (and cfn's own agents) use CFN_* variables of their own.
+    A ``CFN_ENABLE_*`` variable that no installed plugin declares is reported too (a
+    typo, or the flag of a plugin that is not installed): it would change nothing.
+
+    :param flags: the installed plugins' feature flags (``{variable: plugin}``).
     """
-    known = set(_OTHER_ENV)
+    flags = flags or {}
+    known = set(_OTHER_ENV) | set(flags)
     for table, cls in all_schemas.items():
         for fld in attrs.fields(cls):
             known.update(env_names(table, fld))
@@ -523,10 +535,20 @@ def warn_unknown_env(env: Mapping[str, str], all_schemas: Mapping[str, type]) ->
     for var in sorted(env):
         if not var.startswith("CFN_") or var in known or var in _warned_env:
             continue
+        hint = did_you_mean(var, sorted(known))
+        if var.startswith("CFN_ENABLE_"):
+            _warned_env.add(var)
+            log.warning(
+                "cfn: warning: environment variable %s is not the feature flag of an installed plugin%s; ignored "
+                "(feature flags: %s)",
+                var,
+                hint,
+                ", ".join(sorted(flags)) or "none",
+            )
+            continue
         close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.85)
         if not close and not var.startswith(prefixes):
             continue
-        hint = did_you_mean(var, sorted(known))
         _warned_env.add(var)
         log.warning(
             "cfn: warning: environment variable %s is not a cfn setting%s; ignored (every key of [table] is CFN_<TABLE>_<KEY>)",

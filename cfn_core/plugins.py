@@ -7,6 +7,9 @@
   blocks one.  An unknown name fails at once, listing the installed ones.
 * ``check_pending()`` runs right after loading: a misspelt hook name in a
   plugin is an error at start, not a silently ignored function.
+* The installation hooks (``cfn_settings``, ``cfn_feature_flags``,
+  ``cfn_add_commands``) are called on every installed plugin, enabled or not,
+  without registering it (:func:`installed_plugins`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import pluggy
 
@@ -27,6 +30,10 @@ ENTRY_POINT_GROUP = "cfn"
 
 #: builtin plugins, registered in this order in every process
 BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback")
+
+#: the kernel's own command modules: they add their subcommands through
+#: ``cfn_add_commands`` like any installed plugin, and are never part of a run
+BUILTIN_COMMANDS = ("cfn_core.bench.cli",)
 
 
 class CfnPluginManager(pluggy.PluginManager):
@@ -89,18 +96,80 @@ def unknown_plugin(name: str) -> PluginError:
     return PluginError(f"unknown plugin {name!r}{did_you_mean(name, names)}; installed plugins: {listing}")
 
 
+def installed_plugins() -> Iterator[tuple[str, Any]]:
+    """``(name, plugin)`` for every installed plugin that can be imported, enabled or not.
+
+    For the installation hooks (``cfn_settings``, ``cfn_feature_flags``,
+    ``cfn_add_commands``), which describe what is installed rather than take
+    part in a run: they are called on the plugin object directly, no plugin
+    manager involved.  A plugin that cannot be imported is skipped here (a
+    broken plugin must not block the rest) and reported when it is enabled.
+    """
+    for name in installed():
+        try:
+            yield name, load_plugin(name)
+        except PluginError:
+            continue
+
+
 def installed_settings() -> dict[str, type]:
     """The cfn.toml tables declared by every installed plugin (``cfn_settings``)."""
     tables: dict[str, type] = {}
-    for name in installed():
-        try:
-            plugin = load_plugin(name)
-        except PluginError:
-            continue  # reported when the plugin is enabled; a broken plugin must not block the rest
+    for _name, plugin in installed_plugins():
         impl = getattr(plugin, "cfn_settings", None)
         if impl is not None:
             tables.update(impl() or {})
     return tables
+
+
+def installed_feature_flags() -> dict[str, str]:
+    """``{environment variable: plugin name}`` declared by every installed plugin (``cfn_feature_flags``).
+
+    :raises PluginError: when two installed plugins declare the same variable
+        (which one it would switch depends on nothing the user can see).
+    """
+    flags: dict[str, str] = {}
+    for name, plugin in installed_plugins():
+        impl = getattr(plugin, "cfn_feature_flags", None)
+        for var in (impl() or ()) if impl is not None else ():
+            if flags.get(var, name) != name:
+                raise PluginError(
+                    f"plugins {flags[var]!r} and {name!r} both declare the feature flag {var} (cfn_feature_flags); "
+                    "uninstall one of them"
+                )
+            flags[var] = name
+    for var, name in LEGACY_FEATURE_FLAGS.items():
+        if name in installed() and name not in flags.values():
+            flags.setdefault(var, name)
+    return flags
+
+
+# TRANSITIONAL (issue 17): the plan's flags of the two bundled plugins that do not declare
+# them through cfn_feature_flags yet.  An entry is used only while its plugin is installed
+# and declares no flag of its own; delete each one when cfn-batch / cfn-shard add
+#     @hookimpl
+#     def cfn_feature_flags():
+#         return ("CFN_ENABLE_BATCHING",)        # resp. ("CFN_ENABLE_SHARDING",)
+LEGACY_FEATURE_FLAGS = {"CFN_ENABLE_BATCHING": "batch", "CFN_ENABLE_SHARDING": "shard"}
+
+
+def add_plugin_commands(subparsers) -> None:
+    """Let the kernel's command modules and every installed plugin add ``cfn`` subcommands (``cfn_add_commands``).
+
+    Installed plugins are asked whether they are enabled or not, in entry-point
+    order.  One whose hook fails (a name taken already, a bug) gets a warning and
+    no commands; the others' and the kernel's commands are there all the same.
+    """
+    for modname in BUILTIN_COMMANDS:
+        importlib.import_module(modname).cfn_add_commands(subparsers=subparsers)
+    for name, plugin in installed_plugins():
+        impl = getattr(plugin, "cfn_add_commands", None)
+        if impl is None:
+            continue
+        try:
+            impl(subparsers=subparsers)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("cfn: warning: plugin %r could not add its commands (%s: %s); they are left out", name, type(exc).__name__, exc)
 
 
 def builtin_plugin_manager() -> CfnPluginManager:

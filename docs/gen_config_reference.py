@@ -22,7 +22,7 @@ from pathlib import Path
 import attrs
 import tomli_w
 
-from cfn_core.config import FEATURE_FLAGS, KERNEL_SECTIONS, describe_allowed, env_names
+from cfn_core.config import KERNEL_SECTIONS, describe_allowed, env_names
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "CONFIG.md"
@@ -49,6 +49,22 @@ def _import(value: str, directory: Path):
         finally:
             sys.path.remove(str(directory))
     return getattr(module, attr) if attr else module
+
+
+def plugin_feature_flags() -> dict[str, str]:
+    """``{variable: plugin name}``: the feature flags the bundled plugins declare (``cfn_feature_flags``)."""
+    from cfn_core.plugins import LEGACY_FEATURE_FLAGS
+
+    plugins = bundled_plugins()
+    flags = {}
+    for name, (value, directory) in plugins.items():
+        impl = getattr(_import(value, directory), "cfn_feature_flags", None)
+        for var in (impl() or ()) if impl else ():
+            flags[var] = name
+    for var, name in LEGACY_FEATURE_FLAGS.items():  # as the loader does (cfn_core.plugins)
+        if name in plugins and name not in flags.values():
+            flags.setdefault(var, name)
+    return dict(sorted(flags.items()))
 
 
 def plugin_tables() -> dict[str, tuple[str, type]]:
@@ -135,12 +151,13 @@ def render() -> str:
         "`CFN_PLUGINS` (comma-separated) | optimization plugins to enable; empty: the baseline; "
         "`no:name` blocks one |",
         "",
-        "Feature flags add or remove one plugin from the list (the original plan's names):",
+        "Feature flags add or remove one plugin from the list (the original plan's names; each",
+        "plugin declares its own with the `cfn_feature_flags` hook, docs/PLUGIN_GUIDE.md):",
         "",
         "| variable | plugin | `true` / `1` | `false` / `0` |",
         "|---|---|---|---|",
     ]
-    for var, name in FEATURE_FLAGS.items():
+    for var, name in plugin_feature_flags().items():
         lines.append(f"| `{var}` | `{name}` | adds `{name}` | removes `{name}` |")
     lines += [
         "| `CFN_DISABLE_PLUGINS` | comma-separated names | | each becomes `no:name` |",

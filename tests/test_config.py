@@ -12,7 +12,6 @@ import attrs
 import pytest
 
 from cfn_core.config import (
-    FEATURE_FLAGS,
     Config,
     config_from_dict,
     env_names,
@@ -40,9 +39,19 @@ class SpawnLike:
 
 SCHEMAS = {"pool": PoolLike, "parallel": SpawnLike}
 
+#: the plan's feature flags, as the bundled plugins declare them (cfn_feature_flags);
+#: tests/test_docs_config.py checks the installed plugins really do
+FEATURE_FLAGS = {
+    "CFN_ENABLE_POOLING": "pool",
+    "CFN_ENABLE_BATCHING": "batch",
+    "CFN_ENABLE_PARALLEL_SPAWN": "parallel",
+    "CFN_ENABLE_SHARDING": "shard",
+}
+
 
 def load(path=None, env=None, overrides=None, **kw):
     kw.setdefault("plugin_schemas", SCHEMAS)
+    kw.setdefault("flags", FEATURE_FLAGS)
     return load_config(path, env=env or {}, overrides=overrides, **kw)
 
 

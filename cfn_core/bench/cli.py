@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..errors import CfnError
+from ..hookspecs import hookimpl
 
 # flag -> [bench] key
 FLAGS = {
@@ -28,7 +29,9 @@ FLAGS = {
 }
 
 
-def add_parser(subparsers) -> None:
+@hookimpl
+def cfn_add_commands(subparsers) -> None:
+    """Add ``cfn bench`` (the kernel's command modules use the same hook as any plugin)."""
     p = subparsers.add_parser(
         "bench",
         help="run the benchmark matrix ([bench] in cfn.toml) and write the Optimization Impact Report",

@@ -15,6 +15,7 @@ Hook implementations (coordinator side; agents only load the settings):
   RLIMIT_NOFILE, RLIMIT_NPROC and the kernel's pid limit are checked
   (:class:`cfn_core.ResourceLimitError` with the numbers when N agents cannot fit).
 * ``cfn_agent_started`` / ``cfn_agent_exited``: events for the spawn loop.
+* ``cfn_feature_flags``: ``CFN_ENABLE_PARALLEL_SPAWN``.
 * ``cfn_report``: spawn figures (attempts, retries, failures, window, CPU and
   load during the burst).
 
@@ -72,6 +73,11 @@ class ParallelSettings:
 @hookimpl
 def cfn_settings():
     return {NAME: ParallelSettings}
+
+
+@hookimpl
+def cfn_feature_flags():
+    return ("CFN_ENABLE_PARALLEL_SPAWN",)
 
 
 def _state(ctx):

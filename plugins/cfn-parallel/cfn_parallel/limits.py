@@ -48,7 +48,7 @@ def _read_int(path: str) -> int | None:
 
 def check_limits(n: int) -> None:
     """Raise :class:`ResourceLimitError` when ``n`` more agents cannot be started."""
-    from cfn_core.process import ensure_fd_limit, open_fd_count
+    from cfn_core import ensure_fd_limit, open_fd_count
 
     what = f"starting {n} agent(s)"
     ensure_fd_limit(open_fd_count() + n + _HEADROOM, f"{what} (one pidfd each)")

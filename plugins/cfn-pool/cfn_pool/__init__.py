@@ -19,6 +19,9 @@ Hook implementations (all coordinator side; agents only load the settings):
   ``min_size``, retire idle agents older than ``max_idle``, ping idle agents
   and replace the ones that do not answer.
 * ``cfn_session_finish``: drain everything, zygote included.
+* ``cfn_agent_forker``: a zygote for a host that starts agents for the run
+  (``cfn agent`` of a distributed bus), so they fork there too.
+* ``cfn_feature_flags``: ``CFN_ENABLE_POOLING``.
 * ``cfn_report``: hit rate, refills, retirements, init and assignment times.
 """
 
@@ -84,6 +87,11 @@ class PoolSettings:
 @hookimpl
 def cfn_settings():
     return {NAME: PoolSettings}
+
+
+@hookimpl
+def cfn_feature_flags():
+    return ("CFN_ENABLE_POOLING",)
 
 
 @hookimpl
@@ -174,3 +182,16 @@ def cfn_tick(ctx, now):
 def cfn_report(ctx):
     pool = _pool(ctx)
     return {NAME: pool.figures()} if pool is not None else None
+
+
+@hookimpl
+def cfn_agent_forker(config, run_ref):
+    settings = config.section(NAME)
+    if not settings.zygote:
+        return None
+    import os
+
+    from .zygote import Zygote
+
+    forkers = settings.forkers or min(4, os.cpu_count() or 1)
+    return Zygote(run_ref, start_timeout=settings.warmup_timeout, forkers=forkers)

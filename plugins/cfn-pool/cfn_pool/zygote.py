@@ -279,7 +279,7 @@ def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: i
             obj.close() if hasattr(obj, "close") else os.close(obj)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from cfn_core.process import become_subreaper, die_with_parent
+        from cfn_core import become_subreaper, die_with_parent
 
         die_with_parent(zygote_pid)
         become_subreaper()  # not inherited through fork: what its handler orphans is the agent's to kill
@@ -289,8 +289,7 @@ def _agent_child(agent_id: str, run_ref: str, config, pm, handler, zygote_pid: i
         gc.enable()
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"cfn agent {agent_id}: %(message)s"))
-        from cfn_core.agent import run_agent
-        from cfn_core.errors import CfnError
+        from cfn_core import CfnError, run_agent
 
         try:
             code = run_agent(config, pm, agent_id, run_ref, handler=handler)
@@ -325,7 +324,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
     had started is adopted here, and killed at once.  ``keep``: other children
     that are not agents (the main zygote's forkers).
     """
-    from cfn_core.process import become_subreaper, kill_leftovers
+    from cfn_core import become_subreaper, kill_leftovers
 
     become_subreaper()
     me = os.getpid()
@@ -422,6 +421,11 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
 WARM_UP_TASKS = 20
 
 
+def _echo(payload):
+    """The warm-up agent's handler: the kernel's path is what is warmed, not a handler."""
+    return payload
+
+
 def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
     """Run the kernel's agent loop over ``tasks`` trivial tasks on a scratch bus, in this process.
 
@@ -433,18 +437,14 @@ def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
     (docs/plugins/pool.md).
 
     Only the kernel runs: the warm-up agent uses a plugin manager with the
-    builtins alone and :func:`cfn_core.handlers.echo`, so no plugin hook and no
-    user handler ever sees an agent that is not the run's.  The scratch bus is
+    builtins alone and a handler that returns its payload, so no plugin hook and
+    no user handler ever sees an agent that is not the run's.  The scratch bus is
     a run directory of its own inside ``run_ref`` (the run's directory), removed
     at once, and with the run if this process is killed before.  A failure is logged and
     ignored: warming up is an optimization, never a reason not to fork.
     Returns the number of tasks the warm-up agent answered (0 when skipped).
     """
-    from cfn_core.agent import run_agent
-    from cfn_core.bus.shm import ShmBus
-    from cfn_core.handlers import echo
-    from cfn_core.messages import COORDINATOR_ID, MessageFactory
-    from cfn_core.plugins import builtin_plugin_manager
+    from cfn_core import COORDINATOR_ID, MessageFactory, ShmBus, builtin_plugin_manager, run_agent
 
     bus = None
     try:
@@ -460,7 +460,7 @@ def warm_up(config, run_ref: str, tasks: int = WARM_UP_TASKS) -> int:
         for record in records:  # one write each, as the coordinator's sends arrive
             bus.deliver(agent_id, location, [record])
         bus.deliver(agent_id, location, [make(agent_id, "stop").encode()])
-        run_agent(config, pm, agent_id, os.fspath(bus.run_dir), handler=echo)
+        run_agent(config, pm, agent_id, os.fspath(bus.run_dir), handler=_echo)
         answers = bus.read(COORDINATOR_ID, route(agent_id=COORDINATOR_ID, config=config))
         return len(answers) - 1  # the results, not the "ready"
     except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -479,19 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         "--fd", type=int, action="append", required=True, help="a control socket from the coordinator (one per forker)"
     )
     args = parser.parse_args(argv)
-    from cfn_core.process import die_with_parent
+    from cfn_core import die_with_parent
 
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     logging.basicConfig(level=logging.WARNING, format="cfn zygote: %(message)s")
     socks = [socket.socket(fileno=fd) for fd in args.fd]
     try:
-        from cfn_core.agent import bootstrap_shm, load_handler
-        from cfn_core.plugins import make_plugin_manager
-
-        import cfn_core.agent  # noqa: F401  (the agent loop and everything it imports)
-        import cfn_core.bus.shm  # noqa: F401
-        import cfn_core.messages  # noqa: F401
+        # importing these loads the agent loop, the bus and the messages (and everything they
+        # import) here, once, before any fork, instead of in every agent
+        from cfn_core import MessageFactory, ShmBus, bootstrap_shm, load_handler, make_plugin_manager, run_agent  # noqa: F401
 
         config = bootstrap_shm(args.run)
         pm = make_plugin_manager(config)

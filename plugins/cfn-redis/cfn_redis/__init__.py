@@ -4,6 +4,8 @@ Enable with ``plugins = ["redis"]`` and ``[redis] url = "redis://host:6379/0"``
 (or ``CFN_REDIS_URL``).  Hook implementations:
 
 * ``cfn_settings`` / ``cfn_configure``: the ``[redis]`` table, URL checked at start;
+* ``cfn_add_commands``: ``cfn agent`` (:mod:`cfn_redis.cli`), there whenever
+  this distribution is installed;
 * ``cfn_bus``: the coordinator gets a :class:`~cfn_redis.bus.HubBus` (creates
   the run in Redis, starts this machine's relay); every agent a
   :class:`~cfn_redis.bus.LocalBus` on its machine's spool (no Redis client in
@@ -38,6 +40,13 @@ def cfn_settings():
     from .settings import RedisSettings
 
     return {"redis": RedisSettings}
+
+
+@hookimpl
+def cfn_add_commands(subparsers):
+    from .cli import add_parser  # cheap, but only the `cfn` command needs it
+
+    add_parser(subparsers)
 
 
 @hookimpl

@@ -37,8 +37,7 @@ import time
 
 import orjson
 
-from cfn_core import BusError
-from cfn_core.bus.shm import ShmBus
+from cfn_core import BusError, ShmBus
 
 from . import keys
 
@@ -300,6 +299,8 @@ class ForkedRelay:
 
     @classmethod
     def start(cls, url: str, run: str, spool: str, host_id: str, settings: dict) -> "ForkedRelay":
+        from cfn_core import die_with_parent
+
         from . import relay as relay_mod  # import before forking: the child must not import
 
         parent = os.getpid()
@@ -309,8 +310,6 @@ class ForkedRelay:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                from cfn_core.process import die_with_parent
-
                 die_with_parent(parent)
                 code = relay_mod.serve(url, run, spool, host_id, settings)
             except BaseException:

@@ -10,7 +10,10 @@ when the coordinator places them here.  It leaves when the run ends (exit 0),
 on SIGINT/SIGTERM (its agents are stopped and relaunched elsewhere by the
 coordinator), or when Redis loses the run (exit 1, the reason on stderr).
 
-Registered in ``cfn_core.cli._extra_commands``; imports nothing heavy until run.
+Added to ``cfn`` by this plugin's ``cfn_add_commands`` hook whenever cfn-redis
+is installed; imports nothing heavy until run.  When the run's plugins offer a
+fork server (``cfn_agent_forker``: the pooling plugin's zygote), this host's
+agents are forked from one too.
 """
 
 from __future__ import annotations
@@ -65,21 +68,18 @@ def find_run(client, run: str | None, wait: float, url: str) -> str:
         time.sleep(0.2)
 
 
-def _zygote(config, spool):
-    """When the run uses cfn-pool's zygote, fork this host's agents from one too (if cfn-pool is installed here)."""
-    if "pool" not in config.enabled() or not config.section("pool").zygote:
-        return None
-    try:
-        from cfn_pool.zygote import Zygote
-    except ImportError:
-        return None
+def _forker(config, spool):
+    """A fork server for this host's agents when one of the run's plugins offers it (``cfn_agent_forker``), else None."""
     import logging
 
-    pool = config.section("pool")
+    from cfn_core import make_plugin_manager
+
     try:
-        return Zygote(os.fspath(spool), start_timeout=pool.warmup_timeout, forkers=pool.forkers or min(4, os.cpu_count() or 1))
+        # the run's enabled plugins, as its agents load them (they must be installed here too)
+        pm = make_plugin_manager(config)
+        return pm.hook.cfn_agent_forker(config=config, run_ref=os.fspath(spool))
     except Exception as exc:  # fresh interpreters still work
-        logging.getLogger("cfn.redis").warning("cannot start a zygote on this host (%s); agents start as fresh interpreters", exc)
+        logging.getLogger("cfn.redis").warning("cannot start a fork server on this host (%s); agents start as fresh interpreters", exc)
         return None
 
 
@@ -89,10 +89,7 @@ def cmd_agent(args) -> int:
     import signal
     import socket
 
-    from cfn_core import CfnError
-    from cfn_core.agent import config_from_state
-    from cfn_core.bus.shm import ShmBus
-    from cfn_core.process import ensure_fd_limit
+    from cfn_core import CfnError, ShmBus, config_from_state, ensure_fd_limit
 
     from . import keys
     from .bus import RUN_STATE
@@ -119,10 +116,10 @@ def cmd_agent(args) -> int:
     host_id = f"{socket.gethostname()[:24]}-{os.getpid()}-{secrets.token_hex(3)}"
     relay = None
     try:
-        spool._write_atomic(spool.run_dir / "state" / RUN_STATE, json.dumps({"run": run, "host": host_id}).encode())
+        spool.put_state(RUN_STATE, json.dumps({"run": run, "host": host_id}).encode())
         relay = Relay(url, run, os.fspath(spool.run_dir), host_id, settings, capacity=args.agents)
         relay.sync_state()
-        relay.zygote = _zygote(config, spool.run_dir)
+        relay.forker = _forker(config, spool.run_dir)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: relay.stop())
         relay.start()

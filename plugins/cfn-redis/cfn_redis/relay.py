@@ -52,8 +52,7 @@ import threading
 import time
 from collections import defaultdict, deque
 
-from cfn_core import COORDINATOR_ID, BusError, check_agent_id
-from cfn_core.bus.shm import ShmBus
+from cfn_core import COORDINATOR_ID, BusError, ShmBus, check_agent_id
 
 from . import keys
 from .bus import FATAL, OUTBOX, RELAY_ID, RS
@@ -166,8 +165,9 @@ class Relay:
         self.expiring: set[str] = set()
         self.sel = selectors.DefaultSelector()
         self.stats = defaultdict(int)
-        #: a cfn-pool zygote forking this host's agents (set by `cfn agent` when the run enables pool)
-        self.zygote = None
+        #: a fork server for this host's agents (a cfn_core.AgentForker: set by `cfn agent` when one
+        #: of the run's plugins offers one through cfn_agent_forker), else fresh interpreters
+        self.forker = None
         self._reader = None
         self._next_lease = 0.0
         self.journal_lock = threading.Lock()  # journal line + inbox append + pending, against compaction
@@ -271,9 +271,9 @@ class Relay:
             _kill(child)
         for child in list(self.children.values()):
             self._child_exited(child, report=not self.ended and self.fatal is None)
-        if self.zygote is not None:
-            self.zygote.close(5.0)
-            self.zygote = None
+        if self.forker is not None:
+            self.forker.close(5.0)
+            self.forker = None
         if self.main.client is not None and not self.coordinator and not self.fatal:
             try:
                 p = self.main.client.pipeline(transaction=False)
@@ -726,15 +726,15 @@ class Relay:
                         _kill(child)
         if launches:
             self.sync_state()
-            if self.zygote is not None:  # pipelined: the forkers work while we register the first ones
+            if self.forker is not None:  # pipelined: the forkers work while we register the first ones
                 try:
-                    self.zygote.request([a for a, _ in launches[: max(0, self.capacity - len(self.children))]])
+                    self.forker.request([a for a, _ in launches[: max(0, self.capacity - len(self.children))]])
                 except Exception as exc:
-                    self._zygote_failed(exc)
+                    self._forker_failed(exc)
             for agent, token in launches:
                 self._launch(agent, token)
-            if self.zygote is not None and self.zygote.outstanding:
-                self.zygote.cancel_unclaimed()  # forked ahead for a launch that was refused
+            if self.forker is not None and self.forker.outstanding:
+                self.forker.cancel_unclaimed()  # forked ahead for a launch that was refused
         if done:
             self._execute([("xack", (self.ctl, keys.GROUP, *done), {}), ("xdel", (self.ctl, *done), {})])
 
@@ -763,12 +763,12 @@ class Relay:
             self._event(op="exited", id=agent, token=token, code="", reason=f"host {self.host_id} is full ({self.capacity} agents)")
             return
         popen, pid = None, None
-        if self.zygote is not None:
+        if self.forker is not None:
             try:
-                pid = self.zygote.take(agent, timeout=30.0)
+                pid = self.forker.take(agent, timeout=30.0)
                 self.stats["forked"] += 1
             except Exception as exc:
-                self._zygote_failed(exc)
+                self._forker_failed(exc)
         if pid is None:
             cmd = [sys.executable, "-m", "cfn_core.agent", "--run", self.spool, "--id", agent, "--parent", str(os.getpid())]
             try:
@@ -778,9 +778,9 @@ class Relay:
                 return
             pid = popen.pid
         try:
-            pidfd = os.pidfd_open(pid)  # works for the zygote's children too
+            pidfd = os.pidfd_open(pid)  # works for the fork server's children too
         except ProcessLookupError:
-            code = popen.wait() if popen is not None else self.zygote.exit_status(pid)
+            code = popen.wait() if popen is not None else self.forker.exit_status(pid)
             self._event(op="exited", id=agent, token=token, code="" if code is None else code, reason="")
             return
         child = _Child(agent, token, popen, pidfd, pid)
@@ -789,13 +789,13 @@ class Relay:
         self.stats["launched"] += 1
         self._event(op="started", id=agent, token=token, pid=pid)
 
-    def _zygote_failed(self, exc) -> None:
-        log.warning("the zygote failed (%s); starting agents as fresh interpreters", exc)
+    def _forker_failed(self, exc) -> None:
+        log.warning("the fork server failed (%s); starting agents as fresh interpreters", exc)
         try:
-            self.zygote.close(1.0)
+            self.forker.close(1.0)
         except Exception:
             pass
-        self.zygote = None
+        self.forker = None
 
     def _child_exited(self, child: _Child, report: bool = True) -> None:
         if self.children.pop(child.pidfd, None) is None:
@@ -808,7 +808,7 @@ class Relay:
         if child.popen is not None:
             code = child.popen.wait()
         else:
-            code = self.zygote.exit_status(child.pid) if self.zygote is not None else None
+            code = self.forker.exit_status(child.pid) if self.forker is not None else None
         if report:
             try:
                 self._event(op="exited", id=child.agent, token=child.token, code="" if code is None else code, reason="")
@@ -849,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--settings", default="{}")
     args = parser.parse_args(argv)
-    from cfn_core.process import die_with_parent
+    from cfn_core import die_with_parent
 
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
