@@ -138,19 +138,7 @@ def installed_feature_flags() -> dict[str, str]:
                     "uninstall one of them"
                 )
             flags[var] = name
-    for var, name in LEGACY_FEATURE_FLAGS.items():
-        if name in installed() and name not in flags.values():
-            flags.setdefault(var, name)
     return flags
-
-
-# TRANSITIONAL (issue 17): the plan's flags of the two bundled plugins that do not declare
-# them through cfn_feature_flags yet.  An entry is used only while its plugin is installed
-# and declares no flag of its own; delete each one when cfn-batch / cfn-shard add
-#     @hookimpl
-#     def cfn_feature_flags():
-#         return ("CFN_ENABLE_BATCHING",)        # resp. ("CFN_ENABLE_SHARDING",)
-LEGACY_FEATURE_FLAGS = {"CFN_ENABLE_BATCHING": "batch", "CFN_ENABLE_SHARDING": "shard"}
 
 
 def add_plugin_commands(subparsers) -> None:

@@ -53,17 +53,12 @@ def _import(value: str, directory: Path):
 
 def plugin_feature_flags() -> dict[str, str]:
     """``{variable: plugin name}``: the feature flags the bundled plugins declare (``cfn_feature_flags``)."""
-    from cfn_core.plugins import LEGACY_FEATURE_FLAGS
-
     plugins = bundled_plugins()
     flags = {}
     for name, (value, directory) in plugins.items():
         impl = getattr(_import(value, directory), "cfn_feature_flags", None)
         for var in (impl() or ()) if impl else ():
             flags[var] = name
-    for var, name in LEGACY_FEATURE_FLAGS.items():  # as the loader does (cfn_core.plugins)
-        if name in plugins and name not in flags.values():
-            flags.setdefault(var, name)
     return dict(sorted(flags.items()))
 
 

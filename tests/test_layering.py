@@ -36,15 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = {"cfn_core", "cfn_core.hookspecs"}
 
 #: (file relative to the checked tree, violation) -> why it is still there.  Empty it.
-ALLOWED: dict[tuple[str, str], str] = {
-    # cfn-shard is being reworked in parallel (issue 17, transport work); the function is
-    # public now as cfn_core.decode_records: change the import to `from cfn_core import decode_records`
-    ("plugins/cfn-shard/cfn_shard/__init__.py", "imports cfn_core.builtin.decode_records"): "cfn-shard, not yet switched",
-    # the plan's feature flags of the two plugins that do not declare them through
-    # cfn_feature_flags yet (cfn_core/plugins.py LEGACY_FEATURE_FLAGS): delete with that table
-    ("cfn_core/plugins.py", "names the plugin 'batch'"): "cfn-batch declares no cfn_feature_flags yet",
-    ("cfn_core/plugins.py", "names the plugin 'shard'"): "cfn-shard declares no cfn_feature_flags yet",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 # ---------------------------------------------------------------------- the checker

@@ -64,6 +64,11 @@ def cfn_settings():
 
 
 @hookimpl
+def cfn_feature_flags():
+    return ("CFN_ENABLE_BATCHING",)
+
+
+@hookimpl
 def cfn_configure(config):
     s = config.section(NAME)
     if s.max_size < s.size:

@@ -54,6 +54,11 @@ class ShardSettings:
 
 
 @hookimpl
+def cfn_feature_flags():
+    return ("CFN_ENABLE_SHARDING",)
+
+
+@hookimpl
 def cfn_settings():
     return {NAME: ShardSettings}
 
@@ -179,7 +184,7 @@ def cfn_agent_init(ctx):
 
 @hookimpl
 def cfn_read(ctx, agent_id):
-    from cfn_core.builtin import decode_records
+    from cfn_core import decode_records
 
     bus = ctx.bus
     if getattr(bus, "name", None) != "shm":
