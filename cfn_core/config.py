@@ -130,7 +130,7 @@ class BenchSettings:
     rounds: int = setting(1, "coordinations per repetition (rounds after the first show warm reuse)", min=1, max=1000)
     repetitions: int = setting(3, "timed repetitions per cell (each one a fresh Coordinator)", min=1, max=1000)
     cell_budget: float = setting(60.0, "seconds after which a cell stops repeating (one repetition always runs); 0: no limit", min=0.0, max=86_400.0)
-    references: bool = setting(True, "also time concurrent.futures.ProcessPoolExecutor and multiprocessing.Process+Pipe")
+    references: bool = setting(True, "also time concurrent.futures.ProcessPoolExecutor, multiprocessing.Process+Pipe and the fork floor (os.fork + one pipe message)")
     target_seconds: float = setting(10.0, "the plan's target: one coordination at the largest N takes less than this", min=0.0, max=86_400.0)
     min_delivery: float = setting(0.90, "the plan's delivery floor", min=0.0, max=1.0)
     min_improvement: float = setting(5.0, "the plan's target gain of all plugins combined over the baseline", min=0.0, max=1e9)

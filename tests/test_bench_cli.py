@@ -26,11 +26,11 @@ def test_baseline_and_pool_end_to_end(tmp_path, bus_root, no_leaks):
     )
     assert proc.returncode == 0, proc.stderr
     # progress on stderr (one line per cell when stderr is not a terminal), the report on stdout
-    assert "cfn bench: [1/4]" in proc.stderr and "cfn bench: [4/4]" in proc.stderr
+    assert "cfn bench: [1/5]" in proc.stderr and "cfn bench: [5/5]" in proc.stderr
     assert "# cfn Optimization Impact Report" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     cells = {c["id"]: c for c in report["cells"]}
-    assert list(cells) == ["baseline-6", "pool-6", "ref-processpool-6", "ref-mp-pipes-6"]
+    assert list(cells) == ["baseline-6", "pool-6", "ref-processpool-6", "ref-mp-pipes-6", "ref-floor-6"]
     for c in cells.values():
         assert c["delivery_rate"] == 1.0
         assert c["repetitions"] == 2 and len(c["seconds"]) == 2
@@ -71,8 +71,8 @@ def test_list_prints_the_cells_without_running_them():
     proc = cfn_bench("--agents", "100,50", "--combinations", "baseline", "--workloads", "star,mesh", "--list")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
-        "baseline-50", "ref-processpool-50", "ref-mp-pipes-50", "baseline-50-mesh",
-        "baseline-100", "ref-processpool-100", "ref-mp-pipes-100", "baseline-100-mesh",
+        "baseline-50", "ref-processpool-50", "ref-mp-pipes-50", "ref-floor-50", "baseline-50-mesh",
+        "baseline-100", "ref-processpool-100", "ref-mp-pipes-100", "ref-floor-100", "baseline-100-mesh",
     ]
 
 

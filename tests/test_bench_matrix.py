@@ -38,9 +38,9 @@ def test_cells_ids_and_references_only_for_star():
     cells = expand(bench(agents=[20, 10], combinations=["pool+batch"], workloads=["star", "mesh"]), INSTALLED)
     ids = [c.id for c in cells]
     assert ids == [
-        "baseline-10", "pool+batch-10", "ref-processpool-10", "ref-mp-pipes-10",
+        "baseline-10", "pool+batch-10", "ref-processpool-10", "ref-mp-pipes-10", "ref-floor-10",
         "baseline-10-mesh", "pool+batch-10-mesh",
-        "baseline-20", "pool+batch-20", "ref-processpool-20", "ref-mp-pipes-20",
+        "baseline-20", "pool+batch-20", "ref-processpool-20", "ref-mp-pipes-20", "ref-floor-20",
         "baseline-20-mesh", "pool+batch-20-mesh",
     ]
     assert [c.id for c in expand(bench(agents=[5], combinations=["baseline"], references=False), INSTALLED)] == ["baseline-5"]

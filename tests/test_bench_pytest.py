@@ -81,17 +81,17 @@ def test_this_repository_opts_in_through_its_pyproject():
 
 def test_n2_merges_every_worker_row_into_one_report(project, no_leaks):
     result = project.runpytest_subprocess("-n", "2", "-m", "bench", "-v", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=8)
     for line in ("*PASSED cfn.toml::bench[[]baseline-2[]]*", "*PASSED cfn.toml::bench[[]ref-mp-pipes-3[]]*"):
         result.stdout.fnmatch_lines([line])  # one at a time: workers finish in any order
     result.stdout.fnmatch_lines(
-        ["*cfn bench: Optimization Impact Report*", "pytest -n 2; one timing cell at a time on * cores; 6 cell(s)"]
+        ["*cfn bench: Optimization Impact Report*", "pytest -n 2; one timing cell at a time on * cores; 8 cell(s)"]
     )
     # the report is written once, by the controller, with the rows of both workers
     assert result.stdout.str().count("cfn bench: Optimization Impact Report") == 1
     report = json.loads((project.path / "out" / "report.json").read_text())
     assert [c["id"] for c in report["cells"]] == [
-        "baseline-2", "ref-processpool-2", "ref-mp-pipes-2", "baseline-3", "ref-processpool-3", "ref-mp-pipes-3",
+        "baseline-2", "ref-processpool-2", "ref-mp-pipes-2", "ref-floor-2", "baseline-3", "ref-processpool-3", "ref-mp-pipes-3", "ref-floor-3",
     ]
     assert report["runner"] == {
         "tool": "pytest -n 2", "mode": "serial", "workers": 2,
@@ -120,7 +120,7 @@ def test_timing_tests_do_not_overlap_unless_asked(project):
         )
     )
     result = project.runpytest_subprocess("-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-report", "serial")
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=11)
     cells = json.loads((project.path / "serial.json").read_text())["cells"]
     own = [tuple(json.loads((project.path / f"span-{i}.json").read_text())) for i in range(3)]
     spans = sorted([(c["started"], c["finished"]) for c in cells] + own)
@@ -129,7 +129,7 @@ def test_timing_tests_do_not_overlap_unless_asked(project):
     result = project.runpytest_subprocess(
         "-n", "2", "-m", "bench", "-p", "no:cacheprovider", "--bench-parallel", "--bench-report", "par"
     )
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=11)
     assert json.loads((project.path / "par.json").read_text())["runner"]["mode"] == "parallel"
 
 
@@ -157,7 +157,7 @@ def test_the_report_stamps_the_sessions_start_and_end(project):
         """
     ))
     result = project.runpytest_subprocess("-p", "no:cacheprovider", "-m", "bench or not bench", "--bench-agents", "2")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
     report = json.loads((project.path / "out" / "report.json").read_text())
 
     def epoch(stamp):

@@ -182,3 +182,18 @@ def test_summarize_counts_errors_per_1000_coordinations_and_keeps_the_reps():
     assert s["error_messages"] == ["BusError: gone"]
     assert s["delivery_rate"] == 1.0
     assert len(s["reps"]) == 3
+
+
+def test_every_time_is_also_a_ratio_to_the_fork_floor():
+    """The floor reference row divides every row at its N: the report shows how far above it each one is."""
+    report = fixed_report()
+    report["cells"].append(cell([], 500, 0.5, reference="floor"))
+    cells = by_id(analyze(report))
+    assert cells["pool-500"]["vs_floor"] == pytest.approx(6.0)
+    assert cells["ref-processpool-500"]["vs_floor"] == pytest.approx(2.0)
+    assert cells["ref-floor-500"]["vs_floor"] == pytest.approx(1.0)
+    assert cells["pool-100"]["vs_floor"] is None  # no floor row measured at 100
+    md = render_markdown(report)
+    assert "| vs floor |" in md
+    assert "fork floor (os.fork + one pipe message)" in md
+    assert "(20.0x) 6.0x the floor" in md

@@ -300,7 +300,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("runner", ["processpool", "mp-pipes"])
+@pytest.mark.parametrize("runner", ["processpool", "mp-pipes", "floor"])
 def test_ctrl_c_reaches_no_worker_of_the_bench_references(tmp_path, no_leaks, runner):
     """`cfn bench`'s reference rows fork multiprocessing workers into the terminal's process
     group: they must not each print a KeyboardInterrupt traceback when Ctrl-C is typed."""

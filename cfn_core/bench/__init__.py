@@ -12,5 +12,8 @@ and write the same Optimization Impact Report:
   the decision gate; :mod:`~cfn_core.bench.render` writes JSON, Markdown and PNG;
 * :mod:`~cfn_core.bench.compare` is the regression gate (``--compare``).
 
+:mod:`~cfn_core.bench.whole_process` is separate: ``cfn run`` from start to exit, each
+arm a fresh interpreter, against stand-alone stdlib scripts and the fork floor.
+
 Nothing here is imported by agents or by ``cfn run``.
 """

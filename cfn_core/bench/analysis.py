@@ -2,13 +2,18 @@
 
 Everything here is computed from the cells of one report (one session), so a
 ratio never mixes runs: the improvement of a cell is the baseline's p50 divided
-by the cell's p50 at the same N and workload.  :func:`analyze` is idempotent
+by the cell's p50 at the same N and workload, and ``vs_floor`` is the cell's
+p50 divided by the fork floor reference row's (how far above the least a
+Python parent can spend on the same N processes; None without that row).  :func:`analyze` is idempotent
 and is run again when a report is rendered from a JSON file.
 """
 
 from __future__ import annotations
 
 import math
+
+#: the reference row every time is also divided by (``vs_floor``): the raw fork floor
+FLOOR = "floor"
 
 MAIN_PHASES = ("session", "spawn", "ready", "distribute", "execute", "collect", "shutdown", "other")
 
@@ -47,12 +52,15 @@ def analyze(report: dict) -> dict:
     key = lambda c: (frozenset(c["plugins"]), c["agents"], c["workload"])  # noqa: E731
     by_key = {key(c): c for c in cfn_cells}
     combined = frozenset(combined_plugins(cells))
+    floors = {(c["agents"], c["workload"]): c for c in cells if c["kind"] == "reference" and c.get("reference") == FLOOR}
     for c in cells:
         base = by_key.get((frozenset(), c["agents"], c["workload"]))
         gain = None
         if base and base.get("p50") and c.get("p50"):
             gain = base["p50"] / c["p50"]
         c["improvement"] = gain
+        floor = floors.get((c["agents"], c["workload"]))
+        c["vs_floor"] = c["p50"] / floor["p50"] if floor and floor.get("p50") and c.get("p50") else None
         c["is_combined"] = c["kind"] == "cfn" and bool(combined) and frozenset(c["plugins"]) == combined
         checks = {}
         if c.get("p50") is not None:

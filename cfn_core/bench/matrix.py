@@ -3,7 +3,7 @@
 A cell is one combination of plugins, one agent count and one workload.  The
 baseline (no plugin) is always in the matrix, because every figure of the
 report is a ratio to it; the reference rows (ProcessPoolExecutor,
-multiprocessing with pipes) are cells too, for the star workload.
+multiprocessing with pipes, the raw fork floor) are cells too, for the star workload.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..errors import ConfigError
 REFERENCES = {
     "processpool": "concurrent.futures.ProcessPoolExecutor",
     "mp-pipes": "multiprocessing.Process + Pipe",
+    "floor": "fork floor (os.fork + one pipe message)",
 }
 
 #: the distributions shipped in this repository (plugins/): the only ones the keyword

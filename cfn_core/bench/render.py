@@ -189,7 +189,8 @@ def render_markdown(report: dict, png_name: str | None = None, chart_note: str |
         width = max(len(c["label"]) for c in here) + 1
         for c in here:
             gain = f"({fmt_x(c['improvement'])})" if c["combination"] != "baseline" else ""
-            lines.append(f"{c['label'] + ':':<{width}} {fmt_s(c.get('p50')):>9} {gain}")
+            floor = f" {fmt_x(c['vs_floor'])} the floor" if c.get("vs_floor") and c.get("reference") != "floor" else ""
+            lines.append(f"{c['label'] + ':':<{width}} {fmt_s(c.get('p50')):>9} {gain}{floor}".rstrip())
         if g["outcome"] != "n/a":
             lines += ["", f"Target: <{s['target_seconds']:g}s, delivery >={s['min_delivery']:.0%}, combined >={s['min_improvement']:g}x",
                       f"Status: {g['outcome']}"]
@@ -216,6 +217,7 @@ def render_markdown(report: dict, png_name: str | None = None, chart_note: str |
                 fmt_pct(c.get("delivery_rate")),
                 fmt_num(c.get("messages_per_second")),
                 fmt_x(c.get("improvement")),
+                fmt_x(c.get("vs_floor")),
                 c["status"],
                 f"{fmt_s(c.get('latency_p50'))} / {fmt_s(c.get('latency_p99'))}",
                 fmt_mib(c.get("peak_pss_bytes")) + ("~" if c.get("pss_estimated") else ""),
@@ -227,13 +229,15 @@ def render_markdown(report: dict, png_name: str | None = None, chart_note: str |
         )
     lines += _table(
         ["combination", "N", "workload", "reps", "p50", "p95", "p99", "warm round", "delivery", "msg/s", "vs baseline",
-         "status", "latency p50 / p99", "peak PSS", "fds", "CPU", "errors /1000", "bottleneck"],
+         "vs floor", "status", "latency p50 / p99", "peak PSS", "fds", "CPU", "errors /1000", "bottleneck"],
         rows,
     )
     lines += [
         "",
         f"Status: PASS when p50 < {s['target_seconds']:g} s, delivery >= {s['min_delivery']:.0%}, no failed coordination"
-        f" and, for the combined row, improvement >= {s['min_improvement']:g}x. Latency: task sent to result received."
+        f" and, for the combined row, improvement >= {s['min_improvement']:g}x. vs floor: p50 / the fork floor row's p50"
+        " at the same N (a parent forking N children that each echo one pipe message)."
+        " Latency: task sent to result received."
         " Peak PSS: coordinator and agents together, sampled (~: partly estimated from the mean of the measured processes);"
         " fds: the coordinator's; CPU: of the coordinator and its agents, 100% = one core.",
         "",

@@ -1,0 +1,66 @@
+"""The whole-process comparison and the fork floor row: they run and check every echo (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cfn_core.bench.references import fork_floor
+from cfn_core.bench.whole_process import ARMS, check_output
+
+
+def whole_process(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cfn_core.bench.whole_process", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_every_arm_completes_with_every_echo(tmp_path, bus_root, no_leaks):
+    out = tmp_path / "whole.json"
+    proc = whole_process("--agents", "2", "--repeat", "1", "--json", str(out), "--set", f"bus.root={bus_root}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("whole process, cold, 1 alternating repetition(s)")
+    assert lines[1].startswith("load average (1/5/15 min): ") and "at the end" in lines[1]
+    assert lines[3].split() == ["N", "arm", "median", "min", "vs", "floor", "vs", "best", "stdlib", "completed"]
+    rows = [line for line in lines[4:] if line.split()[:1] == ["2"]]
+    assert len(rows) == len(ARMS) and all(row.endswith("1/1") for row in rows), proc.stdout
+    assert "FAILED" not in proc.stdout
+
+    result = json.loads(out.read_text())
+    assert result["format"] == "cfn-whole-process/1"
+    assert len(result["machine"]["load_average"]) == len(result["machine"]["load_average_end"]) == 3
+    assert sorted(r["arm"] for r in result["runs"]) == sorted(ARMS)
+    for run in result["runs"]:
+        assert run["ok"] and run["echoed"] == 2 and run["error"] is None and run["seconds"] > 0, run
+    summary = {r["arm"]: r for r in result["summary"]}
+    assert summary["floor"]["vs_floor"] == 1.0
+    assert min(summary[a]["vs_best_stdlib"] for a in ("processpool", "mp-pipes")) == 1.0
+    assert all(summary[a]["vs_floor"] > 0 and summary[a]["vs_best_stdlib"] > 0 for a in ARMS)
+    assert set(summary["cfn"]["cfn_medians"]) == {"open_seconds", "seconds", "close_seconds", "total_seconds"}
+
+
+def test_a_missing_echo_or_a_plugin_fallback_fails_the_arm():
+    assert check_output("floor", 3, 4, 0, '{"agents": 3, "echoed": 2}\n', "")["error"] == "2 of 3 echoes came back"
+    assert not check_output("mp-pipes", 3, 4, 1, "", "Traceback ...")["ok"]
+    cfn = {"ok": True, "fallbacks": [], "rounds": [{"results": {"a": {"value": "xxxx"}, "b": {"value": "xxx"}}}]}
+    assert check_output("cfn", 2, 4, 0, json.dumps(cfn), "")["error"] == "1 of 2 echoes came back"
+    cfn["rounds"][0]["results"]["b"]["value"] = "xxxx"
+    assert check_output("cfn", 2, 4, 0, json.dumps(cfn), "")["ok"]
+    cfn["fallbacks"] = [{"plugin": "pool", "count": 1}]
+    assert "plugin fallbacks" in check_output("cfn", 2, 4, 0, json.dumps(cfn), "")["error"]
+
+
+@pytest.mark.parametrize("args", [["--agents", "abc"], ["--agents", "0,5"], ["--repeat", "0"]])
+def test_bad_arguments_are_one_line_and_exit_2(args):
+    proc = whole_process(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("python -m cfn_core.bench.whole_process: error: ")
+
+
+def test_the_fork_floor_row_echoes_every_payload_and_reaps_every_child(no_leaks):
+    for agents, payload in ((5, "x" * 64), (2, "y" * 300_000)):  # 300 kB: more than a pipe holds, both ways
+        rep = fork_floor(agents, payload)
+        assert rep["planned"] == rep["delivered"] == 2 * agents and rep["failed"] == 0
+        assert set(rep["phases"]) == {"spawn", "distribute", "execute", "shutdown"}
+        assert rep["seconds"] >= sum(rep["phases"].values()) * 0.99
