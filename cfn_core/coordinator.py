@@ -566,11 +566,18 @@ class CoordinatorContext:
         self.bus.put_state(key, json.dumps(skip).encode())
 
     def _watchdog(self, now: float) -> None:
-        """Kill agents whose oldest task has run longer than ``[workload] timeout``."""
+        """Kill agents whose oldest task has run longer than ``[workload] timeout``.
+
+        A task's time runs from when its agent was ready for it: an agent still starting
+        (the replacement of one that died, which inherits its tasks) is held to
+        ``[run] spawn_timeout`` instead, so a slow start-up on a loaded machine is not
+        charged to the tasks it inherited.
+        """
         if self._round is None:
             return
         w = self.config.workload
         limit = w.timeout
+        spawn_limit = self.config.run.spawn_timeout
         # a command workload's agent enforces the timeout itself (it kills the command's
         # process group and reports its stderr): give it time to do so before killing the
         # agent, which would orphan the command and lose the stderr
@@ -578,8 +585,12 @@ class CoordinatorContext:
         for handle in self.agents.values():
             if not handle.outstanding or not handle.alive or handle.killed_reason:
                 continue
+            if handle.state == "starting":
+                if now - handle.launched_at > spawn_limit:
+                    self.kill(handle, f"not ready within {spawn_limit:g}s")
+                continue
             oldest_task, sent = next(iter(handle.outstanding.items()))
-            started = max(sent, handle.last_seen)
+            started = max(sent, handle.last_seen, handle.ready_at or 0.0)
             if now - started > limit + grace:
                 self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
 

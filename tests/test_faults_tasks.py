@@ -44,10 +44,9 @@ def _good_ones_ok(result, tasks, bad):
 @pytest.mark.parametrize("plugins", plugin_params())
 def test_hanging_task_is_timed_out_retried_then_reported(make_config, fault_env, no_leaks, plugins):
     tasks = _tasks(fault_env, 8, "hang", {3})
-    # The hang is unmistakable (the handler sleeps forever), so the timeout can be generous:
-    # the watchdog counts a replacement's start-up (a fresh interpreter on the baseline) against
-    # the task, and on a loaded machine that start-up alone took longer than the 0.5 s this test
-    # once used, so the second attempt was killed before its handler ran (starts == 1).
+    # The hang is unmistakable (the handler sleeps forever), so the timeout can be generous.
+    # This test once used 0.5 s and failed on a loaded machine: the watchdog then counted a
+    # replacement's start-up against the task it inherited (fixed; see the next-but-one test).
     result = _run(
         make_config, plugins, tasks, agents=4,
         handler="test_faults_handlers:hang", timeout=HANG_TIMEOUT, max_attempts=2,
@@ -110,3 +109,27 @@ def test_poison_in_a_later_round_does_not_poison_the_session(make_config, fault_
         second = coord.run([{"key": f"r2-{i}", "dir": str(fault_env)} for i in range(6)])
     assert first.failed == 1 and first.results["t002"].attempts == 2
     assert second.ok and second.failed == 0
+
+
+def test_a_replacements_start_up_is_not_counted_against_the_tasks_it_inherits(make_config, fault_env, no_leaks,
+                                                                               monkeypatch):
+    """The watchdog times a task from when its agent is ready, not from the relaunch.
+
+    One agent, two tasks: t000 hangs once (killed at the 1 s timeout), and the replacement
+    then takes 3 s to start (as a fresh interpreter can on a loaded machine).  Timing the
+    inherited tasks from the relaunch killed the replacement while it was still starting,
+    again and again, until both tasks were given up on.
+    """
+    from slow_start_handlers import SLOW_START
+
+    monkeypatch.setenv("CFN_TEST_SLOW_START", str(fault_env))
+    timeout = 1.0
+    assert SLOW_START > 2 * timeout
+    tasks = [Task(id=f"t{i:03d}", payload={"key": f"t{i:03d}", "dir": str(fault_env), "hang": i == 0}) for i in range(2)]
+    result = _run(make_config, (), tasks, agents=1, handler="slow_start_handlers:hang_once", timeout=timeout,
+                  max_attempts=2)
+    first, second = result.results["t000"], result.results["t001"]
+    assert first.ok and first.value == "t000" and first.attempts == 2, first.error
+    assert second.ok and second.value == "t001" and second.attempts == 1, second.error
+    starts = (fault_env / "log").read_text().split()
+    assert starts.count("t000") == 2 and starts.count("t001") == 1
