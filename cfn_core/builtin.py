@@ -126,3 +126,11 @@ def cfn_assign(ctx, task, agent_ids):
 def cfn_release_agents(ctx, agent_ids):
     ctx.stop_agents(agent_ids)
     return True
+
+
+@hookimpl(trylast=True)
+def cfn_agent_exit(ctx):
+    # after every plugin's own cfn_agent_exit (trylast), so their final flushes are counted
+    from .figures import publish_exit_counters
+
+    publish_exit_counters(ctx.bus, ctx.agent_id, os.getpid(), ctx.counters)

@@ -35,6 +35,7 @@ from attrs import define, field
 
 from .config import Config, load_config
 from .errors import CfnError, ConfigError, PluginError
+from .figures import AgentFigures
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id, split_message_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
@@ -192,6 +193,7 @@ class CoordinatorContext:
         self.factory = MessageFactory(COORDINATOR_ID)
         self.counters: dict[str, int] = defaultdict(int)
         self.fallbacks: dict[str, dict] = {}
+        self.figures = AgentFigures()  # agents' plugin counters (agent_counters)
         self.spawn_failures: dict[str, str] = {}
         self._early_ready: dict[str, Message] = {}  # ready messages that arrived before their launch returned
         self._routes: dict[str, str] = {}
@@ -218,6 +220,18 @@ class CoordinatorContext:
             if tasks:  # the metric counts workload messages, like the summary (not stop/ping)
                 self.metrics.messages_sent.inc(tasks)
             self.hook.cfn_send(ctx=self, messages=messages)
+
+    def agent_counters(self, prefix: str = "") -> dict[tuple[str, str], dict[str, int]]:
+        """The latest counters of every agent process, for a plugin's ``cfn_report``.
+
+        ``{(agent id, "<agent>.<pid>"): {counter: value}}`` with the counters whose
+        name starts with ``prefix`` (a plugin's own, e.g. ``"batch."``).  An agent that
+        exited normally is counted to its end (the final counters it left on exit);
+        a live one as of its latest result, which leaves out what it counted while
+        sending that result and since (see :mod:`cfn_core.figures`).
+        """
+        self.figures.take_exit_states(self.bus, self.agents.values())
+        return self.figures.snapshots(prefix)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
@@ -434,10 +448,14 @@ class CoordinatorContext:
             self._reject_result(msg, problem)
             return
         body = msg.body
-        if handle is not None and "fallbacks" in body:
-            from .fallback import merge_agent_fallbacks
+        if handle is not None:  # an agent of the run: its plugins' counters and fallbacks
+            pid = split_message_id(msg.id)[1]
+            if "counters" in body:
+                self.figures.take_result(msg.src, f"{msg.src}.{pid}", msg.seq, body["counters"])
+            if "fallbacks" in body:
+                from .fallback import merge_agent_fallbacks
 
-            merge_agent_fallbacks(self, (msg.src, split_message_id(msg.id)[1]), body["fallbacks"])
+                merge_agent_fallbacks(self, (msg.src, pid), body["fallbacks"])
         if r is None or msg.round != r.number or msg.task not in r.tasks:
             self.counters["stale_results"] += 1
             if handle is not None and (r is None or msg.task not in r.tasks):

@@ -19,10 +19,9 @@ Hook implementations:
   ``shutdown`` before exit).
 * ``cfn_agent_exit`` / ``cfn_session_finish``: final flush, stop the flusher;
   anything sent later is delivered at once.
-* ``cfn_read`` (wrapper, coordinator only: registered by ``cfn_session_start``
-  as :class:`ResultFigures`, so agents read through the kernel's direct path):
-  keep each agent's ``batch.*`` counters from its result messages, so the
-  coordinator reports the whole run.
+* agents' ``batch.*`` counters reach the coordinator through the kernel
+  (``ctx.agent_counters("batch.")``: every result's snapshot, then each
+  process's final counters as it exits), so the report covers the whole run.
 * ``cfn_report``: messages per batch, flushes by reason, added latency,
   flusher deaths and restarts.
 """
@@ -35,7 +34,7 @@ from attrs import define
 from cfn_core import ConfigError, hookimpl, setting
 
 from .batcher import Batcher, optimal_batch_size
-from .stats import AgentFigures, BatchCollector, BatchStats, figures, merge, only_batch, publish_exit_state
+from .stats import P, BatchCollector, BatchStats, figures, merge, only_batch
 
 __all__ = ["BatchSettings", "Batcher", "optimal_batch_size"]
 
@@ -107,18 +106,14 @@ def cfn_agent_init(ctx):
 
 @hookimpl
 def cfn_session_start(ctx):
-    ctx.state["batch.agents"] = AgentFigures()
     batcher = _batcher(ctx)
 
     def totals() -> dict:
-        agents = ctx.state["batch.agents"]
-        agents.take_exit_states(ctx.bus, ctx.agents.values())
-        return merge([only_batch(dict(batcher.stats.c)), *agents.snapshots()])
+        # the coordinator's own figures and every agent process's (the kernel gathers those)
+        return merge([only_batch(dict(batcher.stats.c)), *ctx.agent_counters(P).values()])
 
     ctx.state["batch.totals"] = totals
     ctx.metrics.registry.register(BatchCollector(totals))
-    if ctx.pm.get_plugin(ResultFigures.NAME) is None:
-        ctx.pm.register(ResultFigures(), name=ResultFigures.NAME)
 
 
 @hookimpl
@@ -138,9 +133,7 @@ def cfn_flush(ctx, reason):
 def cfn_agent_exit(ctx):
     batcher = ctx.state.get(NAME)
     if batcher is not None and batcher.pid == os.getpid():
-        batcher.close()
-        # the final figures: a result only carries them up to the batch that carries it
-        publish_exit_state(ctx.bus, ctx.agent_id, os.getpid(), only_batch(ctx.counters))
+        batcher.close()  # the final flush: counted in the final figures the kernel publishes next
 
 
 @hookimpl
@@ -148,27 +141,6 @@ def cfn_session_finish(ctx):
     batcher = ctx.state.get(NAME)
     if batcher is not None and batcher.pid == os.getpid():
         batcher.close()
-
-
-class ResultFigures:
-    """The coordinator's ``cfn_read`` wrapper: agents' ``batch.*`` counters from their results.
-
-    Registered on the coordinator's plugin manager only.  A module-level
-    ``cfn_read`` would be a plugin implementation in every agent too, and the
-    kernel would then dispatch every agent read through pluggy instead of
-    calling the baseline directly (:func:`cfn_core.plugins.direct_caller`).
-    """
-
-    NAME = "batch.results"
-
-    @hookimpl(wrapper=True)
-    def cfn_read(self, ctx, agent_id):
-        messages = yield
-        if messages:
-            agents = ctx.state.get("batch.agents")
-            if agents is not None:
-                agents.take(messages)
-        return messages
 
 
 @hookimpl
@@ -180,6 +152,6 @@ def cfn_report(ctx):
     s = ctx.config.section(NAME)
     out = figures(totals())
     out["coordinator"] = figures(only_batch(dict(batcher.stats.c)))
-    out["agent_processes"] = len(ctx.state["batch.agents"].latest)
+    out["agent_processes"] = len(ctx.agent_counters(P))
     out["settings"] = {"size": s.size, "timeout_ms": s.timeout_ms, "max_size": s.max_size, "adaptive": s.adaptive}
     return {NAME: out}

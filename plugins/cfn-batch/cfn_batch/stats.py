@@ -1,13 +1,11 @@
 """Batch figures: kept as flat integer counters, gathered on the coordinator, exported to Prometheus.
 
 Agents have no metrics registry: their figures live in ``ctx.counters`` under
-``batch.*`` keys, which the kernel copies into every result message.  The
-coordinator keeps the latest copy per agent process (:class:`AgentFigures`,
-fed by a ``cfn_read`` wrapper) and adds its own; :class:`BatchCollector`
-exposes the sum on ``ctx.metrics.registry`` as ``cfn_batch_*`` metrics.
-A result only carries the figures up to the batch that carries it, so an
-agent that exits normally also leaves its final figures in the run's shared
-state (``bus.put_state``), which replace its last result's copy.
+``batch.*`` keys, which the kernel gathers on the coordinator
+(``ctx.agent_counters("batch.")``, see :mod:`cfn_core.figures`: every
+result's snapshot, then each process's final counters as it exits).  The
+coordinator adds its own; :class:`BatchCollector` exposes the sum on
+``ctx.metrics.registry`` as ``cfn_batch_*`` metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Iterable, Mapping
 
-import orjson
-from cfn_core import CfnError
 
 #: histogram bucket upper bounds (the last bucket is +Inf)
 MESSAGES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -128,72 +124,6 @@ def merge(snapshots: Iterable[Mapping]) -> dict:
             else:
                 out[k] = out.get(k, 0) + v
     return out
-
-
-_FINAL = float("inf")
-
-
-def _exit_key(agent_id: str, pid: int) -> str:
-    return f"batch.exit.{agent_id}.{pid}"
-
-
-def publish_exit_state(bus, agent_id: str, pid: int, counters: dict) -> None:
-    """An agent's final ``batch.*`` counters, left in the run's shared state as it exits."""
-    try:
-        bus.put_state(_exit_key(agent_id, pid), orjson.dumps(counters))
-    except (CfnError, OSError):  # an id too long for a state key, a bus without room: the result snapshots stand
-        pass
-
-
-class AgentFigures:
-    """The latest ``batch.*`` counters of every agent process, from the results they sent.
-
-    The coordinator reads every result: ``take`` keeps a reference to the
-    result's counters and filters nothing; :meth:`snapshots` picks the
-    ``batch.*`` ones when figures are asked for.
-    """
-
-    def __init__(self) -> None:
-        self.latest: dict[tuple[str, str], tuple[int, dict]] = {}
-
-    def take(self, messages) -> None:
-        for msg in messages:
-            if msg.kind != "result" or not isinstance(msg.body, dict):
-                continue
-            counters = msg.body.get("counters")
-            if not isinstance(counters, dict):
-                continue
-            process = msg.id.rsplit(".", 1)[0]  # "{sender}.{pid}": one incarnation
-            seen = self.latest.get((msg.src, process))
-            if seen is None or msg.seq > seen[0]:
-                self.latest[(msg.src, process)] = (msg.seq, counters)
-
-    def take_exit_states(self, bus, handles) -> None:
-        """Prefer the final figures an agent published when it exited normally (see :func:`publish_exit_state`).
-
-        Only for agents that have exited: a live (pooled) agent has published nothing yet.
-        """
-        for h in handles:
-            if h.alive:
-                continue
-            key = (h.id, f"{h.id}.{h.pid}")
-            seen = self.latest.get(key)
-            if seen is not None and seen[0] == _FINAL:
-                continue
-            try:
-                raw = bus.get_state(_exit_key(h.id, h.pid))
-            except (CfnError, OSError):  # an id too long for a state key: the result snapshots stand
-                continue
-            if raw:
-                try:
-                    snap = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(snap, dict):
-                    self.latest[key] = (_FINAL, snap)
-
-    def snapshots(self) -> list[dict]:
-        return [only_batch(snap) for _, snap in self.latest.values()]
 
 
 def quantile_bound(counters: Mapping, name: str, bounds: tuple, q: float) -> float | None:
