@@ -106,14 +106,7 @@ def mp_pipes(agents: int, payload: str, probe: Callable[[], None] | None = None)
             proc.close()
         for conn in conns:
             conn.close()
-    t_end = time.perf_counter()
-    return {
-        "seconds": t_end - t0,
-        "phases": {"spawn": t_spawned - t0, "distribute": t_sent - t_spawned, "execute": t_done - t_sent, "shutdown": t_end - t_done},
-        "planned": 2 * agents,
-        "delivered": 2 * ok,
-        "failed": agents - ok,
-    }
+    return _figures(agents, ok, t0, t_spawned, t_sent, t_done, time.perf_counter())
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -197,7 +190,11 @@ def fork_floor(agents: int, payload: str, probe: Callable[[], None] | None = Non
             os.waitpid(pid, 0)
         for fd in fds:
             os.close(fd)
-    t_end = time.perf_counter()
+    return _figures(agents, ok, t0, t_spawned, t_sent, t_done, time.perf_counter())
+
+
+def _figures(agents: int, ok: int, t0: float, t_spawned: float, t_sent: float, t_done: float, t_end: float) -> dict:
+    """A reference row's result: the phases between the timestamps, and what came back."""
     return {
         "seconds": t_end - t0,
         "phases": {"spawn": t_spawned - t0, "distribute": t_sent - t_spawned, "execute": t_done - t_sent, "shutdown": t_end - t_done},
