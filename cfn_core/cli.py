@@ -181,20 +181,30 @@ class _StdoutForJson:
 
 def cmd_run(args) -> int:
     from .coordinator import Coordinator
+    from .live import StopRequested
     from .report import render_summary
 
+    if args.events == "-" and args.json:
+        raise CfnError("--events - and --json both write to stdout: give --events a file, e.g. --events events.jsonl")
     config = _load(args)
     progress = _Progress()
-    coord = Coordinator(config, progress=progress)
+    # events on stdout: written to the real stdout, kept apart like --json's document (see _StdoutForJson)
+    events_stream = os.fdopen(os.dup(1), "wb") if args.events == "-" else None
+    try:
+        coord = Coordinator(config, progress=progress, events=events_stream or args.events)
+    except BaseException:
+        if events_stream is not None:
+            events_stream.close()
+        raise
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
     stopped: CfnError | None = None
-    stdout_guard = _StdoutForJson().__enter__() if args.json else None
+    stdout_guard = _StdoutForJson().__enter__() if args.json or events_stream is not None else None
     try:
         with coord:
             result = coord.run()
         code = result.exit_code
-    except Terminated:
+    except (Terminated, StopRequested):  # SIGTERM or `cfn stop`
         code = 143
     except KeyboardInterrupt:
         code = 130
@@ -208,6 +218,8 @@ def cmd_run(args) -> int:
         progress.done()
         if stdout_guard is not None:
             stdout_guard.__exit__(None, None, None)
+        if events_stream is not None:
+            events_stream.close()
     result = coord.partial
     if result is None:
         return code
@@ -220,8 +232,8 @@ def cmd_run(args) -> int:
         out = result.to_dict(with_tasks=args.results)
         out["exit_code"] = code
         print(json.dumps(out, indent=2, default=str))
-    else:
-        print(render_summary(result))
+    else:  # with the events on stdout, the summary goes to stderr
+        print(render_summary(result), file=sys.stderr if events_stream is not None else sys.stdout)
     if stopped is not None:
         print(f"cfn: error: {stopped}", file=sys.stderr)
     return code
@@ -319,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=f"{help_} ({key})")
     run.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     run.add_argument("--results", action="store_true", help="include every task's result in --json")
+    run.add_argument("--events", metavar="FILE", help="write the event log (JSON Lines, docs/EVENTS.md) here; '-': stdout")
     run.set_defaults(func=cmd_run)
 
     init = sub.add_parser("init", help="write a commented default cfn.toml")
