@@ -4,7 +4,7 @@ Exit codes (docs/USER_GUIDE.md): 0 all delivered, 1 some task failed or was
 lost, 2 usage or configuration error, nothing was started (one line, no
 traceback), 3 the run started and stopped on an error (the bus filled, an inbox
 stayed full, a plugin failed under --strict): the summary or JSON of what ran,
-with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM, or `cfn stop`).
 """
 
 from __future__ import annotations
@@ -198,13 +198,16 @@ def cmd_run(args) -> int:
         raise
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
+    asked_to_stop = False
     stopped: CfnError | None = None
     stdout_guard = _StdoutForJson().__enter__() if args.json or events_stream is not None else None
     try:
         with coord:
             result = coord.run()
         code = result.exit_code
-    except (Terminated, StopRequested):  # SIGTERM or `cfn stop`
+    except StopRequested:
+        code, asked_to_stop = 143, True
+    except Terminated:
         code = 143
     except KeyboardInterrupt:
         code = 130
@@ -236,6 +239,8 @@ def cmd_run(args) -> int:
         print(render_summary(result), file=sys.stderr if events_stream is not None else sys.stdout)
     if stopped is not None:
         print(f"cfn: error: {stopped}", file=sys.stderr)
+    if asked_to_stop:
+        print("cfn: stopped by `cfn stop`", file=sys.stderr)
     return code
 
 
@@ -349,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", metavar="PATH", help="cfn.toml whose [bus] root to clean (default: found upward)")
     clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     clean.set_defaults(func=cmd_clean)
+
+    # `cfn top` and `cfn stop`: watch or end a run from another terminal (rich is loaded only by them)
+    from .top import add_commands as add_watch_commands
+
+    add_watch_commands(sub)
 
     # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)
     from .plugins import add_plugin_commands
