@@ -224,6 +224,16 @@ class CoordinatorContext:
                 self.metrics.messages_sent.inc(tasks)
             self.hook.cfn_send(ctx=self, messages=messages)
 
+    def note_status(self, handle: AgentHandle) -> None:
+        """An agent's status message was stored in ``handle.info["status"]``: log it.
+
+        The handler of ``status`` messages calls this after updating the handle; ``cfn top``
+        reads the stored status from the snapshot, the event log gets ``agent_status``.
+        """
+        status = handle.info.get("status")
+        text, fields = (status.get("text"), status.get("fields")) if isinstance(status, dict) else (status, None)
+        self.events.emit("agent_status", agent=handle.id, text=text, fields=fields)
+
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
 
