@@ -173,11 +173,11 @@ def render(snapshot: dict[str, Any] | None, run_dir: Path, *, stall_seconds: flo
     latency = snapshot.get("latency_p50")
     figures = Text(
         f"tasks: {tasks.get('done', 0)} done, {tasks.get('failed', 0)} failed, {tasks.get('retried', 0)} retried, "
-        f"{tasks.get('queued', 0)} queued   throughput {snapshot.get('throughput') or 0:.1f}/s   "
-        f"latency p50 {'-' if latency is None else f'{latency * 1000:.1f}ms'}   "
+        f"{tasks.get('queued', 0)} queued   {snapshot.get('throughput') or 0:.1f} tasks/s   "
+        f"p50 {'-' if latency is None else f'{latency * 1000:.1f}ms'}   "
     )
     figures.append(f"stalled {stalled}", style="bold red" if stalled else "")
-    figures.append(f" (no progress for {stall_seconds:g}s)")
+    figures.append(f" (quiet {stall_seconds:g}s)")
 
     by_role = snapshot.get("by_role") or {}
     states = [s for s in _STATES if any(s in c for c in by_role.values())] + sorted(

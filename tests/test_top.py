@@ -191,7 +191,7 @@ def _top_in_tmux(run, bus_root, tmp_path, agents, width=180, height=50):
     try:
         def screen():
             shot = _tmux(socket, "capture-pane", "-p", "-e").stdout
-            return shot if "agent-" in shot and "throughput" in shot else None
+            return shot if "agent-" in shot and "tasks/s" in shot else None
 
         shot = wait_for(screen, what="cfn top's screen in tmux")
         plain = _tmux(socket, "capture-pane", "-p").stdout
