@@ -4,7 +4,7 @@ Exit codes (docs/USER_GUIDE.md): 0 all delivered, 1 some task failed or was
 lost, 2 usage or configuration error, nothing was started (one line, no
 traceback), 3 the run started and stopped on an error (the bus filled, an inbox
 stayed full, a plugin failed under --strict): the summary or JSON of what ran,
-with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM, or `cfn stop`).
 """
 
 from __future__ import annotations
@@ -181,19 +181,32 @@ class _StdoutForJson:
 
 def cmd_run(args) -> int:
     from .coordinator import Coordinator
+    from .live import StopRequested
     from .report import render_summary
 
+    if args.events == "-" and args.json:
+        raise CfnError("--events - and --json both write to stdout: give --events a file, e.g. --events events.jsonl")
     config = _load(args)
     progress = _Progress()
-    coord = Coordinator(config, progress=progress)
+    # events on stdout: written to the real stdout, kept apart like --json's document (see _StdoutForJson)
+    events_stream = os.fdopen(os.dup(1), "wb") if args.events == "-" else None
+    try:
+        coord = Coordinator(config, progress=progress, events=events_stream or args.events)
+    except BaseException:
+        if events_stream is not None:
+            events_stream.close()
+        raise
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
+    asked_to_stop = False
     stopped: CfnError | None = None
-    stdout_guard = _StdoutForJson().__enter__() if args.json else None
+    stdout_guard = _StdoutForJson().__enter__() if args.json or events_stream is not None else None
     try:
         with coord:
             result = coord.run()
         code = result.exit_code
+    except StopRequested:
+        code, asked_to_stop = 143, True
     except Terminated:
         code = 143
     except KeyboardInterrupt:
@@ -208,6 +221,8 @@ def cmd_run(args) -> int:
         progress.done()
         if stdout_guard is not None:
             stdout_guard.__exit__(None, None, None)
+        if events_stream is not None:
+            events_stream.close()
     result = coord.partial
     if result is None:
         return code
@@ -220,10 +235,12 @@ def cmd_run(args) -> int:
         out = result.to_dict(with_tasks=args.results)
         out["exit_code"] = code
         print(json.dumps(out, indent=2, default=str))
-    else:
-        print(render_summary(result))
+    else:  # with the events on stdout, the summary goes to stderr
+        print(render_summary(result), file=sys.stderr if events_stream is not None else sys.stdout)
     if stopped is not None:
         print(f"cfn: error: {stopped}", file=sys.stderr)
+    if asked_to_stop:
+        print("cfn: stopped by `cfn stop`", file=sys.stderr)
     return code
 
 
@@ -319,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=f"{help_} ({key})")
     run.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     run.add_argument("--results", action="store_true", help="include every task's result in --json")
+    run.add_argument("--events", metavar="FILE", help="write the event log (JSON Lines, docs/EVENTS.md) here; '-': stdout")
     run.set_defaults(func=cmd_run)
 
     init = sub.add_parser("init", help="write a commented default cfn.toml")
@@ -336,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--config", metavar="PATH", help="cfn.toml whose [bus] root to clean (default: found upward)")
     clean.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     clean.set_defaults(func=cmd_clean)
+
+    # `cfn top` and `cfn stop`: watch or end a run from another terminal (rich is loaded only by them)
+    from .top import add_commands as add_watch_commands
+
+    add_watch_commands(sub)
 
     # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)
     from .plugins import add_plugin_commands

@@ -35,7 +35,9 @@ from attrs import define, field
 
 from .config import Config, load_config
 from .errors import CfnError, ConfigError, PluginError
+from .events import EventLog, open_event_log
 from .figures import AgentFigures
+from .live import Live
 from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult, check_agent_id, split_message_id
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
@@ -203,6 +205,9 @@ class CoordinatorContext:
         self._next_tick = 0.0
         #: called (no arguments) whenever an agent is launched or becomes ready: live spawn progress
         self.on_spawn_progress: Callable[[], None] | None = None
+        #: the event log (docs/EVENTS.md); one that writes nothing unless the Coordinator got ``events``
+        self.events: EventLog = open_event_log(None)
+        self.live = Live()  # the snapshot `cfn top` reads and the stop request of `cfn stop`
 
     # ------------------------------------------------------------------ helpers for plugins
 
@@ -233,6 +238,16 @@ class CoordinatorContext:
         self.figures.take_exit_states(self.bus, self.agents.values())
         return self.figures.snapshots(prefix)
 
+    def note_status(self, handle: AgentHandle) -> None:
+        """An agent's status message was stored in ``handle.info["status"]``: log it.
+
+        The handler of ``status`` messages calls this after updating the handle; ``cfn top``
+        reads the stored status from the snapshot, the event log gets ``agent_status``.
+        """
+        status = handle.info.get("status")
+        text, fields = (status.get("text"), status.get("fields")) if isinstance(status, dict) else (status, None)
+        self.events.emit("agent_status", agent=handle.id, text=text, fields=fields)
+
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
 
@@ -258,6 +273,7 @@ class CoordinatorContext:
             for task_id in handle.outstanding:
                 handle.outstanding[task_id] = now  # the timeout runs from the relaunch
         self.spawn_failures.pop(agent_id, None)
+        self.events.emit("agent_started", agent=agent_id, pid=handle.pid, incarnation=handle.incarnation)
         self.metrics.agents.inc()
         self.counters["launched"] += 1
         if self.on_spawn_progress is not None:
@@ -397,6 +413,7 @@ class CoordinatorContext:
         if now >= self._next_tick:
             self._next_tick = now + _TICK
             self._watchdog(now)
+            self.live.tick(self, now)  # event log flush, messages per interval, snapshot, stop request
             self.hook.cfn_tick(ctx=self, now=now)
 
     def _drain_inbox(self) -> None:
@@ -405,10 +422,12 @@ class CoordinatorContext:
         if not messages:
             return
         now = time.monotonic()
+        self.counters["received"] += len(messages)
         for msg in messages:
             handle = self.agents.get(msg.src)
             if handle is not None:
                 handle.last_seen = now
+                handle.info["messages_out"] = handle.info.get("messages_out", 0) + 1
             kind = msg.kind
             if kind == "result":
                 self._on_result(msg, handle, now)
@@ -437,6 +456,7 @@ class CoordinatorContext:
         handle.ready_at = now
         self.metrics.spawn_seconds.observe(now - handle.launched_at)
         self.counters["ready"] += 1
+        self.events.emit("agent_ready", agent=handle.id, pid=handle.pid, seconds=round(now - handle.launched_at, 6))
         self.hook.cfn_agent_started(ctx=self, agent=handle)
         if self.on_spawn_progress is not None:
             self.on_spawn_progress()
@@ -492,6 +512,11 @@ class CoordinatorContext:
         sent = r.sent_at.get(msg.task)
         if sent is not None:
             r.latencies.append(now - sent)
+        self.events.emit(
+            "task_done" if body["ok"] else "task_failed", task=msg.task, round=r.number, agent=msg.src,
+            attempt=r.results[msg.task].attempts, seconds=round(r.results[msg.task].seconds, 6),
+            latency=None if sent is None else round(now - sent, 6), error=error,
+        )
         peers_sent = min(body.get("peers_sent", 0), len(task.peers))  # no more than it was asked to send
         r.peers_sent += peers_sent
         # live counters that end equal to the round's figures: the result and the peer messages
@@ -527,6 +552,7 @@ class CoordinatorContext:
         reason = "stopped" if was == "stopping" and not handle.killed_reason else "killed" if handle.killed_reason else "died"
         self.metrics.agents.dec()
         self.metrics.agent_exits.labels(reason=reason).inc()
+        self.events.emit("agent_exited", agent=handle.id, pid=handle.pid, reason=reason, exit_code=handle.exit_code, why=handle.killed_reason)
         self.hook.cfn_agent_exited(ctx=self, agent=handle, reason=reason)
         if reason != "stopped" and handle.outstanding and self._round is not None:
             self._recover(handle)
@@ -557,6 +583,8 @@ class CoordinatorContext:
             return
         r.result.retries += len(handle.outstanding)
         self.metrics.task_retries.inc(len(handle.outstanding))
+        for task_id in handle.outstanding:
+            self.events.emit("task_retried", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id] + 1, reason=why)
         try:
             self.launch(handle.id)
         except Exception as exc:  # cannot replace it: everything it held fails, with the reason
@@ -571,6 +599,7 @@ class CoordinatorContext:
             TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False),
         )
         self.metrics.task_failures.inc()
+        self.events.emit("task_failed", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id], seconds=None, latency=None, error=reason)
         # keyed by the session-wide round (see cfn_core.agent.read_skip_list): a later run
         # that submits the same task id gets it run again
         key = f"skip.{handle.id}"
@@ -641,6 +670,9 @@ class Coordinator:
         pre-spawns before the first round); later phases are ``distribute`` and ``collect``.
     :param extra_plugins: plugin objects to register besides the enabled ones (tests,
         embedding applications); coordinator side only, agents do not load them.
+    :param events: where to write the event log (docs/EVENTS.md): a path (truncated),
+        ``"-"`` for stdout, an open file object, or an :class:`~cfn_core.events.EventLog`;
+        None (the default) writes none.
     """
 
     def __init__(
@@ -649,6 +681,7 @@ class Coordinator:
         *,
         progress: Callable[[str, int, int], None] | None = None,
         extra_plugins: Iterable[Any] = (),
+        events: Any = None,
     ):
         self.config = config or load_config()
         self.extra_plugins = list(extra_plugins)
@@ -687,6 +720,7 @@ class Coordinator:
                 "from it and commands run in it)"
             )
         self.progress = progress
+        self.events = open_event_log(events)  # opened now: a path that cannot be written fails before anything starts
         #: seconds the session took to open (plugins, bus, a pool's pre-spawn) and to close
         self.open_seconds = 0.0
         self.close_seconds = 0.0
@@ -746,6 +780,8 @@ class Coordinator:
         self.pm = make_plugin_manager(self.config, self.extra_plugins)
         metrics = Metrics()
         ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
+        self.events.reopen()
+        ctx.events = self.events
         ctx.on_spawn_progress = self._spawn_progress
         self._spawn_window = (0, 0, 0, time.monotonic())  # a plugin's pre-spawn (pool): no known total
         ensure_fds_for_agents(self.config.workload.agents, f"{self.config.workload.agents} agents")
@@ -755,6 +791,10 @@ class Coordinator:
             ctx.run_ref = getattr(ctx.bus, "run_ref", None) or str(getattr(ctx.bus, "run_dir", ctx.bus.run_id))
             with interrupts_deferred():  # started but not recorded, it would wait forever for its end of file
                 self._janitor = Janitor(ctx.run_ref)  # kills what the run's agents leave, even after our SIGKILL
+            ctx.events.emit(
+                "run_started", run=ctx.run_ref, bus=ctx.bus.name, plugins=self.config.enabled(),
+                agents=self.config.workload.agents, pid=os.getpid(),
+            )
             ctx.bus.put_state("config", self.agent_config_document())
             ctx.bus.listen(COORDINATOR_ID)
             ctx._selector.register(ctx.bus.wake_fd(COORDINATOR_ID), selectors.EVENT_READ, None)
@@ -811,6 +851,14 @@ class Coordinator:
                         error = CfnError(
                             f"[run] metrics_file = {self.config.run.metrics_file!r}: cannot write it: {exc.strerror}"
                         )
+                result = self.partial
+                ctx.events.emit(
+                    "run_finished", seconds=round(time.time() - ctx.live.started_at, 6),
+                    rounds=ctx.rounds_started, done=ctx.events.counts["task_done"],
+                    failed=ctx.events.counts["task_failed"], retried=ctx.events.counts["task_retried"],
+                    interrupted=bool(result and result.interrupted),
+                )
+                ctx.events.close()
                 if ctx.bus is not None:
                     ctx.bus.destroy()
                 ctx._selector.close()
@@ -933,6 +981,9 @@ class Coordinator:
         ctx.round_state = {}
         ctx.spawn_failures = {}
         t_round = time.perf_counter()
+        ctx.events.emit("round_started", round=r.number, tasks=len(tasks), agents=w.agents)
+        for task in tasks:
+            ctx.events.emit("task_queued", task=task.id, round=r.number)
         self.pm.hook.cfn_coordination_start(ctx=ctx, round=r.number)
         try:
             # 1. spawn (and, for strategies that wait per agent, the ready barrier)
@@ -977,6 +1028,10 @@ class Coordinator:
             raise
         finally:
             self._account(r, t_round)
+            ctx.events.emit(
+                "round_finished", round=r.number, seconds=round(res.seconds, 6), done=sum(1 for x in r.results.values() if x.ok),
+                failed=sum(1 for x in r.results.values() if not x.ok), retries=res.retries, interrupted=res.interrupted, error=res.error,
+            )
             ctx._round = None
             if partial is not None and not res.interrupted and res.error is None:
                 partial.rounds.remove(res)  # run() appends the finished round; an interrupted one stays
@@ -992,6 +1047,7 @@ class Coordinator:
                     task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
                 )
                 self.ctx.metrics.task_failures.inc()
+                ctx.events.emit("task_failed", task=task_id, round=r.number, agent=None, attempt=0, seconds=None, latency=None, error="no agent could be started")
             return
         tasks = [r.tasks[t] for t in r.order]
         preassigned: dict[str, str] = {}
@@ -1015,8 +1071,10 @@ class Coordinator:
             pending.popleft()
             now = time.monotonic()
             handle.outstanding[task.id] = now
+            handle.info["messages_in"] = handle.info.get("messages_in", 0) + 1
             r.assigned[task.id] = agent_id
             r.sent_at[task.id] = now
+            ctx.events.emit("task_assigned", task=task.id, round=r.number, agent=agent_id, attempt=r.attempts[task.id] + 1)
             batch.append(ctx.factory.make(agent_id, "task", round=r.number, task=task.id, body=task.body()))
         ctx.send(batch)
         self.pm.hook.cfn_flush(ctx=ctx, reason="explicit")

@@ -32,10 +32,18 @@ def record_fallback(ctx, hook: str, plugin: str | None, exc: BaseException) -> N
             "side": getattr(ctx, "side", "coordinator"),
         }
         log.warning("plugin %s failed in %s (%s); using the baseline for it", plugin or "?", hook, entry["error"])
+        _emit_fallback(ctx, entry)
     entry["count"] += 1
     metrics = getattr(ctx, "metrics", None)
     if metrics is not None:
         metrics.fallbacks.labels(hook=hook, plugin=plugin or "?").inc()
+
+
+def _emit_fallback(ctx, entry: dict) -> None:
+    """The first fallback of a hook and plugin, in the event log (agents' contexts have none)."""
+    events = getattr(ctx, "events", None)
+    if events is not None:
+        events.emit("fallback", hook=entry["hook"], plugin=entry["plugin"], side=entry["side"], error=entry["error"])
 
 
 def _culprit(ctx, exc: BaseException) -> str | None:
@@ -161,5 +169,6 @@ def merge_agent_fallbacks(ctx, agent_key, reported) -> None:
             error = fb.get("error") if isinstance(fb.get("error"), str) else "?"
             entry = ctx.fallbacks[key] = {"hook": hook, "plugin": plugin, "count": 0, "error": error, "side": "agent"}
             log.warning("plugin %s failed in %s in agents (%s); they used the baseline for it", plugin, hook, error)
+            _emit_fallback(ctx, entry)
         entry["count"] += delta
         ctx.metrics.fallbacks.labels(hook=hook, plugin=plugin).inc(delta)

@@ -53,6 +53,12 @@ NOT_RUN = {
         "the other machine's half of the line above (same test)",
     "docs/USER_GUIDE.md: from cfn_core import Coordinator, load_config":
         "run by tests/test_docs_pages.py::test_the_user_guide_python_example_runs, which also checks what it prints",
+    "docs/USER_GUIDE.md: cfn top":
+        "needs a live run in another terminal; tests/test_top.py runs cfn top in a tmux pane against a live run",
+    "docs/USER_GUIDE.md: cfn top --once":
+        "needs a live run; tests/test_top.py runs it against one and checks the frame",
+    "docs/USER_GUIDE.md: cfn stop":
+        "needs a live run; tests/test_top.py stops live runs with it and checks their exit status 143",
     "docs/PLUGIN_GUIDE.md: @hookimpl(wrapper=True)":
         "a fragment inside the explanation of wrappers: `record` and the imports are the reader's",
 }
