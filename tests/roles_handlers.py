@@ -19,3 +19,8 @@ def code(payload):
 
 def review(payload):
     return {"by": "review", "payload": payload, "pid": os.getpid()}
+
+
+def crash(payload):
+    """Kill the agent (no result): the coordinator charges the task an attempt."""
+    os._exit(7)
