@@ -217,8 +217,13 @@ class Config:
         return out
 
     def evolve(self, **tables: dict) -> "Config":
-        """A copy with some keys of some tables replaced, validated like a file."""
+        """A copy with some keys of some tables replaced, validated like a file.
+
+        ``agents={"coder": {"count": 20}}`` adds or changes roles (``[agents.<role>]``).
+        """
         data = self.to_dict()
+        if "agents" in tables and "agents" not in tables.get("workload", {}):
+            data["workload"].pop("agents", None)  # with roles it is their total, counted again
         for table, values in tables.items():
             if table == "plugins":
                 data["plugins"] = list(values)
