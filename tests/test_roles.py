@@ -60,10 +60,30 @@ def check_three_roles(result):
     assert {r.agent for k, r in result.results.items() if k.startswith("review")} == {"reviewer-0001", "reviewer-0002"}
 
 
+def _redis_up() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+_needs_redis = pytest.mark.skipif(not _redis_up(), reason="no Redis server on 127.0.0.1:6379")
+
+
 @pytest.mark.parametrize(
     "plugins",
-    [(), ("pool",), ("pool", "parallel", "batch", "shard")],
-    ids=["baseline", "pool", "pool+parallel+batch+shard"],
+    [
+        (),
+        ("pool",),
+        ("pool", "parallel", "batch", "shard"),
+        pytest.param(("redis",), marks=_needs_redis),
+        pytest.param(("redis", "pool"), marks=_needs_redis),
+    ],
+    ids=["baseline", "pool", "pool+parallel+batch+shard", "redis", "redis+pool"],
 )
 def test_each_task_runs_on_an_agent_of_its_role_with_its_handler(make_config, no_leaks, plugins):
     config = three_role_config(make_config, plugins, pool={"size": 4})
