@@ -45,6 +45,11 @@ _EXPORTS = {
     "TaskResult": "messages",
     "check_agent_id": "messages",
     "decode": "messages",
+    # roles ([agents.<role>])
+    "Role": "roles",
+    "role_of": "roles",
+    "roles_of": "roles",
+    "share_out": "roles",
     # the transport
     "Bus": "bus",
     "ShmBus": "bus.shm",

@@ -84,17 +84,22 @@ class AgentContext:
 
 
 def load_handler(workload) -> Callable[[Any], Any]:
-    """The callable that runs one task, from ``[workload] handler`` or ``command``.
+    """The callable that runs one task, from a role's ``handler`` or ``command``.
 
+    :param workload: a :class:`cfn_core.roles.Role` (``roles.role_of(config, agent_id)``:
+        ``[agents.<role>]`` over ``[workload]``), or the ``[workload]`` settings themselves
+        (the one-role shorthand); anything with ``handler``, ``command``, ``timeout`` and
+        ``directory``.
     :raises ConfigError: when the handler cannot be imported (named with the reason).
     """
+    where = getattr(workload, "label", "[workload]")  # the table that set it, for the messages
     # relative names resolve against [workload] directory: by default the cfn.toml's (docs/CONFIG.md)
     directory = getattr(workload, "directory", "") or None
     if workload.command:
         return _command_handler(workload.command, workload.timeout, cwd=directory)
     spec = workload.handler
     if not _HANDLER_RE.match(spec):
-        raise ConfigError(f"[workload] handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
+        raise ConfigError(f"{where} handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
     modname, _, funcname = spec.partition(":")
     # agents run as `python -m cfn_core.agent` in the coordinator's working directory, which
     # puts that directory on their sys.path; the coordinator (a console script) looks there too
@@ -107,13 +112,13 @@ def load_handler(workload) -> Callable[[Any], Any]:
         module = importlib.import_module(modname)
     except SystemExit as exc:  # sys.exit() at import time must not end the coordinator with its text alone
         raise ConfigError(
-            f"[workload] handler = {spec!r}: importing module {modname!r} called sys.exit({exc.code!r})"
+            f"{where} handler = {spec!r}: importing module {modname!r} called sys.exit({exc.code!r})"
         ) from None
     except Exception as exc:
-        raise ConfigError(f"[workload] handler = {spec!r}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"{where} handler = {spec!r}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
     func = getattr(module, funcname, None)
     if not callable(func):
-        raise ConfigError(f"[workload] handler = {spec!r}: module {modname!r} has no function {funcname!r}")
+        raise ConfigError(f"{where} handler = {spec!r}: module {modname!r} has no function {funcname!r}")
     return func
 
 
@@ -287,7 +292,9 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     ctx.bus = bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
     bus.listen(agent_id)  # bind the doorbell before the first read
     if handler is None:
-        handler = load_handler(config.workload)
+        from .roles import role_of
+
+        handler = load_handler(role_of(config, agent_id))  # its role's handler or command
     pm.hook.cfn_agent_init(ctx=ctx)
     helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
     read = direct_caller(pm, "cfn_read")
@@ -575,7 +582,7 @@ def config_from_state(data: bytes, source: str):
         if impl is not None:
             schemas.update(impl() or {})
     config = doc["config"]
-    known = set(schemas) | {"workload", "bus", "run", "plugins"}
+    known = set(schemas) | {"workload", "bus", "run", "plugins", "agents"}
     return config_from_dict({k: v for k, v in config.items() if k in known}, source=source, plugin_schemas=schemas)
 
 

@@ -7,7 +7,7 @@ implements the same firstresult hook replaces a step:
   to be ready before starting the next;
 * send: every message is its own locked append (no buffering);
 * route: every inbox in one flat directory, ``inbox/<agent_id>``;
-* assign: round robin, every task queued at once;
+* assign: round robin over the task's role's agents, every task queued at once;
 * release: stop the round's agents and wait for them to exit.
 """
 
@@ -21,6 +21,7 @@ from .bus.shm import ShmBus
 from .hookspecs import hookimpl
 from .messages import MalformedMessage, decode
 from .process import start_process
+from .roles import agent_ids
 
 
 @hookimpl(trylast=True)
@@ -111,14 +112,18 @@ def cfn_spawn(ctx, agent_ids):
 
 @hookimpl(trylast=True)
 def cfn_acquire_agents(ctx, count):
-    ids = [f"agent-{i:04d}" for i in range(1, count + 1)]
+    # agent-0001 ... for the [workload] shorthand; <role>-0001 ... for each [agents.<role>]
+    ids = agent_ids(ctx.config, count)
     return ctx.hook.cfn_spawn(ctx=ctx, agent_ids=ids).ready
 
 
 @hookimpl(trylast=True)
 def cfn_assign(ctx, task, agent_ids):
-    i = ctx.round_state.get("builtin.next", 0)
-    ctx.round_state["builtin.next"] = i + 1
+    # the kernel passes the agents of the task's role: one rotation per role, so that a
+    # role's agents share its tasks evenly however the roles' tasks interleave
+    key = f"builtin.next.{task.role}"
+    i = ctx.round_state.get(key, 0)
+    ctx.round_state[key] = i + 1
     return agent_ids[i % len(agent_ids)]
 
 

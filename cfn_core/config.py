@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -84,12 +85,38 @@ class WorkloadSettings:
     )
     max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, handler timeouts) before it is reported failed", min=1, max=100)
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
+    default_role: str = setting(
+        "",
+        "role of a task given to Coordinator.run without one; empty: the first [agents.<role>] table "
+        "(worker, the only role, without them)",
+    )
     directory: str = setting(
         "",
         "directory handler modules are imported from (first) and commands run in; "
         "empty: the directory of the cfn.toml (the current directory without one)",
         path=True,
     )
+
+
+@define(frozen=True)
+class RoleSettings:
+    """``[agents.<role>]``: one role of a run with several kinds of agents (cfn_core.roles)."""
+
+    count: int = setting(1, "agents of this role", min=1, max=100_000)
+    handler: str = setting(
+        "", "module:function its agents call with each task's payload; empty (and no command): [workload]'s handler or command"
+    )
+    command: str = setting("", "shell command its agents run per task (payload on stdin, stdout is the result); not with handler")
+    timeout: float = setting(0.0, "seconds one task of this role may take (see [workload] timeout); 0: [workload] timeout", min=0.0, max=86_400.0)
+    max_attempts: int = setting(0, "agent incarnations a task of this role may use up; 0: [workload] max_attempts", min=0, max=100)
+
+
+#: ``[agents.<role>]`` role names: an identifier (an agent id is ``<role>-0001``, which
+#: must itself be a valid agent id, file name and environment value)
+ROLE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+#: names a role may not have: the prefix of the one-role shorthand's ids (``agent-0001``),
+#: the coordinator, and words a message destination may come to mean (every agent, none)
+RESERVED_ROLE_NAMES = frozenset({"agent", "coordinator", "all", "any", "none", "self"})
 
 
 @define(frozen=True)
@@ -152,6 +179,9 @@ class Config:
     plugins: tuple[str, ...] = ()
     sections: Mapping[str, Any] = field(factory=dict)
     path: str | None = None
+    #: the ``[agents.<role>]`` tables, in the order the file declares them; empty: the
+    #: ``[workload]`` shorthand (one role, ``worker``).  See :mod:`cfn_core.roles`.
+    roles: Mapping[str, RoleSettings] = field(factory=dict)
 
     @property
     def workload(self) -> WorkloadSettings:
@@ -182,14 +212,24 @@ class Config:
         out: dict[str, Any] = {"plugins": list(self.plugins)}
         for name, obj in self.sections.items():
             out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(obj).items()}
+        if self.roles:
+            out["agents"] = {name: attrs.asdict(role) for name, role in self.roles.items()}
         return out
 
     def evolve(self, **tables: dict) -> "Config":
-        """A copy with some keys of some tables replaced, validated like a file."""
+        """A copy with some keys of some tables replaced, validated like a file.
+
+        ``agents={"coder": {"count": 20}}`` adds or changes roles (``[agents.<role>]``).
+        """
         data = self.to_dict()
+        if "agents" in tables and "agents" not in tables.get("workload", {}):
+            data["workload"].pop("agents", None)  # with roles it is their total, counted again
         for table, values in tables.items():
             if table == "plugins":
                 data["plugins"] = list(values)
+            elif table == "agents":  # {role: {key: value}}
+                for role, keys in values.items():
+                    data.setdefault("agents", {}).setdefault(role, {}).update(keys)
             else:
                 data.setdefault(table, {}).update(values)
         return config_from_dict(data, source=self.path or "<evolve>", path=self.path)
@@ -424,13 +464,17 @@ def load_config(
     # written anywhere holds during an incident
     blocked = _blocks(plugins)
     tables: dict[str, dict[str, tuple[Any, str, bool]]] = {name: {} for name in all_schemas}
+    role_tables: dict[str, tuple[str, dict[str, tuple[Any, str, bool]]]] = {}
     for key, value in data.items():
         if key == "plugins":
             continue
+        if key == "agents":
+            role_tables = _role_tables(value, source)
+            continue
         if key not in all_schemas:
             raise ConfigError(
-                f"{source}: unknown table or key {key!r}{did_you_mean(key, all_schemas)}; "
-                f"valid: plugins, {', '.join('[' + t + ']' for t in all_schemas)}"
+                f"{source}: unknown table or key {key!r}{did_you_mean(key, [*all_schemas, 'agents'])}; "
+                f"valid: plugins, {', '.join('[' + t + ']' for t in all_schemas)}, [agents.<role>]"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key!r} must be a table ([{key}]), not {type(value).__name__}")
@@ -469,6 +513,13 @@ def load_config(
             blocked += _blocks(plugins)
             continue
         table, _, key = dotted.partition(".")
+        if table == "agents":  # agents.ROLE.KEY: a role's key (a new ROLE adds a role)
+            role, _, role_key = key.rpartition(".")
+            where = f"command line {dotted}"
+            if not role or not role_key:
+                raise ConfigError(f"{where}: a role's setting is agents.ROLE.KEY, e.g. --set agents.coder.count=20")
+            role_tables.setdefault(role, (where, {}))[1][role_key] = (value, where, isinstance(value, str))
+            continue
         if table not in all_schemas or not key:
             raise ConfigError(
                 f"command line: unknown setting {dotted!r}{did_you_mean(table, all_schemas)}; "
@@ -481,8 +532,96 @@ def load_config(
         # handler modules and commands are found next to the cfn.toml that names them
         tables["workload"]["directory"] = (str(Path(cfg_path).resolve().parent), source, False)
     sections = {name: _build_section(name, cls, tables[name]) for name, cls in all_schemas.items()}
+    roles = _build_roles(role_tables)
+    _apply_roles(sections, roles, tables["workload"])
     enabled = [p for p in dict.fromkeys(plugins) if not p.startswith("no:") and p not in blocked]
-    return Config(plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path)
+    return Config(
+        plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path, roles=roles
+    )
+
+
+# ---------------------------------------------------------------------- roles ([agents.<role>])
+
+
+def _role_tables(value: Any, source: str) -> dict[str, tuple[str, dict[str, tuple[Any, str, bool]]]]:
+    """The raw ``[agents.<role>]`` tables of one source: ``{role: (source, {key: entry})}``."""
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source}: agents = {value!r}: must be tables of roles, e.g. [agents.coder] with count = 20 "
+            "(the number of agents of the one-role shorthand is [workload] agents)"
+        )
+    out = {}
+    for role, keys in value.items():
+        if not isinstance(keys, dict):
+            raise ConfigError(
+                f"{source}: [agents] {role} = {keys!r}: [agents] holds one table per role, "
+                "e.g. [agents.coder] with count = 20 and handler or command"
+            )
+        out[role] = (source, {k: (v, source, False) for k, v in keys.items()})
+    return out
+
+
+def check_role_name(name: Any, source: str) -> str:
+    """Return ``name`` if it may name a role (``[agents.<name>]``), else raise ConfigError."""
+    if not isinstance(name, str) or not ROLE_NAME_RE.match(name) or re.search(r"-[0-9]+$", name):
+        raise ConfigError(
+            f"{source}: [agents.{name}]: role name {name!r} is not allowed: use 1-40 letters, digits, '_' and '-', "
+            "starting with a letter and not ending in '-<digits>' (its agents are named <role>-0001, <role>-0002, ...)"
+        )
+    if name.lower() in RESERVED_ROLE_NAMES:
+        raise ConfigError(
+            f"{source}: [agents.{name}]: {name!r} is a reserved name ({', '.join(sorted(RESERVED_ROLE_NAMES))}); "
+            "give the role another name"
+        )
+    return name
+
+
+def _build_roles(raw: Mapping[str, tuple[str, Mapping[str, tuple[Any, str, bool]]]]) -> dict[str, RoleSettings]:
+    """Validate the ``[agents.<role>]`` tables (names, keys, values, handler xor command)."""
+    roles: dict[str, RoleSettings] = {}
+    folded: dict[str, str] = {}
+    for name, (source, values) in raw.items():
+        check_role_name(name, source)
+        twin = folded.setdefault(name.lower(), name)
+        if twin != name:  # coder-0001 and Coder-0001 would be told apart by case alone
+            raise ConfigError(f"{source}: [agents.{name}] and [agents.{twin}] differ only in case; give one another name")
+        role = _build_section(f"agents.{name}", RoleSettings, values)
+        if role.handler and role.command:
+            raise ConfigError(
+                f"{source}: [agents.{name}] sets both handler = {role.handler!r} and command = {role.command!r}: "
+                "give one (a role with neither runs [workload]'s handler or command)"
+            )
+        roles[name] = role
+    return roles
+
+
+def _apply_roles(sections: dict, roles: Mapping[str, RoleSettings], workload: Mapping[str, tuple[Any, str, bool]]) -> None:
+    """Reconcile ``[workload]`` with the roles: ``agents`` is their total, ``default_role`` one of them.
+
+    With roles, every role's ``count`` says how many of its agents run, so ``[workload]
+    agents`` (``cfn run --agents``, ``CFN_AGENTS``) may only repeat the total: any other
+    number would have to be spread over the roles by a rule nobody asked for.
+    """
+    w = sections["workload"]
+    if roles:
+        total = sum(r.count for r in roles.values())
+        given = workload.get("agents")
+        if given is not None and w.agents != total:
+            first = next(iter(roles))
+            raise ConfigError(
+                f"{given[1]}: [workload] agents = {given[0]!r}, but the roles "
+                f"({', '.join(f'[agents.{n}] count = {r.count}' for n, r in roles.items())}) make {total} agents: "
+                f"with [agents.<role>] tables each role's count says how many of its agents run; leave [workload] "
+                f"agents out, or change a count (cfn run --set agents.{first}.count=N)"
+            )
+        sections["workload"] = attrs.evolve(w, agents=total)
+    names = list(roles) or ["worker"]
+    if w.default_role and w.default_role not in names:
+        value, source, _ = workload["default_role"]
+        raise ConfigError(
+            f"{source}: [workload] default_role = {value!r} is not a role of this run{did_you_mean(w.default_role, names)}; "
+            f"roles: {', '.join(names)}"
+        )
 
 
 def _blocks(plugins: list[str]) -> list[str]:
@@ -563,12 +702,14 @@ def config_from_dict(data: Mapping, *, source: str = "<dict>", path: str | None 
     plugins = _plugins_from(data.get("plugins", []), source)
     sections = {}
     for key in data:
-        if key != "plugins" and key not in all_schemas:
-            raise ConfigError(f"{source}: unknown table {key!r}{did_you_mean(key, all_schemas)}")
+        if key not in ("plugins", "agents") and key not in all_schemas:
+            raise ConfigError(f"{source}: unknown table {key!r}{did_you_mean(key, [*all_schemas, 'agents'])}")
     for name, cls in all_schemas.items():
         raw = data.get(name, {})
         sections[name] = _build_section(name, cls, {k: (v, source, False) for k, v in raw.items()})
-    return Config(plugins=tuple(plugins), sections=sections, path=path)
+    roles = _build_roles(_role_tables(data.get("agents", {}), source))
+    _apply_roles(sections, roles, {k: (v, source, False) for k, v in data.get("workload", {}).items()})
+    return Config(plugins=tuple(plugins), sections=sections, path=path, roles=roles)
 
 
 def _plugins_from(value: Any, source: str) -> list[str]:

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
 import orjson
+import attrs
 from attrs import define, field
 
 from .config import Config, load_config
@@ -43,6 +44,7 @@ from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
+from .roles import by_role, check_role, counts, default_role, role_of, roles_of, share_out
 
 log = logging.getLogger("cfn")
 
@@ -570,7 +572,7 @@ class CoordinatorContext:
         why = handle.killed_reason or (
             f"agent {handle.id} died" + (f" with status {handle.exit_code}" if handle.exit_code is not None else "")
         )
-        if r.attempts[culprit] >= self.config.workload.max_attempts:
+        if r.attempts[culprit] >= role_of(self.config, handle.id).max_attempts:  # its role's, else [workload]'s
             self._give_up(handle, culprit, f"gave up after {r.attempts[culprit]} attempts: {why}")
         if not handle.outstanding:
             if r.distributing:
@@ -622,13 +624,7 @@ class CoordinatorContext:
         """
         if self._round is None:
             return
-        w = self.config.workload
-        limit = w.timeout
         spawn_limit = self.config.run.spawn_timeout
-        # a command workload's agent enforces the timeout itself (it kills the command's
-        # process group and reports its stderr): give it time to do so before killing the
-        # agent, which would orphan the command and lose the stderr
-        grace = max(1.0, 0.25 * limit) if w.command else 0.0
         for handle in self.agents.values():
             if not handle.outstanding or not handle.alive or handle.killed_reason:
                 continue
@@ -636,6 +632,12 @@ class CoordinatorContext:
                 if now - handle.launched_at > spawn_limit:
                     self.kill(handle, f"not ready within {spawn_limit:g}s")
                 continue
+            role = role_of(self.config, handle.id)  # its role's timeout, else [workload]'s
+            limit = role.timeout
+            # a command agent enforces the timeout itself (it kills the command's process
+            # group and reports its stderr): give it time to do so before killing the
+            # agent, which would orphan the command and lose the stderr
+            grace = max(1.0, 0.25 * limit) if role.command else 0.0
             oldest_task, sent = next(iter(handle.outstanding.items()))
             started = max(sent, handle.last_seen, handle.ready_at or 0.0)
             if now - started > limit + grace:
@@ -776,7 +778,8 @@ class Coordinator:
     def _open(self) -> None:
         from .agent import load_handler
 
-        load_handler(self.config.workload)  # a handler that cannot be imported fails here, not in 500 agents
+        for role in roles_of(self.config).values():  # a handler that cannot be imported fails here, not in 500 agents
+            load_handler(role)
         self.pm = make_plugin_manager(self.config, self.extra_plugins)
         metrics = Metrics()
         ctx = self.ctx = CoordinatorContext(self.config, self.pm, metrics)
@@ -913,18 +916,29 @@ class Coordinator:
         w = self.config.workload
         if given is None:
             payload = "x" * w.payload_bytes
-            count = w.tasks or w.agents
-            return [Task(id=f"r{number}-t{i:06d}", payload=payload) for i in range(count)]
+            # one task per agent by default; with roles, each role gets its share (by its count)
+            per_role = share_out(w.tasks or w.agents, counts(self.config))
+            roles = [role for role, n in per_role.items() for _ in range(n)]
+            return [Task(id=f"r{number}-t{i:06d}", payload=payload, role=role) for i, role in enumerate(roles)]
         tasks = [
-            t if isinstance(t, Task) and number == 1 else Task(id=f"r{number}-t{i:06d}", payload=getattr(t, "payload", t))
+            t
+            if isinstance(t, Task) and number == 1
+            else Task(
+                id=f"r{number}-t{i:06d}", payload=getattr(t, "payload", t), role=t.role if isinstance(t, Task) else None
+            )
             for i, t in enumerate(given)
         ]
         seen: set[str] = set()
-        for t in tasks:
+        fallback_role = default_role(self.config)
+        for i, t in enumerate(tasks):
             if t.id in seen:  # results are keyed by task id: a duplicate would silently vanish
                 raise ConfigError(f"task id {t.id!r} appears more than once in the tasks given to Coordinator.run")
             seen.add(t.id)
             _check_task(t)
+            if t.role is None:  # filled in here, so that every assign hook sees the role it runs under
+                tasks[i] = t = attrs.evolve(t, role=fallback_role)
+            else:  # refused before any agent starts, with the roles there are
+                check_role(self.config, t.role, f"task {t.id!r}")
             try:  # found now, not as a TypeError half way through sending
                 orjson.dumps(t.payload)
             except TypeError as exc:
@@ -1049,17 +1063,28 @@ class Coordinator:
                 self.ctx.metrics.task_failures.inc()
                 ctx.events.emit("task_failed", task=task_id, round=r.number, agent=None, attempt=0, seconds=None, latency=None, error="no agent could be started")
             return
-        tasks = [r.tasks[t] for t in r.order]
+        # a task goes to an agent of its role: the assign hook chooses among those alone
+        groups = by_role(self.config, agent_ids)
+        tasks = []
+        for task_id in r.order:
+            task = r.tasks[task_id]
+            if groups.get(task.role):
+                tasks.append(task)
+            else:  # its role has no ready agent (the others may): it cannot run in this round
+                r.results[task_id] = TaskResult(
+                    task=task_id, ok=False, error=f"no agent of role {task.role!r} could be started", attempts=0, answered=False
+                )
+                self.ctx.metrics.task_failures.inc()
         preassigned: dict[str, str] = {}
         if w.topology == "mesh":
-            tasks, preassigned = self._plan_mesh(r, tasks, agent_ids)
+            tasks, preassigned = self._plan_mesh(r, tasks, groups)
         else:
             self._check_peers(r, tasks, agent_ids)
         batch: list[Message] = []
         pending = deque(tasks)
         while pending:
             task = pending[0]
-            agent_id = preassigned.get(task.id) or self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
+            agent_id = preassigned.get(task.id) or self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=groups[task.role])
             if not agent_id:
                 ctx.send(batch)
                 batch = []
@@ -1079,19 +1104,21 @@ class Coordinator:
         ctx.send(batch)
         self.pm.hook.cfn_flush(ctx=ctx, reason="explicit")
 
-    def _plan_mesh(self, r: _Round, tasks: list[Task], agent_ids: list[str]) -> tuple[list[Task], dict[str, str]]:
-        """Give every task its own agent, then choose each one's peers (deterministic from ``seed``)."""
+    def _plan_mesh(self, r: _Round, tasks: list[Task], groups: dict[str, list[str]]) -> tuple[list[Task], dict[str, str]]:
+        """Give every task its own agent (of its role), then choose each one's peers (deterministic from ``seed``)."""
         ctx = self.ctx
         w = self.config.workload
         number = r.result.round  # the same traffic in every run of a session: same seed, same plan
         assigned = []
         try:
             for task in tasks:
+                agent_ids = groups[task.role]
                 agent_id = self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=agent_ids)
                 if not agent_id or agent_id in assigned:
+                    n = sum(1 for t in tasks if t.role == task.role)
                     raise ConfigError(
-                        f"mesh round {number}: {len(tasks)} tasks need {len(tasks)} distinct agents; "
-                        f"only {len(agent_ids)} are ready"
+                        f"mesh round {number}: {n} tasks need {n} distinct agents; only {len(agent_ids)} are ready"
+                        + (f" (role {task.role!r})" if self.config.roles else "")
                     )
                 assigned.append(agent_id)
                 ctx.agents[agent_id].outstanding[task.id] = time.monotonic()  # so assign sees it busy
@@ -1111,7 +1138,7 @@ class Coordinator:
             raise ConfigError(mesh_depth_message(number, max(expect), w.messages_per_agent, depth))
         planned, preassigned = [], {}
         for i, task in enumerate(tasks):
-            t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i])
+            t = Task(id=task.id, payload=task.payload, peers=tuple(peers[i]), expect=expect[i], role=task.role)
             r.tasks[t.id] = t
             preassigned[t.id] = assigned[i]
             planned.append(t)

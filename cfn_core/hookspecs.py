@@ -299,7 +299,10 @@ def cfn_acquire_agents(ctx: CoordinatorContext, count: int) -> list[str] | None:
     """Provide ``count`` ready agents for a round.
 
     :return: a list of agent ids (ready, idle).  May be shorter than ``count``
-        when agents could not be started; the round goes on with those.
+        when agents could not be started; the round goes on with those.  With
+        roles (``[agents.<role>]``) ``count`` is their total and the agents must be
+        each role's count of its own (``<role>-0001`` ...: an agent's role is read
+        from its id, :func:`cfn_core.role_of`).
 
     Stops at first non-None result.  Baseline: ``agent-0001`` ... via
     ``cfn_spawn``.  A pooling plugin takes idle agents it kept and spawns only
@@ -311,8 +314,8 @@ def cfn_acquire_agents(ctx: CoordinatorContext, count: int) -> list[str] | None:
 def cfn_assign(ctx: CoordinatorContext, task: Task, agent_ids: list[str]) -> str | Literal[False] | None:
     """Choose the agent for a task.
 
-    :param task: the :class:`~cfn_core.Task`.
-    :param agent_ids: the round's agents.
+    :param task: the :class:`~cfn_core.Task` (``task.role`` filled in).
+    :param agent_ids: the round's agents of the task's role.
     :return: an agent id, or ``False`` to say "no agent is free now; ask again
         when a result arrives".
 

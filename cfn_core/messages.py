@@ -241,12 +241,16 @@ class Task:
     :param payload: handed to the handler (a Python function's argument, or a command's stdin).
     :param peers: agent ids this task sends one peer message each to (mesh workload).
     :param expect: number of peer messages the task must receive before it completes.
+    :param role: the role whose agents may run it (``[agents.<role>]``); None: the run's
+        default role (``[workload] default_role``, else the first role).  The coordinator
+        fills it in before the task is assigned.
     """
 
     id: str
     payload: Any = None
     peers: tuple[str, ...] = ()
     expect: int = 0
+    role: str | None = None
 
     def body(self) -> dict:
         return {"payload": self.payload, "peers": list(self.peers), "expect": self.expect}

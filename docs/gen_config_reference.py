@@ -105,6 +105,45 @@ def render_table(table: str, cls: type, owner: str) -> list[str]:
     return lines + [""]
 
 
+def render_roles() -> list[str]:
+    """``[agents.<role>]``: a table per role, whose name the user chooses (no environment variables)."""
+    from cfn_core.config import RESERVED_ROLE_NAMES, RoleSettings
+
+    lines = [
+        "## [agents.<role>]",
+        "",
+        "One table per role of a run with several kinds of agents (`[agents.planner]`, `[agents.coder]`,",
+        "...; docs/USER_GUIDE.md \"Roles\"). Declared by the kernel (cfn-core). Without any, `[workload]` is",
+        "the shorthand for one role named `worker` with `[workload] agents` agents (`agent-0001`, ...).",
+        "",
+        "| key | default | allowed | environment | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for fld in attrs.fields(RoleSettings):
+        lines.append(
+            f"| `{fld.name}` | `{_cell(toml_value(_default(fld)))}` | {_cell(describe_allowed(fld))} | "
+            f"`--set agents.<role>.{fld.name}=...` | {_cell(fld.metadata['help'])} |"
+        )
+    return lines + [
+        "",
+        "- A role's agents are `<role>-0001`, `<role>-0002`, ...; an agent runs its role's handler or",
+        "  command. A role name is 1-40 letters, digits, `_` and `-`, starts with a letter, does not end",
+        "  in `-<digits>` and is none of " + ", ".join(f"`{n}`" for n in sorted(RESERVED_ROLE_NAMES)) + ".",
+        "- A role sets `handler` or `command`, not both; one that sets neither runs `[workload]`'s.",
+        "  `timeout` and `max_attempts` at 0 are `[workload]`'s.",
+        "- With roles, the number of agents is the sum of the counts. `[workload] agents`",
+        "  (`cfn run --agents`, `CFN_AGENTS`) may be left out; set to anything but that sum, it is an",
+        "  error that says to change a count instead (`--set agents.coder.count=20`). `[run] max_agents`",
+        "  and the file-descriptor check apply to the sum.",
+        "- A task given to `Coordinator.run` names its role (`Task(id, payload, role=\"coder\")`); one",
+        "  that names none goes to `[workload] default_role`, by default the first role declared.",
+        "  The tasks `cfn run` makes (`[workload] tasks`; 0: one per agent) are shared out over the",
+        "  roles by their counts. Role settings have no environment variables: a role's name is the",
+        "  user's, and environment names cannot hold every name a table can.",
+        "",
+    ]
+
+
 def render() -> str:
     lines = [
         "# cfn.toml reference",
@@ -168,6 +207,7 @@ def render() -> str:
     ]
     for table, cls in KERNEL_SECTIONS.items():
         lines += render_table(table, cls, "the kernel (cfn-core)")
+    lines += render_roles()
     for table, (plugin, cls) in plugin_tables().items():
         page = ROOT / "docs" / "plugins" / f"{plugin}.md"
         owner = f"the bundled `{plugin}` plugin" + (f" (see [plugins/{plugin}.md](plugins/{plugin}.md))" if page.exists() else "")

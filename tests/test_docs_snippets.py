@@ -84,6 +84,8 @@ EXPECT = {
     "docs/USER_GUIDE.md: cfn run": r"cfn run: OK ",
     "docs/USER_GUIDE.md: cfn run --json | python -c 'import json,sys; r=json.load(sys.stdin); "
     "print(r[\"delivery_rate\"], r[\"phases\"][\"spawn\"])'": r"(?m)^1\.0 \d",
+    "docs/USER_GUIDE.md: from cfn_core import Coordinator, Task, load_config":
+        r"(?m)^code-0 coder-0001 part 0\n(.|\n)*^plan planner-0001 \{\"job\": \"split\"\}\nreview reviewer-0001 LOOKS GOOD$",
     "docs/PLUGIN_GUIDE.md: cfn run --plugins mine": r"(?m)^round 1: (\d+)/\1 delivered in \d+\.\d{3} s$",
     "docs/PLUGIN_GUIDE.md: cfn plugins --plugins mine":
         r"(?m)^mine +enabled +cfn-mine 0\.1\.0 +\(my_plugin\)\n +cfn_coordination_finish +call order: mine$",

@@ -12,8 +12,11 @@ Hook implementations (all coordinator side; agents only load the settings):
   session, including the kernel's replacement of a dead agent under its id).
 * ``cfn_acquire_agents``: idle pooled agents first (hits, health-checked),
   ``cfn_spawn`` only for the misses (the pool grows on demand).
-* ``cfn_assign``: a task goes to an agent of the round with nothing
-  outstanding; ``False`` when all are busy, so the kernel waits for a result.
+* ``cfn_assign``: a task goes to an agent of the round (of the task's role)
+  with nothing outstanding; ``False`` when all are busy, so the kernel waits
+  for a result.  With roles, ``size`` and ``min_size`` are shared out over the
+  roles by their counts, and the zygote forks each role's agents with that
+  role's handler.
 * ``cfn_release_agents``: the round's agents go back to the idle pool.
 * ``cfn_agent_started`` / ``cfn_agent_exited`` / ``cfn_tick``: refill below
   ``min_size``, retire idle agents older than ``max_idle``, ping idle agents
@@ -148,7 +151,7 @@ def cfn_acquire_agents(ctx, count):
 @hookimpl
 def cfn_assign(ctx, task, agent_ids):
     pool = _pool(ctx)
-    return pool.assign(ctx, agent_ids) if pool is not None else None
+    return pool.assign(ctx, task, agent_ids) if pool is not None else None
 
 
 @hookimpl

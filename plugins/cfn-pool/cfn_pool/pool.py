@@ -1,7 +1,12 @@
 """The pool's bookkeeping on the coordinator: which agents it owns, which are idle, what it did.
 
 An agent id belongs to the pool from the moment the pool launches it until
-its process ends.  Idle agents are kept in the order they became idle; the
+its process ends.  With roles (``[agents.<role>]``) every count is kept per role:
+``size`` and ``min_size`` are shared out over the roles by their counts, a round
+takes each role's count of its idle agents, and a task goes to an idle agent of
+its role (the kernel passes those alone to ``cfn_assign``).  Pooled agents of a
+role are named ``<role>-0001`` ..., so each one runs its role's handler; without
+roles they are ``pool-00001`` ....  Idle agents are kept in the order they became idle; the
 most recently used are handed out first, so when demand shrinks the same few
 agents keep working and the others age past ``max_idle`` and are retired.
 """
@@ -14,7 +19,7 @@ import sys
 import time
 from collections import deque
 
-from cfn_core import CfnError
+from cfn_core import CfnError, role_of, roles_of, share_out
 from prometheus_client import Counter, Gauge, Histogram
 
 from .zygote import Zygote, ZygoteError
@@ -70,7 +75,7 @@ class Pool:
         self.upcoming: deque[str] = deque()  # ids our cfn_spawn call is about to launch, in order
         self.pipeline = True  # fork ahead (see start)
         self.spawning = False  # inside our own cfn_spawn call: no refill from ticks
-        self._next = 0
+        self._next: dict[str, int] = {}  # role -> the last number of its ids
         self.n = dict(hits=0, misses=0, refills=0, retired=0, unhealthy=0, relaunched=0, died_idle=0, died_busy=0)
         self.init_seconds = 0.0
         self.init_ready = 0
@@ -93,12 +98,15 @@ class Pool:
         if self.s.zygote:
             self._start_zygote(ctx)
         target = self.s.size
-        while len(self.members) < target and time.monotonic() < deadline:
-            chunk = min(_FILL_CHUNK, target - len(self.members))
-            ready = self._spawn(ctx, chunk)
-            self.idle.update((a, time.monotonic()) for a in ready)
-            if len(ready) < chunk:
-                break  # failures are in the spawn report; the rest is spawned on demand
+        for role, role_target in self._shares(ctx, target).items():
+            have = 0
+            while have < role_target and time.monotonic() < deadline:
+                chunk = min(_FILL_CHUNK, role_target - have)
+                ready = self._spawn(ctx, chunk, role)
+                have += len(ready)
+                self.idle.update((a, time.monotonic()) for a in ready)
+                if len(ready) < chunk:
+                    break  # failures are in the spawn report; the rest is spawned on demand
         self.init_ready = len(self.members)
         self.init_seconds = time.perf_counter() - t0
         if len(self.members) < target:
@@ -132,9 +140,17 @@ class Pool:
 
     # ------------------------------------------------------------------ launching
 
-    def _spawn(self, ctx, n: int) -> list[str]:
-        """Start ``n`` new agents through ``cfn_spawn``; returns the ready ones (now members)."""
-        ids = [self._fresh_id(ctx) for _ in range(n)]
+    @staticmethod
+    def _shares(ctx, n: int) -> dict[str, int]:
+        """``n`` agents shared out over the run's roles by their counts (all of it: one role)."""
+        return share_out(n, {name: role.count for name, role in roles_of(ctx.config).items()})
+
+    def _role(self, ctx, agent_id: str) -> str:
+        return role_of(ctx.config, agent_id).name
+
+    def _spawn(self, ctx, n: int, role: str) -> list[str]:
+        """Start ``n`` new agents of ``role`` through ``cfn_spawn``; returns the ready ones (now members)."""
+        ids = [self._fresh_id(ctx, role) for _ in range(n)]
         self.spawning = True
         self.upcoming = deque(ids)
         try:
@@ -148,10 +164,12 @@ class Pool:
         self.members.update(ready)
         return ready
 
-    def _fresh_id(self, ctx) -> str:
+    def _fresh_id(self, ctx, role: str) -> str:
+        """A new id of ``role``: ``<role>-0001`` ... (its agents run its handler), ``pool-00001`` ... without roles."""
+        declared = roles_of(ctx.config)[role]
         while True:
-            self._next += 1
-            agent_id = f"pool-{self._next:05d}"
+            self._next[role] = number = self._next.get(role, 0) + 1
+            agent_id = declared.agent_id(number) if ctx.config.roles else f"pool-{number:05d}"
             if agent_id not in ctx.agents:
                 return agent_id
 
@@ -190,13 +208,20 @@ class Pool:
         ctx.pump(0)  # notice deaths of idle agents since the last round
         self._health_check(ctx)
         take = []
-        while self.idle and len(take) < count:
-            agent_id, _ = self.idle.popitem()  # most recently used first
-            if ctx.agents[agent_id].state == "ready":
-                take.append(agent_id)
-        hits = len(take)
-        if hits < count:
-            take += self._spawn(ctx, count - hits)
+        hits = 0
+        for role, want in self._shares(ctx, count).items():
+            mine = []
+            for agent_id in reversed(list(self.idle)):  # most recently used first
+                if len(mine) >= want:
+                    break
+                if self._role(ctx, agent_id) == role:
+                    del self.idle[agent_id]
+                    if ctx.agents[agent_id].state == "ready":
+                        mine.append(agent_id)
+            hits += len(mine)
+            if len(mine) < want:
+                mine += self._spawn(ctx, want - len(mine), role)
+            take += mine
         misses = count - hits
         self.n["hits"] += hits
         self.n["misses"] += misses
@@ -205,17 +230,17 @@ class Pool:
         total = self.n["hits"] + self.n["misses"]
         self.m.hit_rate.set(self.n["hits"] / total if total else 0.0)
         self.in_round = set(take)
-        ctx.round_state["pool.free"] = deque(take)
         self.m.acquire_seconds.observe(time.perf_counter() - t0)
         self._gauges()
         return take
 
-    def assign(self, ctx, agent_ids):
-        """An agent of the round with nothing outstanding, or False when all are busy."""
+    def assign(self, ctx, task, agent_ids):
+        """An agent of ``agent_ids`` (the round's agents of the task's role) with nothing outstanding, or False."""
         t0 = time.perf_counter()
-        free = ctx.round_state.get("pool.free")
+        queues = ctx.round_state.setdefault("pool.free", {})  # per role: the kernel passes one role's agents
+        free = queues.get(task.role)
         if free is None:
-            free = ctx.round_state["pool.free"] = deque(agent_ids)
+            free = queues[task.role] = deque(agent_ids)
         agents = ctx.agents
         for scan in (False, True):
             if scan:  # the queue of known-free agents is empty: look for agents that finished
@@ -293,13 +318,19 @@ class Pool:
                 pings.append(ctx.factory.make(agent_id, "ping", body={"at": now}))
         if pings:
             ctx.send(pings)
-        # retirement: idle too long, down to min_size
-        floor = self.s.floor
+        # retirement: idle too long, down to min_size (each role down to its share of it)
+        floors = self._shares(ctx, self.s.floor)
+        live = {role: 0 for role in floors}
+        for agent_id in self.members:
+            if agent_id not in self.retiring:
+                live[self._role(ctx, agent_id)] += 1
         for agent_id, since in list(self.idle.items()):
             if now - since <= self.s.max_idle:
                 break  # oldest first
-            if len(self.members) - len(self.retiring) <= floor:
-                break
+            role = self._role(ctx, agent_id)
+            if live[role] <= floors[role]:
+                continue
+            live[role] -= 1
             del self.idle[agent_id]
             self.retiring.add(agent_id)
             h = ctx.agents[agent_id]
@@ -309,18 +340,21 @@ class Pool:
             self.m.retired.inc()
         # refill: below min_size, start agents in the background (ready ones join the idle pool)
         if not self.spawning:
-            live = len(self.members) - len(self.retiring)
-            for _ in range(min(floor - live, _REFILL_PER_TICK)):
-                agent_id = self._fresh_id(ctx)
-                try:
-                    ctx.launch(agent_id)
-                except (CfnError, OSError, ZygoteError) as exc:
-                    log.warning("cfn-pool: refill failed: %s", exc)
-                    break
-                self.members.add(agent_id)
-                self.warming.add(agent_id)
-                self.n["refills"] += 1
-                self.m.refills.inc()
+            budget = _REFILL_PER_TICK
+            for role, floor in floors.items():
+                for _ in range(min(floor - live[role], budget)):
+                    agent_id = self._fresh_id(ctx, role)
+                    try:
+                        ctx.launch(agent_id)
+                    except (CfnError, OSError, ZygoteError) as exc:
+                        log.warning("cfn-pool: refill failed: %s", exc)
+                        budget = 0
+                        break
+                    budget -= 1
+                    self.members.add(agent_id)
+                    self.warming.add(agent_id)
+                    self.n["refills"] += 1
+                    self.m.refills.inc()
         self._gauges()
 
     def started(self, ctx, agent) -> None:

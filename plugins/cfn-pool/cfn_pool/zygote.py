@@ -5,7 +5,9 @@ Started once per session by the coordinator as a fresh interpreter::
     python -m cfn_pool.zygote --run RUN_DIR --parent COORDINATOR_PID --fd N
 
 It dies with the coordinator (``PR_SET_PDEATHSIG``), loads the run's
-configuration, builds the plugin manager, imports the workload's handler and
+configuration, builds the plugin manager, imports every role's handler (one
+role, the workload's, without ``[agents.<role>]`` tables; a forked agent runs
+the handler of the role its id names) and
 everything the agent loop uses, runs the loop once over trivial tasks
 (:func:`warm_up`), freezes the heap (``gc.freeze``: forked
 children then share those pages instead of copying them when the collector
@@ -316,15 +318,18 @@ def _sched_batch(config) -> bool:
         return False
 
 
-def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozenset[int] = frozenset()) -> None:
+def serve(sock: socket.socket, run_ref: str, config, pm, handlers, keep: frozenset[int] = frozenset()) -> None:
     """Fork agents on request until the socket reaches end of file.
+
+    ``handlers``: ``{role: handler}``, every role's handler imported once, here; an
+    agent gets the one of its role (``cfn_core.role_of``: the role its id names).
 
     The forker is a subreaper: when one of its agents dies by a signal (the
     coordinator's SIGKILL of a hung agent, a crash), what that agent's handler
     had started is adopted here, and killed at once.  ``keep``: other children
     that are not agents (the main zygote's forkers).
     """
-    from cfn_core import become_subreaper, kill_leftovers
+    from cfn_core import become_subreaper, kill_leftovers, role_of
 
     become_subreaper()
     me = os.getpid()
@@ -384,7 +389,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
                     out.append(f"E {arg} fork failed: {exc.strerror}\n")
                     continue
                 if pid == 0:
-                    _agent_child(arg, run_ref, config, pm, handler, me, control)
+                    _agent_child(arg, run_ref, config, pm, handlers[role_of(config, arg).name], me, control)
                 children.add(pid)
                 out.append(f"P {arg} {pid}\n")
             elif kind == "S":
@@ -488,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # importing these loads the agent loop, the bus and the messages (and everything they
         # import) here, once, before any fork, instead of in every agent
-        from cfn_core import MessageFactory, ShmBus, bootstrap_shm, load_handler, make_plugin_manager, run_agent  # noqa: F401
+        from cfn_core import MessageFactory, ShmBus, bootstrap_shm, load_handler, make_plugin_manager, roles_of, run_agent  # noqa: F401
 
         config = bootstrap_shm(args.run)
         pm = make_plugin_manager(config)
-        handler = load_handler(config.workload)
+        handlers = {name: load_handler(role) for name, role in roles_of(config).items()}
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator, which falls back
         print(f"cfn zygote: cannot prepare agents: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
@@ -510,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                     if j != i:
                         other.close()
                 die_with_parent(me)
-                serve(sock, args.run, config, pm, handler)
+                serve(sock, args.run, config, pm, handlers)
             except BaseException:
                 import traceback
 
@@ -520,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(code)
         forkers.append(pid)
         sock.close()
-    serve(socks[0], args.run, config, pm, handler, keep=frozenset(forkers))
+    serve(socks[0], args.run, config, pm, handlers, keep=frozenset(forkers))
     for pid in forkers:  # they see end of file on their sockets too
         try:
             os.waitpid(pid, 0)
