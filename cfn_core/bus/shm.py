@@ -242,7 +242,7 @@ class ShmBus(InboxReader):
         holds that many unsettled records, then raises :class:`InboxFull`.
         """
         self.append(dst, location, records)
-        self.ring(dst)
+        self._ringer.ring(dst)  # not self.ring: one call less on the hot path (ring is not overridden)
 
     def append(self, dst: str, location: str, records: list[bytes], *, before_write=None) -> int:
         """:meth:`deliver` without the wake-up: the records are in ``dst``'s inbox when it returns.
