@@ -339,13 +339,10 @@ class CoordinatorContext:
         An agent that cannot write its ready message to a full bus dies with the reason
         on its own stderr only; this puts the likely cause where the summary shows it.
         """
-        free_bytes = getattr(self.bus, "free_bytes", None)
-        free = free_bytes() if callable(free_bytes) else None
+        free = self.bus.free_bytes()
         if free is None or free >= _LOW_SPACE_BYTES:
             return ""
-        where = getattr(self.bus, "run_dir", None)
-        where = f" {os.path.dirname(where)}" if where is not None else ""
-        return f"; the bus is full: its root{where} has only {free // 1024} KiB free"
+        return f"; the bus is full: its root {os.path.dirname(self.bus.run_ref)} has only {free // 1024} KiB free"
 
     def kill(self, handle: AgentHandle, reason: str) -> None:
         """SIGKILL an agent (its death is then handled like any other)."""
@@ -791,7 +788,7 @@ class Coordinator:
         try:
             with interrupts_deferred():  # a run directory made but not recorded would never be removed
                 ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)
-            ctx.run_ref = getattr(ctx.bus, "run_ref", None) or str(getattr(ctx.bus, "run_dir", ctx.bus.run_id))
+            ctx.run_ref = ctx.bus.run_ref
             with interrupts_deferred():  # started but not recorded, it would wait forever for its end of file
                 self._janitor = Janitor(ctx.run_ref)  # kills what the run's agents leave, even after our SIGKILL
             ctx.events.emit(
@@ -1200,7 +1197,7 @@ class Coordinator:
         res.delivered = 2 * len(from_agents) + sum(x.peers_received for x in from_agents)
         res.messages_sent = len(r.tasks) + len(from_agents) + r.peers_sent
         # the bus counts the whole run; the round gets what is new since the last round
-        dead_total = ctx.bus.dead_letter_count() if hasattr(ctx.bus, "dead_letter_count") else 0
+        dead_total = ctx.bus.dead_letter_count()
         res.dead_lettered = max(0, dead_total - ctx.counters.get("dead_seen", 0))
         res.latency_p50 = percentile(r.latencies, 50)
         res.latency_p99 = percentile(r.latencies, 99)

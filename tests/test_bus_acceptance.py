@@ -1,9 +1,15 @@
-"""The original bash bus's acceptance behaviours, on the real /dev/shm bus with real processes.
+"""The original bash bus's acceptance behaviours, with real processes, on every transport.
 
 * per-sender ordering, and concurrent senders each numbered without gaps;
 * unique ids under same-millisecond bursts (also across processes and incarnations);
 * a multi-hop relay A -> B -> C through three processes;
-* shutdown drains in-flight messages: work queued before ``stop`` is done before the agent exits.
+* shutdown drains in-flight messages: work queued before ``stop`` is done before the agent exits;
+* whole coordinations (star and mesh) deliver everything.
+
+Each bus test runs on the kernel's shm bus and on ``tests/dir_bus.py``, a
+transport written only against :class:`cfn_core.bus.Bus`.  Both are opened the
+way the kernel opens a bus, through their plugin's ``cfn_bus`` hook, and used
+only through the protocol: a transport that passes here is one the kernel can run.
 """
 
 from __future__ import annotations
@@ -21,18 +27,63 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_faults_handlers import plugin_params  # noqa: E402
 
-from cfn_core import Coordinator  # noqa: E402
-from cfn_core.bus.shm import ShmBus  # noqa: E402
+from cfn_core import Coordinator, config_from_dict  # noqa: E402
 from cfn_core.messages import MessageFactory, decode  # noqa: E402
+from cfn_core.plugins import installed, load_plugin  # noqa: E402
 
-_SENDER = textwrap.dedent(
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+#: transport -> (module whose cfn_bus opens it, plugins that enable it)
+TRANSPORTS = {"shm": ("cfn_core.builtin", ()), "dir": ("dir_bus", ("dirbus",))}
+
+#: how a script opens the bus of the run it is given, like an agent does: through cfn_bus
+_OPEN = """
+import importlib, sys
+from cfn_core import config_from_dict
+def open_bus(module, run_ref):
+    return importlib.import_module(module).cfn_bus(config=config_from_dict({}), run_ref=run_ref)
+"""
+
+
+@pytest.fixture
+def dirbus_installed(tmp_path, monkeypatch):
+    """``tests/dir_bus.py`` installed as the plugin ``dirbus``, here and in every child process.
+
+    A real entry point in group ``cfn`` (a ``*.dist-info`` on the path, all ``pip install``
+    leaves behind), so agents find it the way they find any plugin.
+    """
+    site = tmp_path / "site"
+    dist = site / "cfn_dirbus-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfn-dirbus\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cfn]\ndirbus = dir_bus\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), TESTS, os.environ.get("PYTHONPATH")])))
+    installed.cache_clear()  # the entry points of this process were scanned already
+    load_plugin.cache_clear()
+    yield
+    installed.cache_clear()
+    load_plugin.cache_clear()
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def transport(request, bus_root, dirbus_installed):
+    """``(module, open_bus)``: the transport's plugin module and a function opening a new run of it."""
+    module = TRANSPORTS[request.param][0]
+    mod = __import__(module, fromlist=["cfn_bus"])
+    config = config_from_dict({"bus": {"root": str(bus_root)}})
+    return module, lambda: mod.cfn_bus(config=config, run_ref=None)
+
+
+def _inbox(agent_id: str) -> str:
+    return f"inbox/{agent_id}"
+
+_SENDER = _OPEN + textwrap.dedent(
     """
     import os
-    import sys
-    from cfn_core.bus.shm import ShmBus
     from cfn_core.messages import MessageFactory
-    run_dir, name, count, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    bus = ShmBus.attach(run_dir)
+    module, run_ref, name, count, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    bus = open_bus(module, run_ref)
     factory = MessageFactory(name)
     print("ready", flush=True)
     sys.stdin.readline()  # "go" comes once every sender is ready: they really send side by side
@@ -62,13 +113,14 @@ def _drain(bus, agent_id, want, timeout=120.0):
     return got
 
 
-def test_concurrent_senders_keep_order_and_are_numbered_without_gaps(bus_root, no_leaks):
+def test_concurrent_senders_keep_order_and_are_numbered_without_gaps(transport, no_leaks):
+    module, open_bus = transport
     senders, per_sender = 4, 500
-    bus = ShmBus.create(str(bus_root))
+    bus = open_bus()
     bus.listen("sink")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SENDER, str(bus.run_dir), f"s{i}", str(per_sender), str(1 + 3 * i)],
+            [sys.executable, "-c", _SENDER, module, bus.run_ref, f"s{i}", str(per_sender), str(1 + 3 * i)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -126,13 +178,12 @@ def test_ids_are_unique_across_processes_and_incarnations():
     assert len(ids) == 8000 and len(set(ids)) == 8000
 
 
-_RELAY = textwrap.dedent(
+_RELAY = _OPEN + textwrap.dedent(
     """
-    import json, sys
-    from cfn_core.bus.shm import ShmBus
+    import json
     from cfn_core.messages import MessageFactory, decode
-    run_dir, me, nxt = sys.argv[1], sys.argv[2], sys.argv[3]
-    bus = ShmBus.attach(run_dir)
+    module, run_ref, me, nxt = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    bus = open_bus(module, run_ref)
     bus.listen(me)
     factory = MessageFactory(me)
     seen = []
@@ -165,12 +216,13 @@ _RELAY = textwrap.dedent(
 )
 
 
-def test_multi_hop_relay_a_to_b_to_c(bus_root, no_leaks):
+def test_multi_hop_relay_a_to_b_to_c(transport, no_leaks):
+    module, open_bus = transport
     count = 300
-    bus = ShmBus.create(str(bus_root))
+    bus = open_bus()
     # C and B bind their doorbells themselves; A (this process) starts sending at once
-    c = subprocess.Popen([sys.executable, "-c", _RELAY, str(bus.run_dir), "C", "-"], stdout=subprocess.PIPE)
-    b = subprocess.Popen([sys.executable, "-c", _RELAY, str(bus.run_dir), "B", "C"])
+    c = subprocess.Popen([sys.executable, "-c", _RELAY, module, bus.run_ref, "C", "-"], stdout=subprocess.PIPE)
+    b = subprocess.Popen([sys.executable, "-c", _RELAY, module, bus.run_ref, "B", "C"])
     try:
         a = MessageFactory("A")
         for start in range(0, count, 25):
@@ -188,9 +240,21 @@ def test_multi_hop_relay_a_to_b_to_c(bus_root, no_leaks):
     assert all(x["hops"] == ["B", "C"] for x in seen)
 
 
-@pytest.mark.parametrize("plugins", plugin_params())
-def test_shutdown_drains_in_flight_messages(make_config, no_leaks, plugins):
+def coordination_params():
+    """``(transport, plugins)``: every plugin set on shm; the dir bus alone and under cfn-batch.
+
+    The dir bus is not combined with cfn-pool (whose zygote warms up on an shm bus of its
+    own) nor cfn-shard (which splits inboxes only on shm): neither is about the transport.
+    """
+    out = [pytest.param("shm", p.values[0], id="shm-" + p.id, marks=p.marks) for p in plugin_params()]
+    out += [pytest.param("dir", (), id="dir-baseline"), pytest.param("dir", ("batch",), id="dir-batch")]
+    return out
+
+
+@pytest.mark.parametrize(("transport_name", "plugins"), coordination_params())
+def test_shutdown_drains_in_flight_messages(make_config, no_leaks, dirbus_installed, transport_name, plugins):
     """Tasks queued in the same batch as ``stop`` are all answered before the agent exits."""
+    plugins = TRANSPORTS[transport_name][1] + tuple(plugins)
     tables = {"workload": {"agents": 1}}
     if "pool" in plugins:
         tables["pool"] = {"size": 0}
@@ -216,3 +280,60 @@ def test_shutdown_drains_in_flight_messages(make_config, no_leaks, plugins):
         # every task sent before the stop was answered (outside a round: counted as stale results)
         assert ctx.counters["stale_results"] - before == 40
         assert ctx.bus.unread_bytes(agent_id, ctx.route(agent_id)) == 0  # and settled: nothing left to re-read
+
+
+@pytest.mark.parametrize(("transport_name", "plugins"), [("shm", ()), ("dir", ()), ("dir", ("batch",))])
+@pytest.mark.parametrize("topology", ["star", "mesh"])
+def test_a_coordination_delivers_everything(make_config, no_leaks, dirbus_installed, transport_name, plugins, topology):
+    """A whole run, agents in processes of their own, on the transport: every message delivered."""
+    plugins = TRANSPORTS[transport_name][1] + tuple(plugins)
+    config = make_config(plugins=plugins, workload={"agents": 4, "topology": topology, "messages_per_agent": 5, "rounds": 2})
+    with Coordinator(config) as coord:
+        result = coord.run()
+        assert coord.ctx.bus.name == transport_name
+        assert coord.ctx.bus.dead_letter_count() == 0
+    assert result.ok, result
+    assert result.delivery_rate == 1.0
+    assert result.delivered == result.planned > 0
+
+
+def _protocol_members() -> set[str]:
+    from cfn_core.bus import Bus
+
+    return {n for n in vars(Bus) if not n.startswith("_")} | set(Bus.__annotations__)
+
+
+def test_both_transports_have_every_member_of_the_protocol(transport):
+    _, open_bus = transport
+    bus = open_bus()
+    try:
+        missing = sorted(n for n in _protocol_members() if not hasattr(bus, n))
+    finally:
+        bus.destroy()
+    assert not missing, f"{type(bus).__name__} lacks {missing}"
+
+
+def test_the_kernel_uses_nothing_of_a_bus_outside_the_protocol():
+    """Every ``bus.X`` / ``ctx.bus.X`` / ``self.bus.X`` in cfn_core (outside cfn_core/bus/) is a member of Bus."""
+    import ast
+    from pathlib import Path
+
+    root = Path(TESTS).parent / "cfn_core"
+    used: dict[str, str] = {}
+    for path in root.rglob("*.py"):
+        if "bus" in path.relative_to(root).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            target = node.value
+            named_bus = (isinstance(target, ast.Name) and target.id == "bus") or (
+                isinstance(target, ast.Attribute)
+                and target.attr == "bus"
+                and isinstance(target.value, ast.Name | ast.Attribute)
+                and getattr(target.value, "id", getattr(target.value, "attr", None)) != "config"  # [bus] settings
+            )
+            if named_bus:
+                used.setdefault(node.attr, f"{path.relative_to(root)}:{node.lineno}")
+    outside = {name: where for name, where in used.items() if name not in _protocol_members()}
+    assert used and not outside, f"the kernel uses bus members the protocol does not define: {outside}"

@@ -46,8 +46,6 @@ log = logging.getLogger("cfn.redis")
 #: the relay's reader id in the spool, and its outbox location
 RELAY_ID = "_relay"
 OUTBOX = "relay/outbox"
-#: the shm bus's batch separator (JSON never contains a raw 0x1e)
-RS = b"\x1e"
 #: spool state file naming the Redis run
 RUN_STATE = "redis.run"
 #: spool file where a relay leaves the reason it stopped
@@ -71,15 +69,14 @@ class LocalBus(ShmBus):
 
     def __init__(self, run_dir, **kwargs):
         super().__init__(run_dir, **kwargs)
-        self.run_ref = os.fspath(self.run_dir)
         self._registered: dict[str, str] = {}
         info = self._run_info()
         self.run_id = info.get("run", self.run_dir.name)
 
     def _run_info(self) -> dict:
         try:
-            return json.loads((self.run_dir / "state" / RUN_STATE).read_bytes())
-        except (OSError, ValueError):
+            return json.loads(ShmBus.get_state(self, RUN_STATE) or b"{}")  # the spool's, not Redis's
+        except (OSError, ValueError, BusError):
             return {}
 
     def after_fork(self) -> None:
@@ -112,7 +109,7 @@ class LocalBus(ShmBus):
         self._to_relay(b"!state\t%s\t%s\n" % (key.encode(), base64.b64encode(data)))
 
     def close(self) -> None:
-        if self._registered and self._pid == os.getpid():
+        if self._registered and self.pid == os.getpid():  # not a forked child's inherited copy
             try:
                 for agent_id in self._registered:
                     self._to_relay(b"!bye\t%s\n" % agent_id.encode())
@@ -148,9 +145,7 @@ class HubBus(LocalBus):
         spool = ShmBus.create(config.bus.root or None, max_message_bytes=config.bus.max_message_bytes)
         spool.close()
         host_id = f"c-{socket.gethostname()[:24]}-{os.getpid()}-{run[:6]}"
-        spool._write_atomic(
-            spool.run_dir / "state" / RUN_STATE, json.dumps({"run": run, "host": host_id}).encode()
-        )
+        spool.put_state(RUN_STATE, json.dumps({"run": run, "host": host_id}).encode())
         bus = cls(spool.run_dir, max_message_bytes=config.bus.max_message_bytes, owner=True)
         bus.link, bus.settings, bus.host_id, bus.url = link, settings, host_id, settings.url
         try:

@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import fcntl
 import json
 import logging
 import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -55,8 +53,9 @@ from collections import defaultdict, deque
 from cfn_core import COORDINATOR_ID, BusError, ShmBus, check_agent_id
 
 from . import keys
-from .bus import FATAL, OUTBOX, RELAY_ID, RS
+from .bus import FATAL, OUTBOX, RELAY_ID
 from .client import Link, RunLost, describe
+from .supervisor import AgentSupervisor, _Child, _kill
 
 log = logging.getLogger("cfn.redis")
 
@@ -81,12 +80,6 @@ class _Track:
         self.pending: deque = deque()  # (end offset in the spool inbox, entry id)
 
 
-class _Child:
-    __slots__ = ("agent", "token", "popen", "pidfd", "pid")
-
-    def __init__(self, agent, token, popen, pidfd, pid):
-        self.agent, self.token, self.popen, self.pidfd, self.pid = agent, token, popen, pidfd, pid
-
 
 def meta_ttl_ms(lease: float) -> int:
     """The run's own lease: generous (hosts only need it to notice a coordinator that died)."""
@@ -97,36 +90,32 @@ class RunEnded(Exception):
     """The coordinator removed the run (normal end, for a `cfn agent` host)."""
 
 
-def append_local(bus: ShmBus, location: str, chunks: list[bytes], journal=None) -> list[int]:
-    """Append ``chunks`` to a spool inbox as one shm batch (one locked write); the end offset of each.
+def append_local(bus: ShmBus, agent: str, location: str, chunks: list[bytes], journal=None) -> list[int]:
+    """Append ``chunks`` (stream entries, each one or more records) to ``agent``'s spool inbox as one write.
+
+    The kernel's locked append (:meth:`cfn_core.ShmBus.append`): visible whole or
+    not at all, a torn write of a killed writer replaced by the torn marker, rolled
+    back on a full disk.  Returns the end offset of each chunk.
 
     :param journal: ``write(ends)``, called with the end offsets once they are known and
         *before* the data is written (the relay's journal: see the module docstring).
     """
-    fd = bus._append_fd(location)
-    data = b"".join(chunks)
-    data = data[:-1].replace(b"\n", RS) + b"\n"  # visible whole or not at all, same offsets
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.write(fd, b"\n")
-            size += 1
-        ends, pos = [], size
+    records = [line + b"\n" for chunk in chunks for line in chunk[:-1].split(b"\n")]
+    ends: list[int] = []
+
+    def before_write(start: int) -> None:
+        pos = start
         for chunk in chunks:
             pos += len(chunk)
             ends.append(pos)
         if journal is not None:
             journal(ends)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    bus.append(agent, location, records, before_write=before_write)
     return ends
 
 
-class Relay:
+class Relay(AgentSupervisor):
     """See the module docstring.  ``capacity > 0`` makes it a `cfn agent` host that launches agents."""
 
     def __init__(self, url: str, run: str, spool: str, host_id: str, settings: dict, *, capacity: int = 0, coordinator: bool = False):
@@ -290,7 +279,7 @@ class Relay:
             self._reader.join(2.0)
         if self.fatal:
             try:
-                self.mbus._write_atomic(self.mbus.run_dir / FATAL, self.fatal.encode())
+                self.mbus.write_file(FATAL, self.fatal.encode())
             except OSError:
                 pass
         self.main.close()
@@ -385,7 +374,7 @@ class Relay:
             os.write(self.journal_fd, lines)
 
         with self.journal_lock:
-            ends = append_local(bus, track.location, chunks, journal)
+            ends = append_local(bus, track.agent, track.location, chunks, journal)
             track.pending.extend(zip(ends, ids))
         self.stats["received"] += len(chunks)
         bus.ring(track.agent)
@@ -516,7 +505,7 @@ class Relay:
                 log.warning("relay: ignoring the registration of %r at %r: %s", agent[:80], location[:80], exc)
                 continue
             if journal is None:
-                self.mbus._write_atomic(self.readers_dir / agent, location.encode())
+                self.mbus.write_file(f"{READERS_DIR}/{agent}", location.encode())
             track = self.tracks.get(agent)
             if track is None or track.key != key:
                 new.append(_Track(agent, location, key))
@@ -606,10 +595,7 @@ class Relay:
         own = [p["message_id"] for p in pending if p["consumer"] == self.host_b]
         others = [p for p in pending if p["consumer"] != self.host_b]
         if own:
-            try:
-                size = os.stat(self.mbus.run_dir / track.location).st_size
-            except FileNotFoundError:
-                size = 0
+            size = self.mbus.inbox_size(track.location)
             in_spool = sorted((journal[eid], eid) for eid in own if eid in journal and journal[eid] <= size)
             track.pending.extend(in_spool)  # acked once the reader's cursor passes them, as before
             self.stats["resumed"] += len(in_spool)
@@ -650,17 +636,7 @@ class Relay:
         with this host.
         """
         acks = defaultdict(list)
-        cursor_dir = self.mbus.run_dir / "cursor"
-        cursors = []
-        for track in list(self.tracks.values()):
-            if not track.pending:
-                continue
-            try:
-                with open(cursor_dir / track.agent, "rb") as f:
-                    raw = f.read(8)
-            except FileNotFoundError:
-                continue
-            cursors.append((track, int.from_bytes(raw, "little") if len(raw) == 8 else 0))
+        cursors = [(track, self.mbus.settled_offset(track.agent)) for track in list(self.tracks.values()) if track.pending]
         if not cursors:
             return
         self.pump_outbox()
@@ -708,120 +684,6 @@ class Relay:
                 "agents to other hosts; stopping"
             )
 
-    # ------------------------------------------------------------------ agents of a `cfn agent` host
-
-    def _handle_control(self) -> None:
-        done = []
-        launches = []
-        while self.control:
-            eid, fields = self.control.popleft()
-            done.append(eid)
-            op = fields.get(b"op")
-            if op == b"launch":
-                launches.append((fields[b"id"].decode(), fields.get(b"token", b"").decode()))
-            elif op == b"kill":
-                agent, token = fields[b"id"].decode(), fields.get(b"token", b"").decode()
-                for child in self.children.values():
-                    if child.agent == agent and child.token == token:
-                        _kill(child)
-        if launches:
-            self.sync_state()
-            if self.forker is not None:  # pipelined: the forkers work while we register the first ones
-                try:
-                    self.forker.request([a for a, _ in launches[: max(0, self.capacity - len(self.children))]])
-                except Exception as exc:
-                    self._forker_failed(exc)
-            for agent, token in launches:
-                self._launch(agent, token)
-            if self.forker is not None and self.forker.outstanding:
-                self.forker.cancel_unclaimed()  # forked ahead for a launch that was refused
-        if done:
-            self._execute([("xack", (self.ctl, keys.GROUP, *done), {}), ("xdel", (self.ctl, *done), {})])
-
-    def _event(self, **fields) -> None:
-        fields["host"] = self.host_id
-        ops = [("xadd", (self.events, {k: str(v) for k, v in fields.items()}), {})] + self._expire_once(self.events)
-        self._execute(ops)
-
-    def sync_state(self) -> None:
-        """Copy the run's shared state into the spool (agents read it there at start)."""
-        state = self.main.call(lambda r: r.hgetall(keys.run_key(self.run, "state")))
-        for key, value in state.items():
-            try:
-                name = check_agent_id(key.decode())
-            except Exception:
-                continue
-            self.mbus._write_atomic(self.mbus.run_dir / "state" / name, value)
-
-    def _launch(self, agent: str, token: str) -> None:
-        try:
-            check_agent_id(agent)
-        except Exception as exc:
-            self._event(op="exited", id=agent, token=token, code="", reason=str(exc))
-            return
-        if len(self.children) >= self.capacity:
-            self._event(op="exited", id=agent, token=token, code="", reason=f"host {self.host_id} is full ({self.capacity} agents)")
-            return
-        popen, pid = None, None
-        if self.forker is not None:
-            try:
-                pid = self.forker.take(agent, timeout=30.0)
-                self.stats["forked"] += 1
-            except Exception as exc:
-                self._forker_failed(exc)
-        if pid is None:
-            cmd = [sys.executable, "-m", "cfn_core.agent", "--run", self.spool, "--id", agent, "--parent", str(os.getpid())]
-            try:
-                popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), close_fds=True)
-            except OSError as exc:
-                self._event(op="exited", id=agent, token=token, code="", reason=f"cannot start: {exc}")
-                return
-            pid = popen.pid
-        try:
-            pidfd = os.pidfd_open(pid)  # works for the fork server's children too
-        except ProcessLookupError:
-            code = popen.wait() if popen is not None else self.forker.exit_status(pid)
-            self._event(op="exited", id=agent, token=token, code="" if code is None else code, reason="")
-            return
-        child = _Child(agent, token, popen, pidfd, pid)
-        self.children[pidfd] = child
-        self.sel.register(pidfd, selectors.EVENT_READ, child)
-        self.stats["launched"] += 1
-        self._event(op="started", id=agent, token=token, pid=pid)
-
-    def _forker_failed(self, exc) -> None:
-        log.warning("the fork server failed (%s); starting agents as fresh interpreters", exc)
-        try:
-            self.forker.close(1.0)
-        except Exception:
-            pass
-        self.forker = None
-
-    def _child_exited(self, child: _Child, report: bool = True) -> None:
-        if self.children.pop(child.pidfd, None) is None:
-            return
-        try:
-            self.sel.unregister(child.pidfd)
-        except (KeyError, ValueError):
-            pass
-        os.close(child.pidfd)
-        if child.popen is not None:
-            code = child.popen.wait()
-        else:
-            code = self.forker.exit_status(child.pid) if self.forker is not None else None
-        if report:
-            try:
-                self._event(op="exited", id=child.agent, token=child.token, code="" if code is None else code, reason="")
-            except Exception:
-                pass
-
-
-def _kill(child: _Child) -> None:
-    try:
-        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-    except (ProcessLookupError, OSError):
-        pass
-
 
 def serve(url: str, run: str, spool: str, host_id: str, settings: dict) -> int:
     """Run the coordinator machine's relay until SIGTERM; 1 (reason in the spool) if it fails."""
@@ -830,7 +692,7 @@ def serve(url: str, run: str, spool: str, host_id: str, settings: dict) -> int:
         relay.start()
     except BusError as exc:
         bus = ShmBus.attach(spool)
-        bus._write_atomic(bus.run_dir / FATAL, str(exc).encode())
+        bus.write_file(FATAL, str(exc).encode())
         print(f"cfn redis relay: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: relay.stop())

@@ -1,0 +1,156 @@
+"""The shm bus's wake-ups: one unix datagram socket per reader (``bell/<id>``), rung by senders.
+
+After appending, a sender sends one byte to the receiver's doorbell
+(non-blocking; a full queue means a wake-up is already pending).  The
+receiver binds its doorbell *before* its first read, so no wake-up can be
+lost, and sleeps in ``recv`` on it without polling.  Every record appended
+after a wake-up rings again, so a reader reads once per wake-up and goes back
+to sleep: it never needs to read again "in case".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import select
+import socket
+import sys
+import termios
+
+from ..errors import BusError
+from .rundir import plain_name
+
+#: doorbell paths a sender keeps (a string each; cleared when full)
+_MAX_CACHED_ADDRS = 4096
+BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
+
+
+def bell_name(agent_id: str) -> str:
+    """The doorbell socket's file name: the id itself, or a hash of a long id."""
+    if len(agent_id) <= BELL_NAME_MAX:
+        return agent_id
+    return "h" + hashlib.blake2b(agent_id.encode(), digest_size=15).hexdigest()
+
+
+def _send_buffer_full(sock: socket.socket, size: int) -> bool:
+    """Is more than half of ``sock``'s send buffer (``size`` bytes) held by datagrams not yet read?"""
+    try:  # SIOCOUTQ (same number as TIOCOUTQ): bytes a unix socket has sent and nobody read yet
+        queued = int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"), sys.byteorder)
+    except OSError:
+        return True  # cannot tell: a fresh socket costs little
+    return queued * 2 > size
+
+
+class Doorbells:
+    """The doorbells this process listens on, by reader id."""
+
+    def __init__(self, bell_dir: str):
+        self.bell_dir = bell_dir
+        self._bells: dict[str, socket.socket] = {}
+
+    def bell(self, agent_id: str) -> socket.socket:
+        """``agent_id``'s bound doorbell socket (bound on first use, replacing a dead predecessor's)."""
+        sock = self._bells.get(agent_id)
+        if sock is None:
+            path = os.path.join(self.bell_dir, bell_name(agent_id))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                os.unlink(path)  # a dead predecessor's doorbell
+            except FileNotFoundError:
+                pass
+            sock.bind(path)
+            # blocking: :meth:`wait` sleeps in recv itself; drains pass MSG_DONTWAIT
+            self._bells[agent_id] = sock
+        return sock
+
+    def drain(self, agent_id: str) -> None:
+        """Discard pending doorbell bytes."""
+        recv = self.bell(agent_id).recv
+        try:
+            while True:
+                recv(64, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+
+    def wait(self, agent_id: str, timeout: float | None) -> bool:
+        """Sleep until the doorbell rings (or ``timeout`` passes); True if it rang."""
+        sock = self.bell(agent_id)
+        if timeout is None:
+            # blocks: one system call to sleep and wake.  Further rings stay queued and
+            # make a later wait return at once: a spurious wake-up costs one empty read,
+            # less than draining after every wake-up.
+            sock.recv(64)
+            return True
+        ready, _, _ = select.select([sock], [], [], timeout)
+        if not ready:
+            return False
+        self.drain(agent_id)
+        return True
+
+    def close(self) -> None:
+        for sock in self._bells.values():
+            sock.close()
+        self._bells = {}
+
+
+class Ringer:
+    """Rings other readers' doorbells from one non-blocking socket."""
+
+    def __init__(self, bell_dir: str):
+        self._prefix = os.path.join(bell_dir, "")
+        self._sock: socket.socket | None = None
+        self._sndbuf = 0
+        self.addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
+        #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
+        self.retried = 0
+
+    def addr(self, dst: str) -> str:
+        """The path of ``dst``'s doorbell, kept; BusError when ``dst`` is not a plain name."""
+        addr = self.addrs.get(dst)
+        if addr is None:
+            if not plain_name(dst):
+                raise BusError(f"destination {dst!r:.200} is not an inbox id (letters, digits, '_', '.', '-', up to 128)")
+            if len(self.addrs) >= _MAX_CACHED_ADDRS:
+                self.addrs.clear()
+            addr = self.addrs[dst] = self._prefix + bell_name(dst)
+        return addr
+
+    def ring(self, dst: str) -> None:
+        """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet.
+
+        ``EAGAIN`` from a unix datagram ``sendto`` has two causes.  The receiver's
+        queue is full: a wake-up is pending there, nothing to do.  Or *this*
+        socket's send buffer is full: every datagram stays charged to its sender
+        until its receiver reads it, so a coordinator ringing hundreds of busy
+        agents runs out of buffer (~200 KB, a few hundred rings) and the ring is
+        not delivered at all.  A lost ring is a lost wake-up (an agent sleeping
+        on unread work until the watchdog kills it: seen with 500 agents x 2
+        tasks), so on ``EAGAIN`` with this socket's buffer (mostly) used up the
+        ring is retried once from a fresh socket, whose buffer is empty.  With
+        room left, the receiver's queue is full, which is the common case (a
+        busy receiver), and the ring is done.
+        """
+        addr = self.addrs.get(dst) or self.addr(dst)
+        for fresh in (False, True):
+            if self._sock is None or fresh:
+                if self._sock is not None:
+                    self._sock.close()  # its queued rings stay with their receivers
+                    self.retried += 1
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+                self._sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            try:
+                self._sock.sendto(b"!", addr)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                return  # not bound (yet): the reader reads after it binds
+            except BlockingIOError:
+                if fresh or not _send_buffer_full(self._sock, self._sndbuf):
+                    return  # dst's queue is full: a wake-up is pending there
+                # this socket's buffer is full: once more from a fresh socket
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
