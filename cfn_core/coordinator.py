@@ -194,6 +194,7 @@ class CoordinatorContext:
         self.fallbacks: dict[str, dict] = {}
         self.spawn_failures: dict[str, str] = {}
         self._early_ready: dict[str, Message] = {}  # ready messages that arrived before their launch returned
+        self._directory: dict[str, dict] | None = None  # what write_directory last wrote
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: _Round | None = None
@@ -382,6 +383,7 @@ class CoordinatorContext:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + _TICK
+            self.write_directory()  # agents ready or gone since the last tick
             self._watchdog(now)
             self.hook.cfn_tick(ctx=self, now=now)
 
@@ -402,11 +404,44 @@ class CoordinatorContext:
                 self._on_ready(msg, handle, now)
             elif kind == "pong" and handle is not None:
                 handle.info["pong_at"] = now
+            elif kind == "status" and handle is not None:
+                self._on_status(msg, handle, now)
             else:
                 self.counters["unexpected"] += 1
         self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
         if self._in_execute and self._round is not None:
             self._round.collect += time.perf_counter() - t0
+
+    def _on_status(self, msg: Message, handle: AgentHandle, now: float) -> None:
+        """An agent's ``agent.status(text, **fields)``: the last one is kept on its handle."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        text, fields = body.get("text"), body.get("fields")
+        if not isinstance(text, str) or not isinstance(fields, dict):
+            self.counters["unexpected"] += 1
+            return
+        handle.info["status"] = {"text": text[:1000], "fields": fields}
+        handle.info["status_at"] = now
+        handle.info["statuses"] = handle.info.get("statuses", 0) + 1
+        self.counters["status"] += 1
+
+    def write_directory(self) -> None:
+        """Publish the run's agents (bus state ``directory``) when the set changed since the last write.
+
+        ``{"v": 1, "agents": {"agent-0001": {"role": "worker"}, ...}}``: the agents that are
+        ready, and those being replaced after a death (a replacement re-reads what was
+        sent to its predecessor, so it stays addressable).  Agents read it lazily
+        (``agent.peers()``, ``agent.send``).
+        """
+        if self.bus is None:
+            return
+        agents = {
+            h.id: {"role": h.info.get("role", "worker")}
+            for h in self.agents.values()
+            if h.state in ("ready", "stopping") or (h.state == "starting" and h.incarnation > 1)
+        }
+        if agents != self._directory:
+            self.bus.put_state("directory", json.dumps({"v": 1, "agents": agents}, sort_keys=True).encode())
+            self._directory = agents
 
     def _on_ready(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
         if handle is None or handle.state == "exited":
@@ -914,6 +949,7 @@ class Coordinator:
             with self._phase(r, "ready"):
                 ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
             agent_ids = [a for a in agent_ids if ctx.agents[a].state == "ready"]
+            ctx.write_directory()  # before any task: a handler's agent.peers() sees the whole round
             res.agents = len(agent_ids)
             res.spawn_failures = dict(ctx.spawn_failures)
             # 3. distribute

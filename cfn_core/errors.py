@@ -35,6 +35,26 @@ class InboxFull(BusError):
     """An inbox holds ``bus.inbox_depth`` unread messages and the sender gave up waiting."""
 
 
+class UnknownAgent(CfnError):
+    """A message was addressed to an agent id or role that is not in the run's directory."""
+
+
+class NotJSON(CfnError, TypeError):
+    """A message body (or a status field) is not a JSON value; the message names the type."""
+
+
+class ReceiveTimeout(CfnError, TimeoutError):
+    """``agent.receive(timeout=...)`` found no matching message in time."""
+
+
+class RequestTimeout(CfnError, TimeoutError):
+    """``agent.request(...)`` got no reply in time."""
+
+
+class PeerGone(CfnError):
+    """``agent.request(...)``: the peer left the run's directory before it replied."""
+
+
 class ResourceLimitError(CfnError):
     """The machine cannot hold the requested agents (file descriptors, processes)."""
 
