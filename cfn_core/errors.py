@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-
 
 class CfnError(Exception):
     """Base class of every error cfn raises on purpose.
@@ -61,5 +59,7 @@ class ResourceLimitError(CfnError):
 
 def did_you_mean(word: str, choices) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    import difflib  # here: `cfn msg`, which imports this module, must start fast
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
