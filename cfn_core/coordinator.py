@@ -195,6 +195,7 @@ class CoordinatorContext:
         self.spawn_failures: dict[str, str] = {}
         self._early_ready: dict[str, Message] = {}  # ready messages that arrived before their launch returned
         self._directory: dict[str, dict] | None = None  # what write_directory last wrote
+        self._directory_warned = False
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: _Round | None = None
@@ -440,7 +441,13 @@ class CoordinatorContext:
             if h.state in ("ready", "stopping") or (h.state == "starting" and h.incarnation > 1)
         }
         if agents != self._directory:
-            self.bus.put_state("directory", json.dumps({"v": 1, "agents": agents}, sort_keys=True).encode())
+            try:
+                self.bus.put_state("directory", json.dumps({"v": 1, "agents": agents}, sort_keys=True).encode())
+            except (CfnError, OSError) as exc:  # a full bus: the run goes on, agents keep the last copy
+                if not self._directory_warned:
+                    log.warning("could not write the run's directory (tried again every tick): %s", exc)
+                    self._directory_warned = True
+                return
             self._directory = agents
 
     def _on_ready(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
