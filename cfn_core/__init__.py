@@ -28,6 +28,11 @@ _EXPORTS = {
     "ConfigError": "errors",
     "InboxFull": "errors",
     "MessageTooLarge": "errors",
+    "NotJSON": "errors",
+    "PeerGone": "errors",
+    "ReceiveTimeout": "errors",
+    "RequestTimeout": "errors",
+    "UnknownAgent": "errors",
     "PluginError": "errors",
     "ResourceLimitError": "errors",
     # the coordinator and its results
@@ -58,7 +63,9 @@ _EXPORTS = {
     "builtin_plugin_manager": "plugins",
     "make_plugin_manager": "plugins",
     # running agents
+    "Agent": "agent_api",
     "AgentContext": "agent",
+    "AgentMessage": "agent_api",
     "AgentForker": "forker",
     "bootstrap_shm": "agent",
     "config_from_state": "agent",

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import orjson
 
+from .agent_api import Talk, UserCode
 from .errors import CfnError, ConfigError, MessageTooLarge
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id, peer_message_id
 from .plugins import direct_caller
@@ -83,8 +84,8 @@ class AgentContext:
 # ---------------------------------------------------------------------- handlers
 
 
-def load_handler(workload) -> Callable[[Any], Any]:
-    """The callable that runs one task, from a role's ``handler`` or ``command``.
+def load_handler(workload) -> Callable[..., Any]:
+    """The callable (or class agent) that runs tasks, from a role's ``handler`` or ``command``.
 
     :param workload: a :class:`cfn_core.roles.Role` (``roles.role_of(config, agent_id)``:
         ``[agents.<role>]`` over ``[workload]``), or the ``[workload]`` settings themselves
@@ -119,6 +120,11 @@ def load_handler(workload) -> Callable[[Any], Any]:
     func = getattr(module, funcname, None)
     if not callable(func):
         raise ConfigError(f"{where} handler = {spec!r}: module {modname!r} has no function {funcname!r}")
+    if isinstance(func, type) and not callable(getattr(func, "on_task", None)):
+        raise ConfigError(
+            f"{where} handler = {spec!r}: class {funcname!r} has no method on_task(self, payload, agent) "
+            "(a class agent may also define on_start, on_message and on_stop)"
+        )
     return func
 
 
@@ -147,11 +153,27 @@ def _term_with_agent(agent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Callable[[Any], Any]:
+def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Callable[[Any, Any], Any]:
     script = _GUARDED.format(command=command)
 
-    def run_command(payload: Any) -> str:
+    def run_command(payload: Any, agent: Any) -> str:
         data = payload if isinstance(payload, str) else json.dumps(payload)
+        talk = agent._talk
+        loop = talk.loop
+        env = dict(os.environ)
+        current = loop.current
+        env.update(CFN_AGENT_ID=agent.id, CFN_ROLE=agent.role, CFN_TASK_ID=(current.task or "") if current else "")
+        server = None
+        run_dir = getattr(loop.bus, "run_dir", None)
+        if run_dir is not None:
+            from .agent_socket import AgentSocket, socket_path
+
+            path = socket_path(os.fspath(run_dir), agent.id)
+            if len(path.encode()) < 100:  # AF_UNIX paths are short; without it `cfn msg` says so
+                server = AgentSocket(talk, path)
+                env["CFN_AGENT_SOCKET"] = path
+        if server is None:
+            env.pop("CFN_AGENT_SOCKET", None)
         proc = subprocess.Popen(
             ["/bin/sh", "-c", script],
             stdin=subprocess.PIPE,
@@ -160,17 +182,18 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             start_new_session=True,
             preexec_fn=_term_with_agent(os.getpid()),
             cwd=cwd,
+            env=env,
         )
         try:
-            stdout, stderr = proc.communicate(data.encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # kill the whole process group: killing only the shell would orphan its children
-            _kill_group(proc.pid)
-            _stdout, stderr = proc.communicate()
+            stdout, stderr, timed_out = _serve_command(proc, data.encode(), timeout, loop, server)
+        finally:
+            if server is not None:
+                server.close()
+        if timed_out:
             raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
         # The command is done, its helpers too: `server & echo ok` must not leave `server`
         # running.  Its process group (the shell's session) goes first; what left the group
-        # (setsid, setpgid) was re-parented to this agent, a subreaper, and run_agent's
+        # (setsid, setpgid) was re-parented to this agent, a subreaper, and the loop's
         # kill_leftovers after the task takes it.
         _kill_group(proc.pid)
         if proc.returncode != 0:
@@ -182,6 +205,80 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
         return stdout.decode("utf-8", "replace")
 
     return run_command
+
+
+def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[bytes, bytes, bool]:
+    """Feed the command its stdin, collect stdout/stderr, serve its socket and read the inbox.
+
+    Returns ``(stdout, stderr, timed_out)``; the process is reaped unless it timed out.
+    """
+    import selectors
+
+    deadline = time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    done: dict = {}
+    view = memoryview(data)
+    try:
+        for pipe in out:
+            os.set_blocking(pipe.fileno(), False)
+            sel.register(pipe, selectors.EVENT_READ, ("pipe", pipe))
+        if data:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE, ("stdin", None))
+        else:
+            proc.stdin.close()
+        if server is not None:
+            server.register(sel)
+            sel.register(loop.bus.wake_fd(loop.agent_id), selectors.EVENT_READ, ("bell", None))
+        while out:  # until both output pipes reach their end
+            now = time.monotonic()
+            if now >= deadline:
+                # kill the whole process group: killing only the shell would orphan its children
+                _kill_group(proc.pid)
+                for pipe, buf in out.items():  # what they wrote before they died (the stderr shown)
+                    os.set_blocking(pipe.fileno(), True)
+                    buf += pipe.read()
+                    done[pipe] = bytes(buf)
+                proc.wait()
+                return done.get(proc.stdout, b""), done.get(proc.stderr, b""), True
+            wait = deadline - now
+            if server is not None:
+                due = server.poll(sel)
+                if due is not None:
+                    wait = min(wait, due)
+            for key, _ in sel.select(wait):
+                what, obj = key.data
+                if what == "pipe":
+                    chunk = os.read(obj.fileno(), 65536)
+                    if chunk:
+                        out[obj] += chunk
+                    else:
+                        sel.unregister(obj)
+                        done[obj] = bytes(out.pop(obj))
+                elif what == "stdin":
+                    try:
+                        n = os.write(proc.stdin.fileno(), view[:65536])
+                    except BrokenPipeError:  # the command does not read its stdin: fine
+                        n = len(view)
+                    view = view[n:]
+                    if not view:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                elif what == "bell":
+                    loop.bus.drain_wakeups(loop.agent_id)
+                    loop.read_inbox()
+                else:
+                    server.on_event(sel, what, obj)
+        proc.wait()  # its pipes are closed: the shell has exited or is about to
+        return done.get(proc.stdout, b""), done.get(proc.stderr, b""), False
+    finally:
+        sel.close()
+        if proc.stdin and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
 
 
 def _kill_group(pgid: int) -> None:
@@ -279,85 +376,326 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
-    """Run one agent until it is told to stop.  Returns the exit status.
+class AgentLoop:
+    """One agent's life: read its inbox, run tasks, answer, settle; the object behind :func:`run_agent`.
 
-    ``handler`` is a callable ``handler(payload) -> value``.  For mesh work it may
-    instead (or also) have ``scatter(payload, peers) -> [body per peer]``, whose
-    bodies travel in the peer messages, and ``gather(payload, bodies) -> value``,
-    called with the bodies this agent received once all expected ones arrived.
+    The loop, in order (:meth:`run`): :meth:`read_inbox` takes new records and sorts them
+    (:meth:`absorb`: tasks queue up, peer and user messages are kept, a stop is noted,
+    a ping answered); :meth:`run_tasks` runs the queued tasks (a mesh task first sends its
+    peer messages, then waits in :attr:`waiting` for those it expects); :meth:`finish_waiting`
+    completes mesh tasks whose peer messages arrived; :meth:`deliver_messages` hands queued
+    user messages to a class agent's ``on_message`` when no task runs; :meth:`settle` flushes
+    what plugins buffered and acks every record whose work is complete and flushed;
+    :meth:`sleep` waits on the doorbell.  A record is acked only after the result it led to
+    was handed to the bus and flushed, so a replacement of an agent that died re-reads
+    exactly the unfinished work.
+
+    User code may read the inbox too, while a task runs (``agent.receive``): it goes
+    through :meth:`read_inbox` as well, so a task or a stop that arrives meanwhile is queued
+    for the loop, never run inside the handler that is waiting.
     """
-    check_agent_id(agent_id)
-    ctx = AgentContext(config, pm, agent_id, run_ref)
-    ctx.bus = bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
-    bus.listen(agent_id)  # bind the doorbell before the first read
-    if handler is None:
-        from .roles import role_of
 
-        handler = load_handler(role_of(config, agent_id))  # its role's handler or command
-    pm.hook.cfn_agent_init(ctx=ctx)
-    helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
-    read = direct_caller(pm, "cfn_read")
-    flush = direct_caller(pm, "cfn_flush")
-    ctx.send([ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
-    flush(ctx=ctx, reason="explicit")
+    def __init__(self, config, pm, agent_id: str, run_ref: str, handler: Callable | None = None):
+        check_agent_id(agent_id)
+        self.config = config
+        self.pm = pm
+        self.agent_id = agent_id
+        self.ctx = ctx = AgentContext(config, pm, agent_id, run_ref)
+        ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
+        self.bus.listen(agent_id)  # bind the doorbell before the first read
+        if handler is None:
+            from .roles import role_of
 
-    waiting: list[_Work] = []  # mesh tasks waiting for their peer messages
-    peers_seen: dict[int, dict[str, Any]] = defaultdict(dict)  # round -> peer message id -> body
-    scatter = getattr(handler, "scatter", None)
-    gather = getattr(handler, "gather", None)
-    held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
-    newest_round = 0  # of the tasks started so far
-    skip: set[tuple[int, str]] = set()  # (round, task) the coordinator gave up on
-    skip_read_for: int | None = None  # the round the skip list was last read for
-    settled: list = []
-    stopping = False
-    unflushed = False  # a result handed to cfn_send since the last flush
-    # Task records started by this incarnation, by message id: a copy of a record already
-    # run (or running) is settled without running again.  Message ids, not task ids or
-    # rounds: a pooled session's next run() starts again at round 1 with the same task ids.
-    # Across incarnations the coordinator's de-duplication of results covers it.
-    started = _RecentIds(_RECENT_TASKS)
+            handler = load_handler(role_of(config, agent_id))  # its role's handler or command
+        self.user = UserCode(handler)
+        self._read = direct_caller(pm, "cfn_read")
+        self._flush = direct_caller(pm, "cfn_flush")
+        self.helpers: frozenset[int] = frozenset()
+        self.queued: deque[Message] = deque()  # task records read, not yet started
+        self.waiting: list[_Work] = []  # mesh tasks waiting for their peer messages
+        self.peers_seen: dict[int, dict[str, Any]] = defaultdict(dict)  # round -> peer message id -> body
+        self.held: dict[int, list] = defaultdict(list)  # round -> receipts of peer messages settled with its task
+        self.newest_round = 0  # of the tasks started so far
+        self.skip: set[tuple[int, str]] = set()  # (round, task) the coordinator gave up on
+        self.skip_read_for: int | None = None  # the round the skip list was last read for
+        self.settled: list = []
+        self.stopping = False
+        self.unflushed = False  # a result handed to cfn_send since the last flush
+        # Task records started by this incarnation, by message id: a copy of a record already
+        # run (or running) is settled without running again.  Message ids, not task ids or
+        # rounds: a pooled session's next run() starts again at round 1 with the same task ids.
+        # Across incarnations the coordinator's de-duplication of results covers it.
+        self.started = _RecentIds(_RECENT_TASKS)
+        self.current: Message | None = None  # the task record whose handler runs now
+        self.talk = Talk(self)
+        self.agent = self.talk.agent
 
-    def reject(msg: Message, reason: str) -> None:
+    # ------------------------------------------------------------------ life cycle
+
+    def run(self) -> int:
+        """Announce readiness, serve until told to stop, shut down.  Returns the exit status."""
+        self.pm.hook.cfn_agent_init(ctx=self.ctx)
+        self.helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
+        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
+        self._flush(ctx=self.ctx, reason="explicit")
+        self.user.start(self)
+        while True:
+            self.read_inbox()
+            self.run_tasks()
+            self.finish_waiting()
+            if self.stopping and not self.waiting and not self.queued:
+                # what arrived before the stop is handled first (on_message), then the agent exits
+                self.deliver_messages()
+                if not self.queued:
+                    break
+            self.deliver_messages()
+            if self.queued:  # on_message read a task: run it before sleeping
+                continue
+            self.settle()
+            self.sleep()
+        self.user.stop(self)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.pm.hook.cfn_flush(ctx=self.ctx, reason="shutdown")
+        if self.settled:
+            self.bus.ack(self.agent_id, self.settled)
+            self.settled = []
+        self.pm.hook.cfn_agent_exit(ctx=self.ctx)
+        kill_leftovers()  # at exit nothing this agent started stays, helpers included
+        self.bus.close()
+
+    def settle(self) -> None:
+        """Flush what plugins buffered, then ack what is complete (in that order: see the class)."""
+        self.flush()
+        if self.settled:
+            self.bus.ack(self.agent_id, self.settled)
+            self.settled = []
+
+    def flush(self) -> None:
+        self._flush(ctx=self.ctx, reason="explicit")
+        self.unflushed = False
+
+    def sleep(self, timeout: float | None = None) -> bool:
+        # no second read "in case": whatever arrived since the last read rang the doorbell
+        # after it was appended (the bus's contract), so wait returns at once for it
+        return self.bus.wait(self.agent_id, timeout)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_inbox(self) -> int:
+        """Read new records and :meth:`absorb` each.  Returns how many were read."""
+        messages = self._read(ctx=self.ctx, agent_id=self.agent_id)
+        for msg in messages:
+            self.absorb(msg)
+        return len(messages)
+
+    def absorb(self, msg: Message) -> None:
+        """Sort one record: queue a task, keep a peer or user message, note a stop, answer a ping."""
+        self.ctx.counters["received"] += 1
+        kind = msg.kind
+        try:
+            if kind == "task":
+                self.on_task_record(msg)
+            elif kind == "peer":
+                self.on_peer(msg)
+            elif kind == "user":
+                self.talk.accept(msg)
+            elif kind == "stop":
+                self.stopping = True
+                self.settled.append(msg.receipt)
+            elif kind == "ping":
+                self.on_ping(msg)
+            else:
+                self.settled.append(msg.receipt)
+        except (CfnError, OSError):
+            raise  # the bus failed (full, removed), not the record: a replacement retries it
+        except Exception as exc:  # no record may kill its agent: every replacement would re-read it
+            self.reject(msg, f"{kind} record could not be handled: {describe_exception(exc)}")
+            self.settled.append(msg.receipt)
+
+    def on_task_record(self, msg: Message) -> None:
+        if self.given_up(msg):
+            self.settled.append(msg.receipt)  # the coordinator gave up on it (poison)
+        elif not self.started.add(msg.id):
+            self.ctx.counters["duplicate_tasks"] += 1  # a copy of a record already run (or running)
+            self.settled.append(msg.receipt)
+        else:
+            self.queued.append(msg)
+
+    def on_peer(self, msg: Message) -> None:
+        if msg.round < self.newest_round:  # a late re-send of a round the coordinator has finished
+            self.settled.append(msg.receipt)
+        else:
+            self.peers_seen[msg.round][msg.id] = msg.body
+            self.held[msg.round].append(msg.receipt)
+
+    def on_ping(self, msg: Message) -> None:
+        try:
+            self.ctx.route(msg.src)  # the reply's destination comes from the record: checked first
+            self.ctx.send([self.ctx.factory.make(msg.src, "pong", body=msg.body)])
+        except CfnError as exc:
+            self.reject(msg, f"ping not answered: {exc}")
+        self.settled.append(msg.receipt)
+
+    def reject(self, msg: Message, reason: str) -> None:
         """A record that cannot be acted on: dead-lettered with the reason (and settled by the caller)."""
         log.warning("%s record %s dead-lettered: %s", msg.kind, msg.id, reason)
-        ctx.counters["dead_lettered"] += 1
+        self.ctx.counters["dead_lettered"] += 1
         try:
-            bus.dead_letter(agent_id, msg.encode(), reason)
+            self.bus.dead_letter(self.agent_id, msg.encode(), reason)
         except (CfnError, OSError) as exc:  # a full bus: the warning above is all that is left
             log.warning("could not dead-letter record %s: %s", msg.id, exc)
 
-    def finish(work: _Work) -> None:
-        nonlocal unflushed
+    def given_up(self, msg: Message) -> bool:
+        # read again for every newer round: a pooled agent outlives the run it was started in
+        if self.skip_read_for is None or msg.round > self.skip_read_for:
+            self.skip = read_skip_list(self.bus, self.agent_id)
+            self.skip_read_for = msg.round
+        return (msg.round, msg.task) in self.skip
+
+    # ------------------------------------------------------------------ tasks
+
+    def run_tasks(self) -> None:
+        """Start the queued tasks in the order they arrived (a running one may queue more)."""
+        if self.current is not None:
+            return  # read from inside a handler: the loop runs them after it
+        while self.queued:
+            self.start(self.queued.popleft())
+
+    def finish_waiting(self) -> None:
+        """Complete the mesh tasks whose expected peer messages have all arrived."""
+        if not self.waiting:
+            return
+        still = []
+        for work in self.waiting:
+            if len(self.peers_seen[work.msg.round]) >= work.expect:
+                self.finish(work)
+            else:
+                still.append(work)
+        self.waiting = still
+
+    def forget_rounds_before(self, number: int) -> None:
+        # The coordinator starts a round only when every earlier one is complete, so what
+        # this agent still holds of those (peer messages, a task whose peers never came)
+        # is stale: settle it, or a pooled agent would count it in a later round.
+        for old in [n for n in list(self.peers_seen) + list(self.held) if n < number]:
+            self.peers_seen.pop(old, None)
+            self.settled.extend(self.held.pop(old, ()))
+        stale = [w for w in self.waiting if w.msg.round < number]
+        if stale:
+            self.waiting = [w for w in self.waiting if w.msg.round >= number]
+            self.settled.extend(w.msg.receipt for w in stale)
+
+    def start(self, msg: Message) -> None:
+        """Begin one task: check its peers, send its peer messages, run it now or when they came."""
+        if msg.round > self.newest_round:
+            self.forget_rounds_before(msg.round)
+            self.newest_round = msg.round
+            self.talk.new_round()
+        work = _Work(msg)
+        if work.error is None:
+            try:
+                for peer in work.peers:  # before anything is sent (kept: one check per id per process)
+                    self.ctx.route(peer)
+            except CfnError as exc:
+                work.error = f"task {msg.task}: cannot send to peer {_short(peer)}: {exc}"
+        if work.error is not None:
+            self.reject(msg, work.error)
+            work.peers = []
+            self.finish(work)
+            return
+        bodies: list[Any] = [None] * len(work.peers)
+        scatter = self.user.scatter
+        if scatter is not None and work.peers:
+            try:
+                bodies = list(scatter(work.payload, list(work.peers)))
+                if len(bodies) != len(work.peers):
+                    raise ValueError(f"scatter returned {len(bodies)} bodies for {len(work.peers)} peers")
+                orjson.dumps(bodies)  # a body that is not JSON would crash the send below
+            except Exception as exc:  # the peers still get their (empty) messages: nobody waits forever
+                log.warning("scatter failed for task %s: %s", msg.task, describe_exception(exc))
+                bodies = [None] * len(work.peers)
+        if work.peers:
+            self.send_peer_messages(
+                work,
+                [
+                    # the same id when a replacement re-sends (receivers de-duplicate by it); the
+                    # seq is this sender's, like that of every other message it sends
+                    self.ctx.factory.make(
+                        peer, "peer", round=msg.round, task=msg.task, body=bodies[i],
+                        id=peer_message_id(msg.round, msg.task, i),
+                    )
+                    for i, peer in enumerate(work.peers)
+                ],
+            )
+        if work.error is not None or len(self.peers_seen[msg.round]) >= work.expect:
+            self.finish(work)
+        else:
+            self.waiting.append(work)
+
+    def send_peer_messages(self, work: _Work, messages: list[Message]) -> None:
+        """Send (and flush) a task's peer messages; a failure fails the task with the reason.
+
+        Flushed here so that an error of a batching plugin's write surfaces now, with
+        this task to charge, not in a later flush.  A body too large for the bus is sent
+        empty instead (as when ``scatter`` fails): its receiver does not wait for it
+        forever.  Messages sent before a failure may be sent again: receivers
+        de-duplicate peer messages by id.
+        """
+        try:
+            try:
+                self.ctx.send(messages)
+            except MessageTooLarge as exc:
+                work.error = f"peer message not sent: {exc}; its receiver got an empty body"
+                limit = self.config.bus.max_message_bytes
+                for m in messages:
+                    try:
+                        m.encode(limit)
+                    except MessageTooLarge:
+                        m.body = None
+                self.ctx.send(messages)
+            self._flush(ctx=self.ctx, reason="explicit")
+        except (CfnError, OSError) as exc:
+            work.error = f"peer messages not sent: {describe_exception(exc) if isinstance(exc, OSError) else exc}"
+            log.warning("task %s: %s", work.msg.task, work.error)
+
+    def finish(self, work: _Work) -> None:
+        """Run the task's handler (or its gather), send its result, settle what it used."""
+        ctx = self.ctx
         msg = work.msg
-        if unflushed:
+        if self.unflushed:
             # The previous task's result goes on the bus before this handler runs: if this
             # task kills the agent, the coordinator sees that result and charges the attempt
             # to this task, not to one whose result a batching plugin still held.
-            flush(ctx=ctx, reason="explicit")
-            unflushed = False
+            self.flush()
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
+        self.current = msg
+        self.talk.task_started(msg)
         try:
             if work.error is not None:  # it cannot run: fail it with the reason, nobody waits for it
                 body.update(ok=False, error=work.error)
-            elif gather is not None:
-                body["value"] = gather(work.payload, list(peers_seen.get(msg.round, {}).values()))
+            elif self.user.gather is not None:
+                body["value"] = self.user.gather(work.payload, list(self.peers_seen.get(msg.round, {}).values()))
             else:
-                body["value"] = handler(work.payload)
+                body["value"] = self.user.task(work.payload, self.agent)
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
             body.update(ok=False, error=describe_exception(exc))
-        ctx.counters["leftovers_killed"] += kill_leftovers(helpers)  # what the task left running dies with it
+        finally:
+            self.current = None
+        held_user = self.talk.task_finished()
+        ctx.counters["leftovers_killed"] += kill_leftovers(self.helpers)  # what the task left running dies with it
         if body["ok"]:
             try:  # checked here: a send (or a batching plugin's later flush) must not crash the agent
                 orjson.dumps(body["value"])
             except TypeError as exc:
                 body.update(ok=False, value=None, error=f"handler returned a value that is not JSON: {exc}")
         body["seconds"] = time.perf_counter() - t0
-        body["peers_received"] = len(peers_seen.get(msg.round, ()))
+        body["peers_received"] = len(self.peers_seen.get(msg.round, ()))
         body["peers_sent"] = len(work.peers)
         # the non-zero ones (a missing counter is 0): a plugin's histograms are mostly empty
         # buckets, and every result crosses the coordinator, the run's one serial reader
@@ -370,165 +708,36 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
         except CfnError as exc:  # e.g. the value is too large: report that instead
             body.update(ok=False, value=None, error=f"result not sent: {exc}")
             ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
-        unflushed = True
-        settled.append(msg.receipt)
-        settled.extend(held.pop(msg.round, ()))
+        self.unflushed = True
+        self.settled.append(msg.receipt)
+        self.settled.extend(self.held.pop(msg.round, ()))
+        self.settled.extend(held_user)  # the user messages it consumed: re-read by a replacement until now
 
-    def given_up(msg: Message) -> bool:
-        # read again for every newer round: a pooled agent outlives the run it was started in
-        nonlocal skip, skip_read_for
-        if skip_read_for is None or msg.round > skip_read_for:
-            skip = read_skip_list(bus, agent_id)
-            skip_read_for = msg.round
-        return (msg.round, msg.task) in skip
+    # ------------------------------------------------------------------ user messages while idle
 
-    def forget_rounds_before(number: int) -> None:
-        # The coordinator starts a round only when every earlier one is complete, so what
-        # this agent still holds of those (peer messages, a task whose peers never came)
-        # is stale: settle it, or a pooled agent would count it in a later round.
-        nonlocal waiting
-        for old in [n for n in list(peers_seen) + list(held) if n < number]:
-            peers_seen.pop(old, None)
-            settled.extend(held.pop(old, ()))
-        stale = [w for w in waiting if w.msg.round < number]
-        if stale:
-            waiting = [w for w in waiting if w.msg.round >= number]
-            settled.extend(w.msg.receipt for w in stale)
-
-    def start(msg: Message) -> None:
-        nonlocal newest_round
-        if msg.round > newest_round:
-            forget_rounds_before(msg.round)
-            newest_round = msg.round
-        work = _Work(msg)
-        if work.error is None:
-            try:
-                for peer in work.peers:  # before anything is sent (kept: one check per id per process)
-                    ctx.route(peer)
-            except CfnError as exc:
-                work.error = f"task {msg.task}: cannot send to peer {_short(peer)}: {exc}"
-        if work.error is not None:
-            reject(msg, work.error)
-            work.peers = []
-            finish(work)
+    def deliver_messages(self) -> None:
+        """Hand queued user messages to ``on_message`` (a class agent's), one at a time, in order."""
+        if self.user.on_message is None:
             return
-        bodies: list[Any] = [None] * len(work.peers)
-        if scatter is not None and work.peers:
-            try:
-                bodies = list(scatter(work.payload, list(work.peers)))
-                if len(bodies) != len(work.peers):
-                    raise ValueError(f"scatter returned {len(bodies)} bodies for {len(work.peers)} peers")
-                orjson.dumps(bodies)  # a body that is not JSON would crash the send below
-            except Exception as exc:  # the peers still get their (empty) messages: nobody waits forever
-                log.warning("scatter failed for task %s: %s", msg.task, describe_exception(exc))
-                bodies = [None] * len(work.peers)
-        if work.peers:
-            send_peer_messages(
-                work,
-                [
-                    # the same id when a replacement re-sends (receivers de-duplicate by it); the
-                    # seq is this sender's, like that of every other message it sends
-                    ctx.factory.make(
-                        peer, "peer", round=msg.round, task=msg.task, body=bodies[i],
-                        id=peer_message_id(msg.round, msg.task, i),
-                    )
-                    for i, peer in enumerate(work.peers)
-                ],
-            )
-        if work.error is not None or len(peers_seen[msg.round]) >= work.expect:
-            finish(work)
-        else:
-            waiting.append(work)
+        while not self.queued:
+            message = self.talk.next_for_handler()
+            if message is None:
+                return
+            self.talk.handle_message(message)
 
-    def send_peer_messages(work: _Work, messages: list[Message]) -> None:
-        """Send (and flush) a task's peer messages; a failure fails the task with the reason.
 
-        Flushed here so that an error of a batching plugin's write surfaces now, with
-        this task to charge, not in a later flush.  A body too large for the bus is sent
-        empty instead (as when ``scatter`` fails): its receiver does not wait for it
-        forever.  Messages sent before a failure may be sent again: receivers
-        de-duplicate peer messages by id.
-        """
-        try:
-            try:
-                ctx.send(messages)
-            except MessageTooLarge as exc:
-                work.error = f"peer message not sent: {exc}; its receiver got an empty body"
-                limit = config.bus.max_message_bytes
-                for m in messages:
-                    try:
-                        m.encode(limit)
-                    except MessageTooLarge:
-                        m.body = None
-                ctx.send(messages)
-            flush(ctx=ctx, reason="explicit")
-        except (CfnError, OSError) as exc:
-            work.error = f"peer messages not sent: {describe_exception(exc) if isinstance(exc, OSError) else exc}"
-            log.warning("task %s: %s", work.msg.task, work.error)
+def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
+    """Run one agent until it is told to stop.  Returns the exit status.
 
-    while True:
-        messages = read(ctx=ctx, agent_id=agent_id)
-        for msg in messages:
-            ctx.counters["received"] += 1
-            kind = msg.kind
-            try:
-                if kind == "task":
-                    if given_up(msg):
-                        settled.append(msg.receipt)  # the coordinator gave up on it (poison)
-                    elif not started.add(msg.id):
-                        ctx.counters["duplicate_tasks"] += 1  # a copy of a record already run (or running)
-                        settled.append(msg.receipt)
-                    else:
-                        start(msg)
-                elif kind == "peer":
-                    if msg.round < newest_round:  # a late re-send of a round the coordinator has finished
-                        settled.append(msg.receipt)
-                    else:
-                        peers_seen[msg.round][msg.id] = msg.body
-                        held[msg.round].append(msg.receipt)
-                elif kind == "stop":
-                    stopping = True
-                    settled.append(msg.receipt)
-                elif kind == "ping":
-                    try:
-                        ctx.route(msg.src)  # the reply's destination comes from the record: checked first
-                        ctx.send([ctx.factory.make(msg.src, "pong", body=msg.body)])
-                    except CfnError as exc:
-                        reject(msg, f"ping not answered: {exc}")
-                    settled.append(msg.receipt)
-                else:
-                    settled.append(msg.receipt)
-            except (CfnError, OSError):
-                raise  # the bus failed (full, removed), not the record: a replacement retries it
-            except Exception as exc:  # no record may kill its agent: every replacement would re-read it
-                reject(msg, f"{kind} record could not be handled: {describe_exception(exc)}")
-                settled.append(msg.receipt)
-        if waiting:
-            still = []
-            for work in waiting:
-                if len(peers_seen[work.msg.round]) >= work.expect:
-                    finish(work)
-                else:
-                    still.append(work)
-            waiting = still
-        if stopping and not waiting:
-            break
-        flush(ctx=ctx, reason="explicit")
-        unflushed = False
-        if settled:
-            bus.ack(agent_id, settled)
-            settled = []
-        # no second read "in case": whatever arrived since this read rang the doorbell
-        # after it was appended (the bus's contract), so wait returns at once for it
-        bus.wait(agent_id, None)
-
-    pm.hook.cfn_flush(ctx=ctx, reason="shutdown")
-    if settled:
-        bus.ack(agent_id, settled)
-    pm.hook.cfn_agent_exit(ctx=ctx)
-    kill_leftovers()  # at exit nothing this agent started stays, helpers included
-    bus.close()
-    return 0
+    ``handler`` is a callable ``handler(payload) -> value`` or ``handler(payload, agent)``
+    (the :class:`cfn_core.agent_api.Agent` of this process, detected from its signature),
+    or a class whose one instance per agent process gets ``on_start(agent)``,
+    ``on_task(payload, agent)``, ``on_message(message, agent)`` and ``on_stop(agent)``.
+    For mesh work it may instead (or also) have ``scatter(payload, peers) -> [body per
+    peer]``, whose bodies travel in the peer messages, and ``gather(payload, bodies) ->
+    value``, called with the bodies this agent received once all expected ones arrived.
+    """
+    return AgentLoop(config, pm, agent_id, run_ref, handler).run()
 
 
 def read_skip_list(bus, agent_id: str) -> set[tuple[int, str]]:

@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["msg"]:  # a command agent's messaging call: the standard library only, fast
+        from .msg import main as msg_main
+
+        return msg_main(args_in[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

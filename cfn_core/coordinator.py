@@ -44,7 +44,7 @@ from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
-from .roles import by_role, check_role, counts, default_role, role_of, roles_of, share_out
+from .roles import by_role, check_role, counts, default_role, directory_document, role_of, roles_of, share_out
 
 log = logging.getLogger("cfn")
 
@@ -200,6 +200,8 @@ class CoordinatorContext:
         self.figures = AgentFigures()  # agents' plugin counters (agent_counters)
         self.spawn_failures: dict[str, str] = {}
         self._early_ready: dict[str, Message] = {}  # ready messages that arrived before their launch returned
+        self._directory: dict[str, dict] | None = None  # what write_directory last wrote
+        self._directory_warned = False
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: _Round | None = None
@@ -411,6 +413,7 @@ class CoordinatorContext:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + _TICK
+            self.write_directory()  # agents ready or gone since the last tick
             self._watchdog(now)
             self.live.tick(self, now)  # event log flush, messages per interval, snapshot, stop request
             self.hook.cfn_tick(ctx=self, now=now)
@@ -434,11 +437,46 @@ class CoordinatorContext:
                 self._on_ready(msg, handle, now)
             elif kind == "pong" and handle is not None:
                 handle.info["pong_at"] = now
+            elif kind == "status" and handle is not None:
+                self._on_status(msg, handle, now)
             else:
                 self.counters["unexpected"] += 1
         self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
         if self._in_execute and self._round is not None:
             self._round.collect += time.perf_counter() - t0
+
+    def _on_status(self, msg: Message, handle: AgentHandle, now: float) -> None:
+        """An agent's ``agent.status(text, **fields)``: the last one is kept on its handle."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        text, fields = body.get("text"), body.get("fields")
+        if not isinstance(text, str) or not isinstance(fields, dict):
+            self.counters["unexpected"] += 1
+            return
+        handle.info["status"] = {"text": text[:1000], "fields": fields}
+        handle.info["status_at"] = now
+        handle.info["statuses"] = handle.info.get("statuses", 0) + 1
+        self.counters["status"] += 1
+        self.note_status(handle)  # the event log's agent_status; cfn top reads it from the snapshot
+
+    def write_directory(self) -> None:
+        """Publish the run's agents (bus state ``directory``) when the set changed since the last write.
+
+        The document is :func:`cfn_core.roles.directory_document`'s (every reachable agent
+        with its role).  Agents read it lazily (``agent.peers()``, ``agent.send``).
+        """
+        if self.bus is None:
+            return
+        document = directory_document(self)
+        agents = document["agents"]
+        if agents != self._directory:
+            try:
+                self.bus.put_state("directory", json.dumps(document, sort_keys=True).encode())
+            except (CfnError, OSError) as exc:  # a full bus: the run goes on, agents keep the last copy
+                if not self._directory_warned:
+                    log.warning("could not write the run's directory (tried again every tick): %s", exc)
+                    self._directory_warned = True
+                return
+            self._directory = agents
 
     def _on_ready(self, msg: Message, handle: AgentHandle | None, now: float) -> None:
         if handle is None or handle.state == "exited":
@@ -1005,6 +1043,7 @@ class Coordinator:
             with self._phase(r, "ready"):
                 ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
             agent_ids = [a for a in agent_ids if ctx.agents[a].state == "ready"]
+            ctx.write_directory()  # before any task: a handler's agent.peers() sees the whole round
             res.agents = len(agent_ids)
             res.spawn_failures = dict(ctx.spawn_failures)
             # 3. distribute

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-
 
 class CfnError(Exception):
     """Base class of every error cfn raises on purpose.
@@ -35,11 +33,33 @@ class InboxFull(BusError):
     """An inbox holds ``bus.inbox_depth`` unread messages and the sender gave up waiting."""
 
 
+class UnknownAgent(CfnError):
+    """A message was addressed to an agent id or role that is not in the run's directory."""
+
+
+class NotJSON(CfnError, TypeError):
+    """A message body (or a status field) is not a JSON value; the message names the type."""
+
+
+class ReceiveTimeout(CfnError, TimeoutError):
+    """``agent.receive(timeout=...)`` found no matching message in time."""
+
+
+class RequestTimeout(CfnError, TimeoutError):
+    """``agent.request(...)`` got no reply in time."""
+
+
+class PeerGone(CfnError):
+    """``agent.request(...)``: the peer left the run's directory before it replied."""
+
+
 class ResourceLimitError(CfnError):
     """The machine cannot hold the requested agents (file descriptors, processes)."""
 
 
 def did_you_mean(word: str, choices) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
+    import difflib  # here: `cfn msg`, which imports this module, must start fast
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

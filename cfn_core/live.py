@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from .report import percentile
+from .roles import role_of
 
 #: seconds between two snapshots (None: no snapshot, no stop request; benchmarks compare)
 SNAPSHOT_SECONDS: float | None = 0.25
@@ -119,7 +120,7 @@ def build_snapshot(ctx, live: Live, now: float) -> dict[str, Any]:
     for handle in ctx.agents.values():
         if not handle.alive:
             continue
-        role = handle.info.get("role", "worker")
+        role = role_of(ctx.config, handle.id).name
         state = "busy" if handle.outstanding and handle.state == "ready" else handle.state
         by_state[state] = by_state.get(state, 0) + 1
         per_role = by_role.setdefault(role, {})

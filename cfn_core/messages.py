@@ -11,7 +11,9 @@ even for thousands of messages sent in the same millisecond or by a replacement
 of a dead agent.  The one exception is a mesh peer message, whose id
 (:func:`peer_message_id`) must be the same when a replacement re-sends it, so
 that its receiver counts it once; its ``seq`` still comes from the sender's
-counter.
+counter.  Likewise a user message sent while a task runs has the id
+:func:`user_message_id` (``{sender}.{round}.{task}.m{n}``): a retried task re-sends
+the same ids and receivers de-duplicate them.
 
 ``round`` is the round's number within the coordinator's session: 1, 2, ...
 across every ``Coordinator.run`` of one session, never restarting, so the
@@ -37,8 +39,11 @@ COORDINATOR_ID = "_coordinator"
 
 #: Message kinds.  ``task``/``result`` carry work, ``peer`` is an agent-to-agent
 #: message of the mesh workload, ``ready`` is an agent's answer to being
-#: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks.
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong"})
+#: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks,
+#: ``user`` is a message user code sent to another agent (``agent.send``; its body is
+#: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
+#: "t": topic or null}``) and ``status`` an agent's ``agent.status`` for the coordinator.
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -222,6 +227,15 @@ def peer_message_id(round: int, task: str, index: int) -> str:
     repeat) apart from an earlier one's.
     """
     return f"{task}.r{round}.p{index}"
+
+
+def user_message_id(sender: str, round: int, task: str, n: int) -> str:
+    """The id of the ``n``-th user message (1, 2, ...) a task attempt sends.
+
+    Derived from what a retried attempt knows, so its re-sends carry the ids of the
+    first attempt's and their receivers drop them as copies.
+    """
+    return f"{sender}.{round}.{task}.m{n}"
 
 
 _FACTORY_ID_RE = re.compile(r"(.+)\.([0-9]+)\.([0-9]+)")

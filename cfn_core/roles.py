@@ -174,12 +174,18 @@ def directory_document(ctx) -> dict:
     """The run's directory (bus state ``directory``, docs/USER_GUIDE.md "Roles"): who is in the run.
 
     ``{"v": 1, "agents": {id: {"role": role}}, "roles": [names]}`` over the session's
-    ready agents (a pool's idle agents included: they are reachable), ids sorted.
-    ``roles`` lists every role of the run, those whose agents are not ready too, so a
-    reader can tell a role that has no agent now from a name that is no role at all.
+    reachable agents, ids sorted: the ready ones (a pool's idle agents included), those
+    asked to stop, and those being replaced after a death (a replacement re-reads what
+    was sent to its predecessor, so it stays addressable).  ``roles`` lists every role of
+    the run, those whose agents are not ready too, so a reader can tell a role that has
+    no agent now from a name that is no role at all.
     """
     config = ctx.config
-    ready = sorted(h.id for h in ctx.agents.values() if h.state == "ready")
+    ready = sorted(
+        h.id
+        for h in ctx.agents.values()
+        if h.state in ("ready", "stopping") or (h.state == "starting" and h.incarnation > 1)
+    )
     return {
         "v": 1,
         "agents": {agent_id: {"role": role_of(config, agent_id).name} for agent_id in ready},

@@ -82,6 +82,7 @@ EXPECT = {
     "README.md: cfn clean": r"0 stale run\(s\) removed",
     "README.md: from cfn_core import Coordinator, load_config": r"(?m)^1\.0 \{'spawn': ",
     "docs/USER_GUIDE.md: cfn run": r"cfn run: OK ",
+    "docs/USER_GUIDE.md: # two agents: one task asks, the other agent answers in on_message": r"(?m)^agent-0002 got 'hello'$",
     "docs/USER_GUIDE.md: cfn run --json | python -c 'import json,sys; r=json.load(sys.stdin); "
     "print(r[\"delivery_rate\"], r[\"phases\"][\"spawn\"])'": r"(?m)^1\.0 \d",
     "docs/USER_GUIDE.md: from cfn_core import Coordinator, Task, load_config":
@@ -106,6 +107,10 @@ def _prepare(page: str, workdir: Path) -> None:
         shutil.copy(ROOT / "cfn.toml", workdir / "cfn.toml")  # the README is read in the repository
     elif page == "docs/USER_GUIDE.md":
         (workdir / "cfn.toml").write_text(SMALL_CFN_TOML)
+        for s in snippets(ROOT, page):  # the handler modules the guide shows (# pingpong.py)
+            m = re.match(r"# ([\w.-]+\.py)$", s.first_line)
+            if s.lang == "python" and m:
+                (workdir / m.group(1)).write_text(s.text)
     else:
         # the files the guide names in their first line (# my_plugin.py, # pyproject.toml, ...)
         for s in snippets(ROOT, page):
