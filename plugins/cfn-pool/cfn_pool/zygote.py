@@ -340,7 +340,7 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
     The forker is a subreaper: when one of its agents dies by a signal (the
     coordinator's SIGKILL of a hung agent, a crash), what that agent's handler
     had started is adopted here, and killed at once.  ``keep``: other children
-    that are not agents (the main zygote's forkers).
+    that are not agents (the main zygote's forkers), waited for at the end.
     """
     from cfn_core import become_subreaper, kill_leftovers
 
@@ -427,12 +427,15 @@ def serve(sock: socket.socket, run_ref: str, config, pm, handler, keep: frozense
         except ProcessLookupError:
             pass
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for pid in list(children):
+    for pid in list(children) + list(keep):  # the other forkers see end of file on their sockets too
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    kill_leftovers(keep=keep)  # whatever the killed agents' handlers had started
+    # whatever the killed agents' handlers had started (and, here, what the forkers left, adopted by
+    # this subreaper): with no child to keep, one system call finds there is none, where keeping the
+    # forkers meant listing every process of the machine (psutil), 30-100 ms on a busy one
+    kill_leftovers()
 
 
 #: trivial tasks the warm-up agent runs before the zygote forks anything
@@ -541,12 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(code)
         forkers.append(pid)
         sock.close()
-    serve(socks[0], args.run, config, pm, handler, keep=frozenset(forkers))
-    for pid in forkers:  # they see end of file on their sockets too
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    serve(socks[0], args.run, config, pm, handler, keep=frozenset(forkers))  # waits for the forkers at the end
     return 0
 
 
