@@ -782,6 +782,8 @@ class Coordinator:
                         error = CfnError(
                             f"[run] metrics_file = {self.config.run.metrics_file!r}: cannot write it: {exc.strerror}"
                         )
+                if self._janitor is not None:
+                    self._janitor.sweep()  # every agent is gone: it sweeps while the run directory is removed
                 if ctx.bus is not None:
                     ctx.bus.destroy()
                 ctx._selector.close()
