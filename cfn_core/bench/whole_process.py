@@ -20,8 +20,9 @@ repetitions), so a machine whose speed drifts affects all of them alike: the
 figures to read are the ratios of one run, to the floor and to the best
 standard-library peer.  Every run's CPU time (user + system of the arm's whole
 process tree, all of it reaped by the time the arm exits) is recorded too: on a
-machine shared with other work it varies much less than the wall time.  Every arm checks its N echoes; an arm that did not get
-all of them back counts as failed and the command exits 1.
+machine shared with other work it varies much less than the wall time.  Every
+arm checks its N echoes; an arm that did not get all of them back counts as
+failed and the command exits 1.
 
 The stand-alone scripts use only the standard library (importing cfn would
 charge its import time to them); the stdlib ones ask for the ``fork`` start
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "load_average": list(os.getloadavg())},
         "settings": {"agents": args.agents, "repeat": args.repeat, "plugins": args.plugins,
                      "payload_bytes": args.payload_bytes, "set": args.settings, "arms": list(arms),
-                     "cfn_python": {"cfn": sys.executable, **{f"cfn@{label}": path for label, path in args.others}}},
+                     "cfn_python": {"cfn": sys.executable, **pythons}},
         "runs": [],
     }
     # a directory of its own, so that cfn run finds no cfn.toml above it: its defaults and these flags only
