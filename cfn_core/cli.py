@@ -318,7 +318,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: subcommands defined in this module: ``cfn run`` and these do not need the plugins' commands
+_KERNEL_COMMANDS = frozenset({"run", "init", "plugins", "clean", "top", "stop"})
+
+
+def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
+    """The ``cfn`` parser; ``plugin_commands=False`` leaves out ``cfn bench`` and the plugins' commands.
+
+    Adding those imports every installed plugin (a distributed bus's client library
+    among them): ~0.1 s of every ``cfn run``, which needs none of them.
+    """
     parser = _Parser(prog="cfn", description="coordinate agent processes over a lossless message bus")
     parser.add_argument("--version", action="version", version=f"cfn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,20 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_watch_commands(sub)
 
-    # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)
-    from .plugins import add_plugin_commands
+    if plugin_commands:
+        # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)
+        from .plugins import add_plugin_commands
 
-    add_plugin_commands(sub)
+        add_plugin_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args_in = sys.argv[1:] if argv is None else argv
-    if args_in[:1] == ["msg"]:  # a command agent's messaging call: the standard library only, fast
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["msg"]:  # a command agent's messaging call: the standard library only, fast
         from .msg import main as msg_main
 
-        return msg_main(args_in[1:])
-    parser = build_parser()
+        return msg_main(words[1:])
+    command = next((w for w in words if not w.startswith("-")), None)
+    # `cfn --help` and any other command list (or are) the plugins' commands too
+    parser = build_parser(plugin_commands=command not in _KERNEL_COMMANDS)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -897,6 +897,8 @@ class Coordinator:
                     interrupted=bool(result and result.interrupted),
                 )
                 ctx.events.close()
+                if self._janitor is not None:
+                    self._janitor.sweep()  # every agent is gone: it sweeps while the run directory is removed
                 if ctx.bus is not None:
                     ctx.bus.destroy()
                 ctx._selector.close()

@@ -14,6 +14,7 @@ And the three pieces that keep processes from outliving their run
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import os
 import resource
@@ -325,6 +326,14 @@ class Janitor:
             os.close(self._write_end)
             self._write_end = None
 
+    def sweep(self) -> None:
+        """Let it sweep now (end of file), without waiting: :meth:`close` waits.  Idempotent.
+
+        For a coordinator whose agents are all gone: it can remove the run directory
+        while the janitor reads ``/proc`` (tens of milliseconds on a busy machine).
+        """
+        self._close_pipe()
+
     def close(self, timeout: float = 15.0) -> None:
         """Let it sweep (end of file) and wait for it; kill it if it does not finish in ``timeout``."""
         self._close_pipe()
@@ -363,16 +372,19 @@ def interrupts_deferred():
         yield
         return
     arrived: list[int] = []
-    # a handler not set from Python (getsignal: None) could not be put back: left alone
-    swap = [sig for sig in _INTERRUPTS if signal.getsignal(sig) is not None]
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in swap}
+    # a handler not set from Python (getsignal: None) could not be put back: left alone.
+    # _signal's functions, not signal's: these run around every agent launch, and signal's
+    # wrappers convert every number to and from an enum (4 us a call; 0.3 us without)
+    swap = [sig for sig in _INTERRUPTS if _signal.getsignal(sig) is not None]
+    note = arrived.append
+    previous = {sig: _signal.signal(sig, lambda signum, frame: note(signum)) for sig in swap}
     _deferring = True
     try:
         yield
     finally:
         _deferring = False
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
         if arrived:
             _handle_late(arrived[0], previous[arrived[0]])
 

@@ -22,7 +22,7 @@ def test_smoke_every_arm_completes_with_every_echo(tmp_path, bus_root, no_leaks)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("whole process, cold, 1 alternating repetition(s)")
     assert lines[1].startswith("load average (1/5/15 min): ") and "at the end" in lines[1]
-    assert lines[3].split() == ["N", "arm", "median", "min", "vs", "floor", "vs", "best", "stdlib", "completed"]
+    assert lines[3].split() == ["N", "arm", "median", "min", "vs", "floor", "vs", "best", "stdlib", "CPU", "completed"]
     rows = [line for line in lines[4:] if line.split()[:1] == ["2"]]
     assert len(rows) == len(ARMS) and all(row.endswith("1/1") for row in rows), proc.stdout
     assert "FAILED" not in proc.stdout
@@ -38,6 +38,21 @@ def test_smoke_every_arm_completes_with_every_echo(tmp_path, bus_root, no_leaks)
     assert min(summary[a]["vs_best_stdlib"] for a in ("processpool", "mp-pipes")) == 1.0
     assert all(summary[a]["vs_floor"] > 0 and summary[a]["vs_best_stdlib"] > 0 for a in ARMS)
     assert set(summary["cfn"]["cfn_medians"]) == {"open_seconds", "seconds", "close_seconds", "total_seconds"}
+    assert all(run["cpu_seconds"] > 0 for run in result["runs"])  # the arm's whole tree, reaped
+
+
+def test_another_interpreter_runs_the_cfn_arm_side_by_side(tmp_path, bus_root, no_leaks):
+    """--cfn-python LABEL=PYTHON: a second cfn arm (another checkout's venv), alternated with the rest."""
+    out = tmp_path / "whole.json"
+    proc = whole_process("--agents", "2", "--repeat", "2", "--json", str(out), "--set", f"bus.root={bus_root}",
+                         "--cfn-python", f"other={sys.executable}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["settings"]["arms"] == ["cfn", "cfn@other", "processpool", "mp-pipes", "floor"]
+    assert [r["arm"] for r in result["runs"] if r["repetition"] == 2][:2] == ["cfn@other", "processpool"]  # rotated
+    other = next(r for r in result["summary"] if r["arm"] == "cfn@other")
+    assert other["completed"] == 2 and other["label"].endswith("[other]") and other["vs_floor"] > 0
+    assert "cfn@other at 2, inside the run" in proc.stdout
 
 
 def test_a_missing_echo_or_a_plugin_fallback_fails_the_arm():
@@ -51,7 +66,8 @@ def test_a_missing_echo_or_a_plugin_fallback_fails_the_arm():
     assert "plugin fallbacks" in check_output("cfn", 2, 4, 0, json.dumps(cfn), "")["error"]
 
 
-@pytest.mark.parametrize("args", [["--agents", "abc"], ["--agents", "0,5"], ["--repeat", "0"]])
+@pytest.mark.parametrize("args", [["--agents", "abc"], ["--agents", "0,5"], ["--repeat", "0"],
+                                  ["--cfn-python", "nolabel"], ["--cfn-python", "x=/no/such/python"]])
 def test_bad_arguments_are_one_line_and_exit_2(args):
     proc = whole_process(*args)
     assert proc.returncode == 2

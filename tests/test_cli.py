@@ -346,3 +346,29 @@ def test_handler_output_never_corrupts_json_stdout(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
     assert proc.stderr.count("hello from the handler") == 2  # it went to stderr instead
+
+
+def test_kernel_commands_do_not_import_the_plugins_commands(tmp_path):
+    """`cfn run` needs no plugin's subcommands: building them imported every installed plugin
+    (a Redis client among them), ~0.1 s of every run.  `cfn --help` still lists them."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        from cfn_core import cli
+        try:
+            cli.main(sys.argv[1:])
+        except SystemExit:
+            pass
+        print("IMPORTED", sorted(m for m in sys.modules if m in ("cfn_core.bench.cli", "cfn_redis", "cfn_batch")))
+        """
+    )
+    def imported(*args):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("IMPORTED")]
+        assert line, (proc.stdout, proc.stderr)
+        return line[0], proc.stdout
+
+    assert imported("run", "--help")[0] == "IMPORTED []"
+    assert imported("plugins", "--help")[0] == "IMPORTED []"
+    listed, out = imported("--help")
+    assert "cfn_core.bench.cli" in listed and "bench" in out

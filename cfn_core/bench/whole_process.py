@@ -1,6 +1,7 @@
 """Whole process, cold: ``cfn run`` against the scripts a user would write instead, and the fork floor.
 
     python -m cfn_core.bench.whole_process --agents 100,500 --repeat 3 [--json out.json]
+        [--cfn-python main=/path/to/other/venv/bin/python]
 
 For every N, four arms each run as a fresh interpreter, timed from the
 subprocess's start to its exit (interpreter start, imports, N process starts,
@@ -9,13 +10,19 @@ one echo task per process, shutdown):
 - ``cfn``: ``cfn run --agents N --plugins pool,parallel --set pool.size=N --strict --json --results``;
 - ``processpool``: a stand-alone ``ProcessPoolExecutor(max_workers=N)`` script, N tasks;
 - ``mp-pipes``: a stand-alone script of N ``multiprocessing.Process`` with a ``Pipe`` each;
-- ``floor``: a stand-alone script that ``os.fork()``s N children, each echoing one pipe message.
+- ``floor``: a stand-alone script that ``os.fork()``s N children, each echoing one pipe message;
+- ``cfn@LABEL`` (one per ``--cfn-python LABEL=PYTHON``): the ``cfn`` arm run by another
+  interpreter, e.g. the venv of a git worktree of another commit, so that two checkouts
+  are compared side by side in one run.
 
 The arms alternate within each repetition (and the first arm rotates between
 repetitions), so a machine whose speed drifts affects all of them alike: the
 figures to read are the ratios of one run, to the floor and to the best
-standard-library peer.  Every arm checks its N echoes; an arm that did not get
-all of them back counts as failed and the command exits 1.
+standard-library peer.  Every run's CPU time (user + system of the arm's whole
+process tree, all of it reaped by the time the arm exits) is recorded too: on a
+machine shared with other work it varies much less than the wall time.  Every
+arm checks its N echoes; an arm that did not get all of them back counts as
+failed and the command exits 1.
 
 The stand-alone scripts use only the standard library (importing cfn would
 charge its import time to them); the stdlib ones ask for the ``fork`` start
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -130,6 +138,8 @@ SCRIPTS = {"processpool": PROCESSPOOL_SCRIPT, "mp-pipes": MP_PIPES_SCRIPT, "floo
 
 def arm_label(arm: str, plugins: str) -> str:
     """What the table calls an arm."""
+    if arm.startswith("cfn@"):
+        return arm_label("cfn", plugins) + f" [{arm[4:]}]"
     if arm == "cfn":
         size = ", pool.size=N" if "pool" in plugins.split(",") else ""
         return f"cfn run ({plugins or 'baseline'}{size})"
@@ -140,11 +150,12 @@ def arm_label(arm: str, plugins: str) -> str:
     }[arm]
 
 
-def arm_command(arm: str, agents: int, payload_bytes: int, plugins: str, settings: list[str]) -> list[str]:
-    """The command line of one arm: a fresh interpreter each time."""
-    if arm != "cfn":
+def arm_command(arm: str, agents: int, payload_bytes: int, plugins: str, settings: list[str],
+                python: str | None = None) -> list[str]:
+    """The command line of one arm: a fresh interpreter each time (``python``: another one, for ``cfn@LABEL``)."""
+    if not is_cfn(arm):
         return [sys.executable, "-c", SCRIPTS[arm], str(agents), str(payload_bytes)]
-    cmd = [sys.executable, "-m", "cfn_core", "run", "--agents", str(agents), "--plugins", plugins,
+    cmd = [python or sys.executable, "-m", "cfn_core", "run", "--agents", str(agents), "--plugins", plugins,
            "--topology", "star", "--rounds", "1", "--tasks", "0", "--handler", "cfn_core.handlers:echo",
            "--payload-bytes", str(payload_bytes), "--strict", "--json", "--results"]
     if "pool" in plugins.split(","):
@@ -152,6 +163,11 @@ def arm_command(arm: str, agents: int, payload_bytes: int, plugins: str, setting
     for item in settings:
         cmd += ["--set", item]
     return cmd
+
+
+def is_cfn(arm: str) -> bool:
+    """``cfn`` and the ``cfn@LABEL`` arms of other interpreters."""
+    return arm == "cfn" or arm.startswith("cfn@")
 
 
 def _last_json_line(text: str):
@@ -166,7 +182,7 @@ def _last_json_line(text: str):
 def check_output(arm: str, agents: int, payload_bytes: int, returncode: int, stdout: str, stderr: str) -> dict:
     """Did the arm echo all N payloads? ``{"ok", "echoed", "error"}`` plus, for cfn, its own timings."""
     out: dict = {"ok": False, "echoed": 0, "error": None}
-    if arm == "cfn":
+    if is_cfn(arm):
         try:
             data = json.loads(stdout)
         except json.JSONDecodeError:
@@ -196,9 +212,16 @@ def check_output(arm: str, agents: int, payload_bytes: int, returncode: int, std
     return out
 
 
-def run_arm(arm: str, agents: int, payload_bytes: int, plugins: str, settings: list[str], cwd: str, timeout: float) -> dict:
-    """One cold run of one arm, timed from the subprocess's start to its exit."""
-    cmd = arm_command(arm, agents, payload_bytes, plugins, settings)
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_arm(arm: str, agents: int, payload_bytes: int, plugins: str, settings: list[str], cwd: str, timeout: float,
+            python: str | None = None) -> dict:
+    """One cold run of one arm, timed from the subprocess's start to its exit (and its CPU time)."""
+    cmd = arm_command(arm, agents, payload_bytes, plugins, settings, python)
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
@@ -206,33 +229,34 @@ def run_arm(arm: str, agents: int, payload_bytes: int, plugins: str, settings: l
         return {"arm": arm, "agents": agents, "seconds": None, "ok": False, "echoed": 0,
                 "error": f"no exit within {timeout:g} s"}
     seconds = time.perf_counter() - t0
-    return {"arm": arm, "agents": agents, "seconds": seconds,
+    return {"arm": arm, "agents": agents, "seconds": seconds, "cpu_seconds": _children_cpu() - cpu0,
             **check_output(arm, agents, payload_bytes, proc.returncode, proc.stdout, proc.stderr)}
 
 
-def summarize(runs: list[dict], agents: list[int], plugins: str) -> list[dict]:
+def summarize(runs: list[dict], agents: list[int], plugins: str, arms: tuple[str, ...] = ARMS) -> list[dict]:
     """Per N and arm: median and min of the completed runs, ratios of the medians to the floor and the best stdlib peer."""
     rows = []
     for n in agents:
         medians = {}
-        for arm in ARMS:
+        for arm in arms:
             times = [r["seconds"] for r in runs if r["agents"] == n and r["arm"] == arm and r["ok"]]
             medians[arm] = statistics.median(times) if times else None
         stdlib = [medians[a] for a in STDLIB if medians[a] is not None]
         best_stdlib = min(stdlib) if stdlib else None
         floor = medians["floor"]
-        for arm in ARMS:
+        for arm in arms:
             mine = [r for r in runs if r["agents"] == n and r["arm"] == arm]
             done = [r for r in mine if r["ok"]]
             med = medians[arm]
             row = {
                 "agents": n, "arm": arm, "label": arm_label(arm, plugins), "runs": len(mine), "completed": len(done),
                 "median": med, "min": min((r["seconds"] for r in done), default=None),
+                "cpu_median": statistics.median(r["cpu_seconds"] for r in done) if done else None,
                 "vs_floor": med / floor if med is not None and floor else None,
                 "vs_best_stdlib": med / best_stdlib if med is not None and best_stdlib else None,
                 "errors": sorted({r["error"] for r in mine if r["error"]}),
             }
-            if arm == "cfn" and done:
+            if is_cfn(arm) and done:
                 row["cfn_medians"] = {
                     k: statistics.median(r["cfn"][k] for r in done)
                     for k in ("open_seconds", "seconds", "close_seconds", "total_seconds")
@@ -260,10 +284,10 @@ def render_table(result: dict) -> str:
         f"load average (1/5/15 min): {load(m['load_average'])} at the start, {load(m['load_average_end'])} at the end",
         "",
     ]
-    header = ["N", "arm", "median", "min", "vs floor", "vs best stdlib", "completed"]
+    header = ["N", "arm", "median", "min", "vs floor", "vs best stdlib", "CPU", "completed"]
     body = [
         [str(r["agents"]), r["label"], _s(r["median"]), _s(r["min"]), _x(r["vs_floor"]), _x(r["vs_best_stdlib"]),
-         f"{r['completed']}/{r['runs']}"]
+         _s(r.get("cpu_median")), f"{r['completed']}/{r['runs']}"]
         for r in result["summary"]
     ]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
@@ -273,7 +297,7 @@ def render_table(result: dict) -> str:
         if r.get("cfn_medians"):
             cm = r["cfn_medians"]
             lines.append(
-                f"cfn at {r['agents']}, inside the run (medians): open {_s(cm.get('open_seconds'))}, "
+                f"{r['arm']} at {r['agents']}, inside the run (medians): open {_s(cm.get('open_seconds'))}, "
                 f"round {_s(cm.get('seconds'))}, close {_s(cm.get('close_seconds'))}, total {_s(cm.get('total_seconds'))}"
             )
         for err in r["errors"]:
@@ -289,6 +313,15 @@ def _agent_counts(text: str) -> list[int]:
     if not counts or any(n < 1 for n in counts):
         raise argparse.ArgumentTypeError(f"--agents {text!r}: expected positive whole numbers separated by commas, e.g. 100,500")
     return counts
+
+
+def _other_python(text: str) -> tuple[str, str]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not all(c.isalnum() or c in "-_." for c in label) or not path:
+        raise argparse.ArgumentTypeError(f"--cfn-python {text!r}: expected LABEL=PYTHON, e.g. main=/tmp/venv-main/bin/python")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise argparse.ArgumentTypeError(f"--cfn-python {text!r}: {path} is not an executable file")
+    return label, path
 
 
 def _positive(text: str) -> int:
@@ -314,30 +347,39 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to cfn run's --set (repeatable), e.g. bus.root=/dev/shm/mine")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one arm may take (default 900)")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write every run and the summary here")
+    parser.add_argument("--cfn-python", dest="others", action="append", type=_other_python, default=[],
+                        metavar="LABEL=PYTHON", help="also run the cfn arm with this interpreter (another checkout's venv), "
+                        "as arm cfn@LABEL, alternating with the others (repeatable)")
     args = parser.parse_args(argv)
     if args.payload_bytes < 0:
         parser.error(f"--payload-bytes {args.payload_bytes}: must be 0 or more")
 
+    pythons = {f"cfn@{label}": path for label, path in args.others}
+    if len(pythons) != len(args.others):
+        parser.error("--cfn-python: every LABEL must be different")
+    arms = ARMS[:1] + tuple(pythons) + ARMS[1:]
     result = {
         "format": "cfn-whole-process/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0], "load_average": list(os.getloadavg())},
         "settings": {"agents": args.agents, "repeat": args.repeat, "plugins": args.plugins,
-                     "payload_bytes": args.payload_bytes, "set": args.settings, "arms": list(ARMS)},
+                     "payload_bytes": args.payload_bytes, "set": args.settings, "arms": list(arms),
+                     "cfn_python": {"cfn": sys.executable, **pythons}},
         "runs": [],
     }
     # a directory of its own, so that cfn run finds no cfn.toml above it: its defaults and these flags only
     with tempfile.TemporaryDirectory(prefix="cfn-whole-process-") as cwd:
         for rep in range(args.repeat):
-            order = ARMS[rep % len(ARMS):] + ARMS[:rep % len(ARMS)]
+            order = arms[rep % len(arms):] + arms[:rep % len(arms)]
             for n in args.agents:
                 for arm in order:
                     print(f"whole_process: rep {rep + 1}/{args.repeat}, {n} agents, {arm}", file=sys.stderr, flush=True)
-                    run = run_arm(arm, n, args.payload_bytes, args.plugins, args.settings, cwd, args.timeout)
+                    run = run_arm(arm, n, args.payload_bytes, args.plugins, args.settings, cwd, args.timeout,
+                                  pythons.get(arm))
                     run["repetition"] = rep + 1
                     result["runs"].append(run)
     result["machine"]["load_average_end"] = list(os.getloadavg())
-    result["summary"] = summarize(result["runs"], args.agents, args.plugins)
+    result["summary"] = summarize(result["runs"], args.agents, args.plugins, arms)
     print(render_table(result))
     if args.json_path:
         with open(args.json_path, "w") as f:

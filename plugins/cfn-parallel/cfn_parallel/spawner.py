@@ -137,7 +137,8 @@ def spawn(ctx, st: SpawnState, agent_ids: list[str]) -> SpawnReport:
                 break
             while retry and retry[0][0] <= now:
                 queue.append(heapq.heappop(retry)[2])
-            window = 1 if sequential else throttle.current(now)
+            oldest = next(iter(inflight.values()), None)  # launch order: the first is the oldest
+            window = 1 if sequential else throttle.current(now, oldest)
             while queue and len(inflight) < window:
                 agent_id = queue.popleft()
                 attempts[agent_id] += 1

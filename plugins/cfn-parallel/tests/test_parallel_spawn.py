@@ -201,3 +201,53 @@ def test_with_pool_a_miss_that_crashes_is_retried_and_joins_the_pool(make_config
     assert flaky.launches["pool-00003"] == 2
     assert result.plugin_figures["parallel"]["retries"] == 1
     assert result.plugin_figures["pool"]["misses"] == 2
+
+
+def _pressured(**kw):
+    """Settings under which any machine counts as busy: CPU above 1%, load above 0.01 per CPU."""
+    from cfn_parallel import ParallelSettings
+
+    return ParallelSettings(parallelism=64, max_cpu_percent=1.0, max_load=0.01, min_window=4, **kw)
+
+
+def _samples(throttle, oldest_age: float, samples: int = 4) -> list[int]:
+    """The window at ``samples`` successive samples, the CPU kept busy between them (the pressure)."""
+    import time
+
+    windows = []
+    for _ in range(samples):
+        end = time.monotonic() + 0.12  # just past the 100 ms sampling period, spent on the CPU
+        while time.monotonic() < end:
+            pass
+        now = time.monotonic()
+        windows.append(throttle.current(now, None if oldest_age is None else now - oldest_age))
+    return windows
+
+
+def test_pressure_holds_back_only_agents_that_are_slow_to_become_ready():
+    """The window is for fresh interpreters starved of CPU: agents forked in milliseconds are not held
+    at the floor by a busy machine (that only serialized the launches), slow ones still are."""
+    from cfn_parallel.throttle import Throttle
+
+    fast = Throttle(_pressured(timeout=5.0))
+    fast.begin()
+    assert _samples(fast, oldest_age=0.01) == [8, 16, 32, 64]  # slow start, doubled at every sample
+    assert fast.engaged == 0
+    idle = Throttle(_pressured(timeout=5.0))
+    idle.begin()
+    assert _samples(idle, oldest_age=None)[-1] == 64  # nothing starting: nothing slow either
+
+    slow = Throttle(_pressured(timeout=5.0))
+    slow.begin()
+    assert _samples(slow, oldest_age=1.0) == [4, 4, 4, 4]  # 1 s > a tenth of the timeout: pressure counts
+    assert slow.engaged == 4
+
+
+def test_forked_agents_on_a_busy_machine_are_not_throttled(make_config):
+    """A pool's zygote forks agents ready in milliseconds: the spawn never cuts its window for them."""
+    result = run(
+        make_config, plugins=("pool", "parallel"), agents=24, pool={"size": 24},
+        parallel={"parallelism": 32, "max_cpu_percent": 1.0, "max_load": 0.01, "timeout": 120.0},
+    )
+    assert result.ok
+    assert result.plugin_figures["parallel"]["throttle_engaged"] == 0, result.plugin_figures["parallel"]

@@ -185,12 +185,15 @@ class Pool:
         if self.zygote is None:
             return None  # the baseline launcher (a fresh interpreter)
         if self.upcoming and self.pipeline:
-            # pipelining: keep the zygote forking the next agents of this spawn while we register this one
+            # pipelining: keep the zygote forking the next agents of this spawn while we register this one,
+            # topped up in chunks: every request wakes a forker and every answer wakes us, so one request
+            # per half of fork_ahead (not one per launch) lets each side handle a batch per wake-up
             want = [] if self.zygote.requested(agent_id) else [agent_id]
-            while self.upcoming and self.zygote.outstanding + len(want) < self.s.fork_ahead:
-                nxt = self.upcoming.popleft()
-                if nxt != agent_id and nxt not in ctx.agents:  # not already started by another launcher
-                    want.append(nxt)
+            if self.zygote.outstanding + len(want) <= self.s.fork_ahead // 2:
+                while self.upcoming and self.zygote.outstanding + len(want) < self.s.fork_ahead:
+                    nxt = self.upcoming.popleft()
+                    if nxt != agent_id and nxt not in ctx.agents:  # not already started by another launcher
+                        want.append(nxt)
             self.zygote.request(want)
         pid = self.zygote.take(agent_id, timeout=max(self.s.warmup_timeout, 1.0))
         handle = ctx.new_handle(agent_id, pid)

@@ -36,3 +36,11 @@ def record_call(payload):
     with open(os.environ["CFN_TEST_CALLS"], "a") as f:
         f.write(f"{os.getpid()} {payload!r}\n")
     return payload
+
+
+def log_warning(payload):
+    """Log one warning through the root logger (the zygote's handler, as the agent formats it)."""
+    import logging
+
+    logging.getLogger("pool-test").warning("handler says %s", payload)
+    return payload

@@ -277,3 +277,19 @@ def test_zygote_warm_up_never_calls_the_users_handler(make_config, pool_env, mon
     assert result.ok
     lines = calls.read_text().splitlines()
     assert sorted(line.split(" ", 1)[1] for line in lines) == ["'a'", "'b'"]  # the two tasks, no warm-up call
+
+
+def test_a_forked_agents_log_lines_name_the_agent(pool_env, bus_root, tmp_path):
+    """The formatter is set up once in the zygote and renamed in each agent: the lines still say whose they are."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfn_core", "run", "--agents", "2", "--plugins", "pool", "--set", "pool.size=2",
+         "--set", f"bus.root={bus_root}", "--handler", "pool_test_handlers:log_warning", "--json", "--strict"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line for line in proc.stderr.splitlines() if "handler says" in line)
+    assert len(lines) == 2, proc.stderr
+    assert all(re.fullmatch(r"cfn agent pool-\d{5}: handler says x+", line) for line in lines), lines
+    assert len({line.split(":")[0] for line in lines}) == 2  # each agent its own name, not the last one forked
