@@ -120,7 +120,12 @@ def load_handler(workload) -> Callable[..., Any]:
     func = getattr(module, funcname, None)
     if not callable(func):
         raise ConfigError(f"{where} handler = {spec!r}: module {modname!r} has no function {funcname!r}")
-    if isinstance(func, type) and not callable(getattr(func, "on_task", None)):
+    # a class agent is a class with any of the on_* methods; any other class is a plain
+    # callable (``builtins:set``), as it always was
+    hooks = ("on_start", "on_task", "on_message", "on_stop")
+    if isinstance(func, type) and any(callable(getattr(func, h, None)) for h in hooks) and not callable(
+        getattr(func, "on_task", None)
+    ):
         raise ConfigError(
             f"{where} handler = {spec!r}: class {funcname!r} has no method on_task(self, payload, agent) "
             "(a class agent may also define on_start, on_message and on_stop)"
@@ -443,14 +448,13 @@ class AgentLoop:
             self.read_inbox()
             self.run_tasks()
             self.finish_waiting()
-            if self.stopping and not self.waiting and not self.queued:
-                # what arrived before the stop is handled first (on_message), then the agent exits
-                self.deliver_messages()
-                if not self.queued:
-                    break
             self.deliver_messages()
             if self.queued:  # on_message read a task: run it before sleeping
                 continue
+            # checked after on_message ran: a stop it read (inside agent.receive) rings no
+            # doorbell again, and what arrived before the stop was handled first
+            if self.stopping and not self.waiting:
+                break
             self.settle()
             self.sleep()
         self.user.stop(self)

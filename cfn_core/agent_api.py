@@ -136,7 +136,7 @@ class UserCode:
         self.instance = None
         self.started = False
         self.start_error: str | None = None
-        if inspect.isclass(handler):
+        if inspect.isclass(handler) and callable(getattr(handler, "on_task", None)):
             self.instance = target = handler()  # one instance per agent process: its state lasts
             self._task = target.on_task
             self.wants_agent = True

@@ -473,7 +473,7 @@ class CoordinatorContext:
                 self.bus.put_state("directory", json.dumps(document, sort_keys=True).encode())
             except (CfnError, OSError) as exc:  # a full bus: the run goes on, agents keep the last copy
                 if not self._directory_warned:
-                    log.warning("could not write the run's directory (tried again every tick): %s", exc)
+                    log.info("could not write the run's directory (tried again every tick): %s", exc)
                     self._directory_warned = True
                 return
             self._directory = agents

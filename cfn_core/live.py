@@ -20,14 +20,18 @@ one pass over the handles and one file of about 100 KB, four times a second.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
 
 import orjson
 
+from .errors import CfnError
 from .report import percentile
 from .roles import role_of
+
+log = logging.getLogger("cfn")
 
 #: seconds between two snapshots (None: no snapshot, no stop request; benchmarks compare)
 SNAPSHOT_SECONDS: float | None = 0.25
@@ -58,6 +62,7 @@ class Live:
         self.next_messages = time.monotonic() + MESSAGES_SECONDS
         self.messages_mark = (0, 0)
         self.stop_seen = False
+        self.snapshot_warned = False
         self.finished: list[tuple[float, int]] = []  # (monotonic time, tasks finished by then), for throughput
 
     def tick(self, ctx, now: float) -> None:
@@ -68,7 +73,12 @@ class Live:
         if SNAPSHOT_SECONDS is None or now < self.next_snapshot:
             return
         self.next_snapshot = now + SNAPSHOT_SECONDS
-        ctx.bus.put_state(SNAPSHOT_KEY, orjson.dumps(build_snapshot(ctx, self, now)))
+        try:
+            ctx.bus.put_state(SNAPSHOT_KEY, orjson.dumps(build_snapshot(ctx, self, now)))
+        except (CfnError, OSError) as exc:  # a full bus: what watches the run must not end it
+            if not self.snapshot_warned:
+                log.debug("could not write the snapshot for cfn top (tried again every tick): %s", exc)
+                self.snapshot_warned = True
         if ctx._round is not None and not self.stop_seen:
             request = ctx.bus.get_state(STOP_KEY)
             if request is not None:

@@ -136,8 +136,10 @@ def _external_kill_run(make_config, scratch, plugins, agents, per_agent, work):
     round_ = _check_exactly_once(result, tasks)
     assert len(killer.killed) == killer.quota, "the killer found too few busy agents"
     charged = sum(r.attempts - 1 for r in result.results.values())
-    # a victim whose result was already on the bus is not charged; every other death charges one task
-    assert 0 < charged <= len(killer.killed)
+    # a victim whose result was already on the bus is not charged; every other death charges one
+    # task.  On a loaded machine the coordinator reads late, so every victim may have written its
+    # result before it was killed (charged 0, seen under load): exactly-once above is the guarantee
+    assert charged <= len(killer.killed)
     assert round_.retries >= charged
     print(f"\nexternal kill {set_id(plugins)}: {agents} agents, {count} tasks, {len(killer.killed)} SIGKILLed, "
           f"charged {charged}, retries {round_.retries}, duplicates dropped {round_.duplicates}, "
