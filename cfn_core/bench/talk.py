@@ -75,6 +75,26 @@ class LoadAgent:
         return {"started": started, "sent": sent, "done": time.time(), "received": senders}
 
 
+def delivery_errors(plan: dict[str, list[str]], received: dict[str, dict]) -> int:
+    """How many (receiver, sender) pairs did not get exactly what ``plan`` sent, in order.
+
+    ``plan`` is sender -> its receivers (message ``seq`` went to ``plan[sender][seq]``);
+    ``received`` is receiver -> its task's value (``"received"``: sender index -> seqs).
+    Exact means per-sender FIFO, nothing missing, nothing twice; an agent that did not
+    report counts as every pair it should have received.
+    """
+    index = {a: i for i, a in enumerate(sorted(plan))}
+    want: dict[str, dict[str, list[int]]] = {a: {} for a in plan}  # receiver -> sender index -> seqs
+    for sender, receivers in plan.items():
+        for seq, to in enumerate(receivers):
+            want[to].setdefault(str(index[sender]), []).append(seq)
+    wrong = 0
+    for receiver, pairs in want.items():
+        got = received.get(receiver, {}).get("received", {})
+        wrong += sum(1 for k in set(pairs) | set(got) if pairs.get(k) != got.get(k))
+    return wrong
+
+
 def throughput_arm(plugins: str, agents: int, messages: int, seed: int, timeout: float) -> dict:
     """One run of the throughput benchmark on ``plugins``; its figures and the delivery check."""
     from cfn_core import Coordinator, load_config, roles_of
@@ -97,18 +117,11 @@ def throughput_arm(plugins: str, agents: int, messages: int, seed: int, timeout:
     if failed:
         return {"ok": False, "error": f"{len(failed)} task(s) failed, e.g. {failed[0].agent}: {failed[0].error}"}
     by_agent = {r.agent: r.value for r in result.results.values()}
-    # exact delivery: each receiver got, from each sender, exactly the sequence numbers the
-    # plan sent it, in order (per-sender FIFO), none twice, none missing
-    want: dict[str, dict[str, list[int]]] = {a: {} for a in everyone}  # receiver -> sender index -> seqs
-    for sender, receivers in plan.items():
-        for seq, to in enumerate(receivers):
-            want[to].setdefault(str(index[sender]), []).append(seq)
-    wrong = sum(1 for receiver, value in by_agent.items() for k in set(want[receiver]) | set(value["received"])
-                if want[receiver].get(k) != value["received"].get(k))
+    wrong = delivery_errors(plan, by_agent)
     start = min(v["started"] for v in by_agent.values())
     end = max(v["done"] for v in by_agent.values())
     total = agents * messages
-    return {"ok": wrong == 0 and len(by_agent) == agents, "error": f"{wrong} (sender, receiver) pair(s) wrong",
+    return {"ok": wrong == 0, "error": f"{wrong} (sender, receiver) pair(s) wrong",
             "rate": total / (end - start), "seconds": end - start, "total": total, "plugins": "+".join(result.plugins)}
 
 
