@@ -1,10 +1,9 @@
-"""examples/mapreduce: 200 agents count words and shuffle partial counts over peer messages."""
+"""examples/mapreduce: 200 agents count words and send each other their counts (agent.send / receive)."""
 
 import importlib.util
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 from cfn_core.plugins import installed
@@ -19,14 +18,15 @@ def load_wordcount():
     return module
 
 
-def test_scatter_then_gather_loses_nothing():
+def test_partition_gives_each_word_one_reducer_in_every_process():
     wc = load_wordcount()
     doc = wc.generate_corpus(1, 500, seed=3)[0]
-    peers = ["a", "b", "a", "c"]  # a peer may be chosen twice: it then gets two parts
-    parts = wc.wordcount.scatter(doc, peers)
-    assert len(parts) == len(peers)
-    assert not set(parts[0]) & set(parts[1])  # a word goes to exactly one part
-    assert wc.wordcount.gather(doc, parts + [None]) == Counter(wc.words(doc))
+    for word in set(wc.words(doc)):
+        assert 0 <= wc.partition(word, 8) < 8
+    # crc32, not hash(): a fresh interpreter (another agent) puts a word in the same part
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import wordcount; print(wordcount.partition('the', 8))"
+    other = subprocess.run([sys.executable, "-c", probe, str(EXAMPLE)], capture_output=True, text=True, check=True)
+    assert int(other.stdout) == wc.partition("the", 8)
 
 
 def test_corpus_is_deterministic():
@@ -43,5 +43,17 @@ def test_200_agents_add_up_to_the_corpus(bus_root, no_leaks):
     proc = subprocess.run(args, cwd=bus_root, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "200 agents" in proc.stdout
-    assert "messages 2000/2000 delivered (100.00%), 0 task(s) failed" in proc.stdout
-    assert "check: the agents' counts add up to the corpus' counts exactly" in proc.stdout
+    # 200 agents x 8 reducers, less the part each reducer keeps: every one received once
+    assert "agent messages 1592/1592 received, 0 task(s) failed" in proc.stdout
+    assert "check: the reducers' totals equal the corpus' counts exactly, each word on one reducer" in proc.stdout
+
+
+def test_a_small_run_on_the_baseline_with_other_reducers(bus_root, no_leaks):
+    """Fresh interpreters, no plugin: the same exchange; the counts add up for any number of reducers."""
+    args = [sys.executable, str(EXAMPLE / "run.py"), "--plugins", "", "--agents", "6", "--reducers", "3", "--words", "50"]
+    env = {**os.environ, "CFN_BUS_ROOT": str(bus_root)}
+    proc = subprocess.run(args, cwd=bus_root, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 agents (baseline)" in proc.stdout and "3 reducers" in proc.stdout
+    assert "agent messages 15/15 received, 0 task(s) failed" in proc.stdout  # 6 x 3 - 3
+    assert "check: the reducers' totals equal the corpus' counts exactly" in proc.stdout

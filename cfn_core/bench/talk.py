@@ -1,15 +1,25 @@
-"""Request/reply round trip between two agents, against a ``multiprocessing.Pipe`` round trip.
+"""Benchmarks of agents that talk (the figures in docs/BENCHMARKS.md "Agents that talk").
 
-``python -m cfn_core.bench.talk [--n 2000] [--plugins redis]``: both measured in the same
-run, on the same machine; prints p50/p99 of each and their ratio (the figures in
-docs/BENCHMARKS.md "Agents that talk").  Nothing else imports this module except the
-agents it starts (``handler = "cfn_core.bench.talk:PingAgent"``).
+``python -m cfn_core.bench.talk [request] [--n 2000] [--plugins redis]``: the request/reply
+round trip between two agents against a ``multiprocessing.Pipe`` round trip, both measured
+in the same run, on the same machine; prints p50/p99 of each and their ratio.
+
+``python -m cfn_core.bench.talk throughput [--agents 500] [--messages 200] [--reps 1]``:
+every agent sends ``--messages`` messages to peers it chooses (at random, from a seed), and
+receives every one sent to it; the arms, without and with cfn-batch, alternate in one run
+(``--reps`` times each).  Prints messages/s per arm and the ratio, and fails unless
+delivery is exact: every agent received exactly what the plan sent it, no message twice.
+
+Nothing else imports this module except the agents it starts
+(``handler = "cfn_core.bench.talk:PingAgent"`` / ``"cfn_core.bench.talk:LoadAgent"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import random
+import statistics
 import sys
 import time
 
@@ -29,6 +39,118 @@ class PingAgent:
 
     def on_message(self, message, agent):
         agent.reply(message, message.body)
+
+
+def choose_peers(sender: str, everyone: list[str], n: int, seed: int) -> list[str]:
+    """The ``n`` receivers ``sender`` chooses (with repeats, never itself): the same in every process."""
+    rng = random.Random(f"{seed}:{sender}")
+    others = [a for a in everyone if a != sender]
+    return [rng.choice(others) for _ in range(n)]
+
+
+class LoadAgent:
+    """One agent of the throughput benchmark: send to the peers it chooses, then receive its share.
+
+    The task is ``{"agents": [ids], "expected": [count per id], "messages": n, "seed": s}``:
+    the plan the benchmark computed with :func:`choose_peers` for every agent, so that each
+    one knows how many messages to wait for.  Returns wall-clock times (``time.time()``,
+    comparable between the processes of one machine) and the sender of every message
+    received, by its index, for the exact-delivery check.
+    """
+
+    def on_task(self, task, agent):
+        everyone = task["agents"]
+        if sorted(agent.peers() + [agent.id]) != everyone:
+            raise RuntimeError(f"the run's directory is not the planned {len(everyone)} agents: {len(agent.peers()) + 1}")
+        index = {a: i for i, a in enumerate(everyone)}
+        receivers = choose_peers(agent.id, everyone, task["messages"], task["seed"])
+        started = time.time()
+        for seq, to in enumerate(receivers):
+            agent.send(to, seq, kind="load")
+        sent = time.time()
+        senders: dict[str, list[int]] = {}  # sender index (a JSON key) -> sequence numbers
+        for _ in range(task["expected"][index[agent.id]]):
+            m = agent.receive(timeout=task["timeout"], kind="load")
+            senders.setdefault(str(index[m.sender]), []).append(m.body)
+        return {"started": started, "sent": sent, "done": time.time(), "received": senders}
+
+
+def delivery_errors(plan: dict[str, list[str]], received: dict[str, dict]) -> int:
+    """How many (receiver, sender) pairs did not get exactly what ``plan`` sent, in order.
+
+    ``plan`` is sender -> its receivers (message ``seq`` went to ``plan[sender][seq]``);
+    ``received`` is receiver -> its task's value (``"received"``: sender index -> seqs).
+    Exact means per-sender FIFO, nothing missing, nothing twice; an agent that did not
+    report counts as every pair it should have received.
+    """
+    index = {a: i for i, a in enumerate(sorted(plan))}
+    want: dict[str, dict[str, list[int]]] = {a: {} for a in plan}  # receiver -> sender index -> seqs
+    for sender, receivers in plan.items():
+        for seq, to in enumerate(receivers):
+            want[to].setdefault(str(index[sender]), []).append(seq)
+    wrong = 0
+    for receiver, pairs in want.items():
+        got = received.get(receiver, {}).get("received", {})
+        wrong += sum(1 for k in set(pairs) | set(got) if pairs.get(k) != got.get(k))
+    return wrong
+
+
+def throughput_arm(plugins: str, agents: int, messages: int, seed: int, timeout: float) -> dict:
+    """One run of the throughput benchmark on ``plugins``; its figures and the delivery check."""
+    from cfn_core import Coordinator, load_config, roles_of
+
+    config = load_config(None, overrides={
+        "plugins": plugins, "agents.talker.count": str(agents), "workload.agents": str(agents), "pool.size": str(agents),
+        "workload.handler": "cfn_core.bench.talk:LoadAgent", "workload.timeout": str(timeout),
+        "bus.inbox_depth": "0",  # a task holds what it received until it ends (settled with it)
+    })
+    everyone = sorted(roles_of(config)["talker"].agent_id(i) for i in range(1, agents + 1))
+    plan = {a: choose_peers(a, everyone, messages, seed) for a in everyone}
+    expected = [0] * agents
+    index = {a: i for i, a in enumerate(everyone)}
+    for receivers in plan.values():
+        for to in receivers:
+            expected[index[to]] += 1
+    task = {"agents": everyone, "expected": expected, "messages": messages, "seed": seed, "timeout": timeout}
+    result = Coordinator(config).run([task] * agents)
+    failed = [r for r in result.results.values() if not r.ok]
+    if failed:
+        return {"ok": False, "error": f"{len(failed)} task(s) failed, e.g. {failed[0].agent}: {failed[0].error}"}
+    by_agent = {r.agent: r.value for r in result.results.values()}
+    wrong = delivery_errors(plan, by_agent)
+    start = min(v["started"] for v in by_agent.values())
+    end = max(v["done"] for v in by_agent.values())
+    total = agents * messages
+    return {"ok": wrong == 0, "error": f"{wrong} (sender, receiver) pair(s) wrong",
+            "rate": total / (end - start), "seconds": end - start, "total": total, "plugins": "+".join(result.plugins)}
+
+
+def throughput(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfn_core.bench.talk throughput", description=__doc__)
+    parser.add_argument("--agents", type=int, default=500)
+    parser.add_argument("--messages", type=int, default=200, help="messages each agent sends")
+    parser.add_argument("--reps", type=int, default=1, help="runs of each arm, alternating")
+    parser.add_argument("--plugins", default="pool,parallel", help="the plugins of both arms (the batch arm adds batch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    base = ",".join(p for p in args.plugins.split(",") if p and p != "batch")
+    arms = {"without batch": base, "with batch": ",".join(filter(None, [base, "batch"]))}
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for rep in range(args.reps):
+        for name, plugins in arms.items():
+            r = throughput_arm(plugins, args.agents, args.messages, args.seed + rep, args.timeout)
+            if not r["ok"]:
+                print(f"{name}: FAILED: {r['error']}", file=sys.stderr)
+                return 1
+            rates[name].append(r["rate"])
+            print(f"{name:14} ({r['plugins']}) {r['total']} messages in {r['seconds']:.2f} s: "
+                  f"{r['rate']:,.0f} messages/s, delivery exact", flush=True)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    print(f"{args.agents} agents x {args.messages} messages, median of {args.reps}: "
+          + ", ".join(f"{name} {v:,.0f}/s" for name, v in med.items())
+          + f"; ratio with/without batch {med['with batch'] / med['without batch']:.2f}x")
+    return 0
 
 
 def _echo(conn) -> None:
@@ -62,6 +184,11 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["throughput"]:
+        return throughput(argv[1:])
+    if argv[:1] == ["request"]:
+        argv = argv[1:]
     from cfn_core import Coordinator, load_config
 
     parser = argparse.ArgumentParser(prog="python -m cfn_core.bench.talk", description=__doc__)

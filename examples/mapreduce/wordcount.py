@@ -1,17 +1,16 @@
-"""Word count as a cfn mesh handler: map in each agent, shuffle by key over peer messages.
+"""Word count as cfn agents that talk: map in every agent, shuffle by key with ``agent.send``.
 
-Each agent gets one document (its task payload) and counts its words (map).  The
-coordinator gives every agent ``messages_per_agent`` peers, chosen at random from
-``[workload] seed``; ``scatter`` splits the agent's counts into one part per peer
-by a stable hash of the word (shuffle), and each part travels to its peer in a
-peer message.  Once an agent has received every peer message meant for it,
-``gather`` adds up the parts it received (reduce) and that sum is its result.
+Every agent gets one document (its task payload, with the number of reducers) and
+counts its words (map).  The run's first ``reducers`` agents (in the order of
+``agent.peers()``, the run's directory) are the reducers, and each word belongs to
+exactly one of them, by a stable hash of the word.  Every agent sends each reducer
+the counts of the words it owns (shuffle: ``agent.send(reducer, part, kind="counts")``,
+one message per reducer, empty parts too, so that a reducer knows how many to wait
+for).  A reducer receives one message from every other agent (``agent.receive(kind=
+"counts")``) and adds them up (reduce): the total of each of its words, complete.
 
-The peers are a random plan, not a fixed partition of the key space: the same
-word can be sent to different agents by different senders, so one word's count
-may end up split over several agents.  Nothing is counted twice and nothing is
-lost, so the sum of all agents' results equals the corpus' counts: that is what
-``run.py`` checks.
+``run.py`` adds up the reducers' totals and compares them with the corpus' own counts;
+a lost or duplicated message would make that check fail.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import random
 import re
 import zlib
 from collections import Counter
+from typing import Any
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -48,25 +48,23 @@ def partition(word: str, parts: int) -> int:
 
 
 class WordCount:
-    """The handler object: ``handler = "wordcount:wordcount"`` in cfn.toml."""
+    """The class agent: ``handler = "wordcount:WordCount"`` in cfn.toml (one instance per agent)."""
 
-    def __call__(self, document: str) -> dict[str, int]:
-        # star topology (no peers): a plain word count of the document
-        return dict(Counter(words(document)))
-
-    def scatter(self, document: str, peers: list[str]) -> list[dict[str, int]]:
-        counts = Counter(words(document))
-        parts: list[dict[str, int]] = [{} for _ in peers]
-        for word, n in counts.items():
-            parts[partition(word, len(peers))][word] = n
-        return parts
-
-    def gather(self, document: str, bodies: list) -> dict[str, int]:
-        total: Counter = Counter()
-        for part in bodies:
-            if isinstance(part, dict):
-                total.update(part)
-        return dict(total)
-
-
-wordcount = WordCount()
+    def on_task(self, task: dict[str, Any], agent) -> dict[str, Any]:
+        """Map ``task["document"]``, send every reducer its part, and reduce if this agent is one."""
+        everyone = sorted(agent.peers() + [agent.id])
+        reducers = everyone[: max(1, min(task["reducers"], len(everyone)))]
+        parts: list[dict[str, int]] = [{} for _ in reducers]
+        for word, n in Counter(words(task["document"])).items():
+            parts[partition(word, len(reducers))][word] = n
+        sent = 0
+        for reducer, part in zip(reducers, parts):
+            if reducer != agent.id:  # its own part it keeps
+                agent.send(reducer, part, kind="counts")
+                sent += 1
+        if agent.id not in reducers:
+            return {"counts": {}, "sent": sent, "received": 0}
+        total = Counter(parts[reducers.index(agent.id)])
+        for _ in range(len(everyone) - 1):  # one message from every other agent
+            total.update(agent.receive(timeout=task.get("timeout", 60.0), kind="counts").body)
+        return {"counts": dict(total), "sent": sent, "received": len(everyone) - 1}
