@@ -56,3 +56,18 @@ def make_config(bus_root):
         return config_from_dict(data)
 
     return make
+
+
+def wait_for(predicate, what: str, timeout: float = 90.0) -> None:
+    """Poll a condition that another process makes true (not a sleep-as-synchronization).
+
+    :raises AssertionError: naming ``what`` when it is still false after ``timeout`` seconds
+        (generous by default: the machine may be loaded, and the wait is not what is tested).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

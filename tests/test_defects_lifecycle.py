@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from cfn_core import Coordinator
+from cfn_core.testing import wait_for
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_faults_handlers import plugin_sets, set_id  # noqa: E402
@@ -66,13 +67,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _wait_for(predicate, what, timeout=90.0):
-    """Poll a condition that another process makes true (not a sleep-as-synchronization)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _still_running(noted: dict[str, int], within: float = 10.0) -> dict[str, int]:
@@ -132,14 +126,14 @@ def test_what_a_handler_forks_dies_with_a_sigkilled_coordinator(tmp_path, bus_ro
         cwd=tmp_path, env=dict(os.environ, CFN_LIFECYCLE_HANG="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        _wait_for(lambda: len(_noted(scratch)) >= 3 * agents, "every agent's handler to leave its three processes")
+        wait_for(lambda: len(_noted(scratch)) >= 3 * agents, "every agent's handler to leave its three processes")
         noted = _noted(scratch)
     finally:
         proc.kill()
     proc.communicate(timeout=30)
     alive = _still_running(noted)
     assert not alive, f"outlived the SIGKILLed coordinator: {alive}"
-    _wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
+    wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
     subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
 
 
@@ -162,7 +156,7 @@ def test_what_a_hung_handler_forked_dies_with_its_killed_agent(make_config, bus_
         assert len(noted) == 3
         if "pool" in plugins:  # adopted by the agent's forker, killed when it reaped the agent (in the
             # forker's own time: the coordinator may see the death first), before the session closes
-            _wait_for(lambda: not _still_running(noted), "the forker to kill the killed agent's leftovers", timeout=60)
+            wait_for(lambda: not _still_running(noted), "the forker to kill the killed agent's leftovers", timeout=60)
     assert not _still_running(noted), "left running after the session closed"
 
 
@@ -246,7 +240,7 @@ def test_ctrl_c_during_the_baselines_spawn(tmp_path, bus_root, no_leaks):
     try:
         # the baseline starts the next agent only once the previous one is ready: with 4
         # started, at least 3 are ready and the 4th is (probably) inside its interpreter's start
-        _wait_for(lambda: _agents_started(term.proc.pid) >= 4, "4 agents to be started")
+        wait_for(lambda: _agents_started(term.proc.pid) >= 4, "4 agents to be started")
         started = _agents_started(term.proc.pid)
         term.ctrl_c()
     finally:
@@ -257,7 +251,7 @@ def test_ctrl_c_during_the_baselines_spawn(tmp_path, bus_root, no_leaks):
     assert "INTERRUPTED" in out
     counted = int(re.search(r"agents (\d+)\s+tasks", out).group(1))
     assert counted >= started - 1, f"the summary counts {counted} agents, {started} had started"
-    _wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
+    wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -272,7 +266,7 @@ def test_ctrl_c_while_agents_work(tmp_path, bus_root, no_leaks, scratch, plugins
     config.write_text("\n".join(lines) + "\n")
     term = _Terminal(CFN + ["run", "--config", str(config)], tmp_path, dict(os.environ, CFN_LIFECYCLE_HANG="1"))
     try:
-        _wait_for(lambda: len(_noted(scratch)) >= 3 * agents, "every agent to be busy")
+        wait_for(lambda: len(_noted(scratch)) >= 3 * agents, "every agent to be busy")
         term.ctrl_c()
     finally:
         code, out = term.finish()
@@ -280,7 +274,7 @@ def test_ctrl_c_while_agents_work(tmp_path, bus_root, no_leaks, scratch, plugins
     assert "Traceback" not in out and "Fatal Python error" not in out and "KeyboardInterrupt" not in out, out
     assert re.search(rf"agents {agents}\s+tasks", out), out
     assert not _still_running(_noted(scratch))
-    _wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
+    wait_for(lambda: not _of_the_run(bus_root), "the run's processes to be gone", timeout=10)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -306,7 +300,7 @@ def test_ctrl_c_reaches_no_worker_of_the_bench_references(tmp_path, no_leaks, ru
     group: they must not each print a KeyboardInterrupt traceback when Ctrl-C is typed."""
     term = _Terminal([sys.executable, "-c", BENCH_REFERENCE, runner], tmp_path, dict(os.environ))
     try:
-        _wait_for(lambda: b"workers alive" in term.output, "the workers to start")
+        wait_for(lambda: b"workers alive" in term.output, "the workers to start")
         term.ctrl_c()
     finally:
         code, out = term.finish()

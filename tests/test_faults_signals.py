@@ -22,6 +22,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_faults_handlers import HERE, plugin_sets, read_log, set_id  # noqa: E402
 
+from cfn_core.testing import wait_for  # noqa: E402
+
 CFN = [os.path.join(os.path.dirname(sys.executable), "cfn")]
 #: Seconds the agents of a SIGKILLed coordinator may take to die.  Their handlers hang for an
 #: hour, so only the kernel's PDEATHSIG can end them this soon; the bound is generous (they
@@ -48,13 +50,6 @@ def _start(tmp_path, config, payloads, *extra):
     )
 
 
-def _wait_for(predicate, what, timeout=90.0):
-    """Poll a condition that some other process makes true (not a sleep-as-synchronization)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _gone(procs) -> bool:
@@ -90,7 +85,7 @@ def test_interrupt_prints_partial_result_and_cleans_up(tmp_path, bus_root, no_le
     proc = _start(tmp_path, config, _hang_tasks(scratch, tasks, hanging), "--json", "--results")
     try:
         me = psutil.Process(proc.pid)
-        _wait_for(lambda: sum(1 for w, *_ in read_log(scratch) if w == "start") >= tasks, "every task to start")
+        wait_for(lambda: sum(1 for w, *_ in read_log(scratch) if w == "start") >= tasks, "every task to start")
         agents = me.children(recursive=True)
         assert agents
         proc.send_signal(sig)
@@ -109,7 +104,7 @@ def test_interrupt_prints_partial_result_and_cleans_up(tmp_path, bus_root, no_le
     assert {v["value"] for v in ok} <= {f"t{i:03d}" for i in range(tasks) if i not in hanging}
     assert round_["failed"] == tasks - len(ok)
     print(f"\n{set_id(plugins)} {sig!r}: exit {proc.returncode}, {len(ok)} of {tasks} results in the partial result")
-    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
+    wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -127,14 +122,14 @@ def test_coordinator_sigkill_takes_every_agent_down(tmp_path, bus_root, no_leaks
     proc = _start(tmp_path, config, payloads)
     try:
         me = psutil.Process(proc.pid)
-        _wait_for(lambda: sum(1 for w, *_ in read_log(scratch) if w == "start") >= agents_n, "every agent to be busy")
+        wait_for(lambda: sum(1 for w, *_ in read_log(scratch) if w == "start") >= agents_n, "every agent to be busy")
         agents = me.children(recursive=True)
         assert len(agents) >= agents_n
     finally:
         proc.kill()
     t0 = time.monotonic()
     proc.communicate(timeout=30)
-    _wait_for(lambda: _gone(agents), "the orphaned agents to die", timeout=ORPHAN_BOUND)
+    wait_for(lambda: _gone(agents), "the orphaned agents to die", timeout=ORPHAN_BOUND)
     elapsed = time.monotonic() - t0
     print(f"\n{set_id(plugins)}: {len(agents)} processes gone {elapsed * 1000:.0f} ms after the coordinator's SIGKILL")
     assert elapsed < ORPHAN_BOUND, f"agents outlived their coordinator by {elapsed:.2f}s"
@@ -179,7 +174,7 @@ def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig
     proc = _start(tmp_path, config, "", "--json")
     try:
         me = psutil.Process(proc.pid)
-        _wait_for(lambda: len(me.children(recursive=True)) >= 3, "a few agents to be started")
+        wait_for(lambda: len(me.children(recursive=True)) >= 3, "a few agents to be started")
         agents = me.children(recursive=True)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
@@ -190,7 +185,7 @@ def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig
     doc = json.loads(out)
     assert doc["interrupted"] is True and doc["rounds"][0]["tasks"] == 40
     assert "Traceback" not in err.decode()
-    _wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
+    wait_for(lambda: _gone(agents), "the agents to exit", timeout=60)
     assert not list(bus_root.iterdir()), "the run directory was left behind"
 
 
@@ -209,12 +204,12 @@ def test_coordinator_sigkill_takes_running_commands_down_too(tmp_path, bus_root,
         def sleepers():
             return [p for p in me.children(recursive=True) if p.name() == "sleep"]
 
-        _wait_for(lambda: len(sleepers()) >= 3, "every command to run")
+        wait_for(lambda: len(sleepers()) >= 3, "every command to run")
         everything = me.children(recursive=True)
     finally:
         proc.kill()
     proc.communicate(timeout=30)
-    _wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=ORPHAN_BOUND)
+    wait_for(lambda: _gone(everything), "agents and their commands to die", timeout=ORPHAN_BOUND)
     subprocess.run(CFN + ["clean", "--root", str(bus_root)], capture_output=True, check=True)
 
 
