@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import time
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -219,7 +220,7 @@ class Talk:
         self.consumed_in_task: list = []  # receipts settled with the running task
         self.sends_in_task = 0
         self.directory: dict[str, str] | None = None  # agent id -> role
-        self.round_robin: dict[str, int] = {}
+        self.round_robin: dict[tuple, int] = {}  # sends to a role so far (per task inside one)
         self.agent = Agent(self)
 
     # -------------------------------------------------------------- the loop's side
@@ -323,13 +324,29 @@ class Talk:
             members = sorted(a for a, r in agents.items() if r == to)
             if members:
                 others = [a for a in members if a != self.agent_id] or members
-                i = self.round_robin.get(to, 0)
-                self.round_robin[to] = i + 1
-                return others[i % len(others)]
+                return others[self._role_pick(to) % len(others)]
         roles = sorted(set(agents.values()))
         raise UnknownAgent(
             f"no agent or role {to!r:.80} in this run; agents: {_some(sorted(agents))}; roles: {', '.join(roles) or 'none'}"
         )
+
+    def _role_pick(self, role: str) -> int:
+        """Which of a role's agents the next send to ``role`` goes to (an index, before the modulo).
+
+        Round robin per sender, from a start that depends on the sender (so forty coders'
+        first requests to ``reviewer`` do not all go to the first reviewer).  Inside a task
+        the count restarts with the task and the start depends on the task too: a retried
+        attempt (a replacement of an agent that died) then picks the same agents in the same
+        order, so its re-sends reach the receivers that can drop them as copies.
+        """
+        current = self.loop.current
+        key = (role, current.round, current.task) if current is not None else (role,)
+        i = self.round_robin.get(key, 0)
+        self.round_robin[key] = i + 1
+        if current is not None and len(self.round_robin) > 4096:  # one entry per (role, task): bounded
+            self.round_robin = {key: i + 1}
+        start = zlib.crc32("\0".join((self.agent_id, *map(str, key[1:]))).encode())
+        return start + i
 
     # -------------------------------------------------------------- sending
 
@@ -458,7 +475,8 @@ class Agent:
 
     def send(self, to: str, body: Any, kind: str = "msg") -> str:
         """Send ``body`` (any JSON value) to the agent ``to``, or to one agent of role ``to``
-        (round robin per sender).  Returns the message id.
+        (round robin per sender, spread over senders; a retried task picks the same agents).
+        Returns the message id.
 
         :raises UnknownAgent: ``to`` is neither an agent nor a role of the run (names the known ones).
         :raises NotJSON: ``body`` is not JSON (names the type).

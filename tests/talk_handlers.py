@@ -157,6 +157,13 @@ class Flow:
                 agent.send(to, {"key": key, "seq": seq})
             # per-sender FIFO: this request arrives after the messages above, so the answer has them all
             return agent.request(to, {"report": key}, timeout=60)
+        if op == "role_picks":  # which agents of a role this task's sends to the role would reach
+            picks = [agent._talk.resolve("worker") for _ in range(payload.get("count", 4))]
+            _mark(f"picks-{payload['key']}-" + "-".join(picks))
+            if payload.get("die_once") and not os.path.exists(os.path.join(os.environ["CFN_TALK_DIR"], "died")):
+                _mark("died")
+                os.kill(os.getpid(), signal.SIGKILL)  # the replacement runs the task again
+            return picks
         if op == "unknown":
             try:
                 agent.send("agent-9999", "hello")

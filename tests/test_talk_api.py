@@ -158,3 +158,26 @@ def test_publish_reaches_subscribers_only(make_config, no_leaks):
     # who subscribed to what depends on the pool's assignment: exactly the "news" subscriber got it
     (value,) = [r.value for r in result.results.values()]
     assert sorted(value) in ([[], ["hello"]], [["hello"], ["hello"]]) or value == [["hello"], []]
+
+
+def test_sends_to_a_role_are_spread_over_its_agents_and_the_same_on_a_retry(make_config, no_leaks, talk_dir):
+    """Round robin per sender from a start that depends on the sender and the task: eight
+    senders' first picks do not all land on one agent (they did: every sender began with the
+    role's first agent), and a retried task picks the same agents in the same order, so its
+    re-sends reach the receivers that drop them as copies."""
+    agents = 8
+    tasks = [{"op": "role_picks", "key": f"k{i}"} for i in range(agents)]
+    with Coordinator(flow_config(make_config, agents=agents)) as coord:
+        result = coord.run(tasks)
+    assert result.ok
+    picks = [r.value for r in result.results.values()]
+    assert all(len(p) == 4 and r.agent not in p for p, r in zip(picks, result.results.values()))
+    assert len({p[0] for p in picks}) >= 3, picks  # spread, not all on one
+    assert all(len(set(p)) == len(p) for p in picks)  # round robin within a task
+
+    with Coordinator(flow_config(make_config, agents=3, workload={"max_attempts": 3})) as coord:
+        result = coord.run([{"op": "role_picks", "key": "retry", "die_once": True}])
+    (only,) = result.results.values()
+    assert only.ok and only.attempts == 2, only.error
+    marks = sorted(p.name for p in talk_dir.iterdir() if p.name.startswith("picks-retry-"))
+    assert len(marks) == 1 and len((talk_dir / marks[0]).read_text().split()) == 2, marks  # both attempts: same picks
