@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 from cfn_core import Coordinator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: a table row of one agent: the kernel's ids (agent-0001) or a pool's (pool-00001)
+AGENT_ROW = re.compile(r"\b(agent|pool)-\d+")
 ENV = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), "NO_COLOR": "1"}
 
 
@@ -191,7 +194,7 @@ def _top_in_tmux(run, bus_root, tmp_path, agents, width=180, height=50):
     try:
         def screen():
             shot = _tmux(socket, "capture-pane", "-p", "-e").stdout
-            return shot if "agent-" in shot and "tasks/s" in shot else None
+            return shot if AGENT_ROW.search(shot) and "tasks/s" in shot else None
 
         shot = wait_for(screen, what="cfn top's screen in tmux")
         plain = _tmux(socket, "capture-pane", "-p").stdout
@@ -222,7 +225,7 @@ def test_top_in_a_real_terminal_against_500_agents(live_run, bus_root, tmp_path)
     run.wait_busy(500, timeout=600)
     _shot, plain = _top_in_tmux(run, bus_root, tmp_path, 500)
     assert "agents 500" in plain and "busy" in plain
-    rows = [line for line in plain.splitlines() if line.lstrip().startswith("agent-")]
+    rows = [line for line in plain.splitlines() if AGENT_ROW.match(line.lstrip())]  # pooled: pool-00001...
     assert len(rows) >= 10 and "more agents" in plain
     assert cfn("stop", "--root", str(bus_root), cwd=tmp_path, timeout=600).returncode == 0
     assert run.finish(timeout=600)[0] == 143
