@@ -19,7 +19,7 @@ from typing import Iterable
 
 from ..errors import BusError
 from .append import RECORD_SEP, TORN_RECORD, record_count
-from .rundir import check_location, plain_name
+from .rundir import bus_full, check_location, plain_name
 
 #: most bytes a reader holds of an inbox it scans (more only for a batch it returns whole)
 _READ_CHUNK = 1 << 20
@@ -260,10 +260,7 @@ class InboxReader:
                 os.pwrite(inbox.cursor_fd, inbox.acked_to.to_bytes(8, "little"), 0)
             except OSError as exc:  # the cursor's first write needs a page of the (full) bus
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise BusError(
-                        f"bus {self.run_dir} is full ({exc.strerror}): cannot record what {agent_id} has settled; "
-                        "free space in the bus root or set [bus] root elsewhere"
-                    ) from None
+                    raise bus_full(self.run_dir, exc, f"cannot record what {agent_id} has settled") from None
                 raise
             if inbox.counts is not None:
                 inbox.acked_count += moved

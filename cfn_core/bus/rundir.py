@@ -43,6 +43,11 @@ def check_location(location: str) -> None:
         )
 
 
+def bus_full(run_dir, exc: OSError, what: str) -> BusError:
+    """The one-line error for a write the full bus refused: ``what`` says which write."""
+    return BusError(f"bus {run_dir} is full ({exc.strerror}): {what}; free space in the bus root or set [bus] root elsewhere")
+
+
 def default_root() -> str:
     """/dev/shm when it is a writable directory, else the system temp dir."""
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
@@ -93,10 +98,7 @@ def write_atomic(path: Path, data: bytes, run_dir: Path) -> None:
         except OSError:
             pass
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise BusError(
-                f"bus {run_dir} is full ({exc.strerror}): cannot write {path.name}; "
-                "free space in the bus root or set [bus] root elsewhere"
-            ) from None
+            raise bus_full(run_dir, exc, f"cannot write {path.name}") from None
         raise
 
 

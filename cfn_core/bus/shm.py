@@ -60,6 +60,7 @@ from .depth import InboxCounters, inbox_full
 from .doorbell import BELL_NAME_MAX, Doorbells, Ringer, bell_name
 from .reader import InboxReader
 from .rundir import (
+    bus_full,
     RunDir,
     check_location,
     check_private_dir,
@@ -287,10 +288,7 @@ class ShmBus(InboxReader):
                         return append_locked(fd, data, self, counts, n, before_write)
                     except OSError as exc:
                         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                            raise BusError(
-                                f"bus {self.run_dir} is full ({exc.strerror}): {len(records)} message(s) to {dst} "
-                                "were not written; free space in the bus root or set [bus] root elsewhere"
-                            ) from None
+                            raise bus_full(self.run_dir, exc, f"{len(records)} message(s) to {dst} were not written") from None
                         raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
