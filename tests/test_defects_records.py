@@ -19,6 +19,7 @@ real coordinator process.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import signal
@@ -391,6 +392,10 @@ class _HugeRecords:
     def cfn_agent_started(self, ctx, agent):
         for who in (agent.id, "_coordinator"):
             with open(ctx.bus.run_dir / ctx.route(who), "ab") as f:  # a MiB at a time: not held here either
+                # under the inbox's flock, as every sender writes: agents append their records to
+                # the coordinator's inbox meanwhile, and an unlocked writer's 65 writes would
+                # swallow them (a lost ready record or result: CI saw the run wait out timeouts)
+                fcntl.flock(f, fcntl.LOCK_EX)
                 f.write(b'{"id":"h","pad":"')
                 for _ in range(64):
                     f.write(b"h" * (1 << 20))

@@ -219,6 +219,7 @@ def test_top_in_a_real_terminal_shows_the_agents(live_run, bus_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # 500 agents' start, the frame and the stop: each has 600 s of room on a loaded machine
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 def test_top_in_a_real_terminal_against_500_agents(live_run, bus_root, tmp_path):
     run = live_run(500, plugins="pool,parallel")
