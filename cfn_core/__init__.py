@@ -62,6 +62,7 @@ _EXPORTS = {
     # plugin managers
     "builtin_plugin_manager": "plugins",
     "make_plugin_manager": "plugins",
+    "plugin_implementations": "plugins",
     # running agents
     "Agent": "agent_api",
     "AgentContext": "agent",

@@ -15,6 +15,7 @@ import logging
 
 from . import builtin
 from .errors import CfnError, PluginError
+from .plugins import KERNEL_PLUGIN_NAMES
 from .hookspecs import hookimpl
 
 log = logging.getLogger("cfn")
@@ -50,7 +51,7 @@ def _culprit(ctx, exc: BaseException) -> str | None:
     """The enabled plugin whose code raised: the innermost traceback frame in its package."""
     owners = {}
     for name, plugin in ctx.pm.list_name_plugin():
-        if name in ("builtin", "fallback"):
+        if name in KERNEL_PLUGIN_NAMES:
             continue
         module = getattr(plugin, "__name__", None) or type(plugin).__module__
         owners[module.split(".")[0]] = name

@@ -30,6 +30,8 @@ ENTRY_POINT_GROUP = "cfn"
 
 #: builtin plugins, registered in this order in every process
 BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback")
+#: the names the builtins are registered under (never a plugin a user enabled)
+KERNEL_PLUGIN_NAMES = frozenset(modname.rsplit(".", 1)[1] for modname in BUILTIN_PLUGINS)
 
 #: the kernel's own command modules: they add their subcommands through
 #: ``cfn_add_commands`` like any installed plugin, and are never part of a run
@@ -160,6 +162,22 @@ def add_plugin_commands(subparsers) -> None:
             log.warning("cfn: warning: plugin %r could not add its commands (%s: %s); they are left out", name, type(exc).__name__, exc)
 
 
+def plugin_implementations(pm: pluggy.PluginManager, hookname: str, exclude: Any = None) -> list[str]:
+    """Names of the plugins other than the kernel's (and other than ``exclude``, a plugin
+    object) that implement hook ``hookname``, in pluggy's call order.
+
+    For a plugin that must know whether another one takes part in a hook (cfn-pool forks
+    ahead only when no other plugin may launch agents elsewhere) without knowing the
+    kernel's own plugin names.
+    """
+    names = []
+    for impl in reversed(getattr(pm.hook, hookname).get_hookimpls()):
+        name = pm.get_name(impl.plugin)
+        if impl.plugin is not exclude and name not in KERNEL_PLUGIN_NAMES:
+            names.append(name)
+    return names
+
+
 def builtin_plugin_manager() -> CfnPluginManager:
     """A manager with the builtins alone (the baseline and the fallback wrappers)."""
     pm = CfnPluginManager()
@@ -214,10 +232,9 @@ def direct_caller(pm: pluggy.PluginManager, name: str):
     is registered.
     """
     caller = getattr(pm.hook, name)
-    impls = caller.get_hookimpls()
-    if any(pm.get_name(impl.plugin) not in ("builtin", "fallback") for impl in impls):
+    if plugin_implementations(pm, name):
         return caller
-    base = [impl.function for impl in impls if pm.get_name(impl.plugin) == "builtin"]
+    base = [impl.function for impl in caller.get_hookimpls() if pm.get_name(impl.plugin) == "builtin"]
     return base[0] if base else _no_result
 
 

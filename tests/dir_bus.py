@@ -48,6 +48,7 @@ class DirBus:
     """See the module docstring; every method's contract is :class:`cfn_core.bus.Bus`'s."""
 
     name = "dir"
+    split_inboxes = True  # a record lands in the directory of the location its sender gives
 
     def __init__(self, run_dir: str):
         self.run_ref = os.path.abspath(run_dir)

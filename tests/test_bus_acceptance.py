@@ -244,7 +244,7 @@ def coordination_params():
     """``(transport, plugins)``: every plugin set on shm; the dir bus alone and under cfn-batch.
 
     The dir bus is not combined with cfn-pool (whose zygote warms up on an shm bus of its
-    own) nor cfn-shard (which splits inboxes only on shm): neither is about the transport.
+    own) here; cfn-shard on the dir bus is in test_a_coordination_delivers_everything.
     """
     out = [pytest.param("shm", p.values[0], id="shm-" + p.id, marks=p.marks) for p in plugin_params()]
     out += [pytest.param("dir", (), id="dir-baseline"), pytest.param("dir", ("batch",), id="dir-batch")]
@@ -282,16 +282,28 @@ def test_shutdown_drains_in_flight_messages(make_config, no_leaks, dirbus_instal
         assert ctx.bus.unread_bytes(agent_id, ctx.route(agent_id)) == 0  # and settled: nothing left to re-read
 
 
-@pytest.mark.parametrize(("transport_name", "plugins"), [("shm", ()), ("dir", ()), ("dir", ("batch",))])
+@pytest.mark.parametrize(
+    ("transport_name", "plugins"),
+    [("shm", ()), ("dir", ()), ("dir", ("batch",)), ("dir", ("shard",))],
+    ids=["shm", "dir", "dir-batch", "dir-shard"],
+)
 @pytest.mark.parametrize("topology", ["star", "mesh"])
 def test_a_coordination_delivers_everything(make_config, no_leaks, dirbus_installed, transport_name, plugins, topology):
-    """A whole run, agents in processes of their own, on the transport: every message delivered."""
+    """A whole run, agents in processes of their own, on the transport: every message delivered.
+
+    Under cfn-shard the dir bus's ``split_inboxes`` lets the plugin split the coordinator's
+    inbox over shard locations, as on shm: the plugin asks the transport, not its name.
+    """
     plugins = TRANSPORTS[transport_name][1] + tuple(plugins)
-    config = make_config(plugins=plugins, workload={"agents": 4, "topology": topology, "messages_per_agent": 5, "rounds": 2})
+    tables = {"shard": {"count": 2}} if "shard" in plugins else {}
+    config = make_config(plugins=plugins, workload={"agents": 4, "topology": topology, "messages_per_agent": 5, "rounds": 2}, **tables)
     with Coordinator(config) as coord:
         result = coord.run()
         assert coord.ctx.bus.name == transport_name
         assert coord.ctx.bus.dead_letter_count() == 0
+        if "shard" in plugins:  # results reached the coordinator through both parts of its inbox
+            parts = coord.ctx.state["shard.coordinator_in"]
+            assert len(parts) == 2 and all(n > 0 for n in parts), parts
     assert result.ok, result
     assert result.delivery_rate == 1.0
     assert result.delivered == result.planned > 0

@@ -70,6 +70,13 @@ class Bus(Protocol):
     #: must not be sent again.  A transport whose deliver cannot be interrupted after the
     #: write sets it True as deliver's last step.
     last_written: bool
+    #: Whether the records of an inbox may be spread over several locations: ``deliver``
+    #: writes at the location its caller gives, and ``read(inbox_id, location)`` returns
+    #: what was delivered there whatever ``inbox_id`` (a name of the reader's choosing),
+    #: receipts acked as ``(inbox_id, receipt)``.  cfn-shard then splits the
+    #: coordinator's inbox into one location per shard.  False for a transport that
+    #: routes by ``dst`` alone (cfn-redis: a stream per inbox).
+    split_inboxes: bool
     #: None, or a dict set by a plugin to measure contention: :meth:`deliver` then adds the
     #: nanoseconds it waited for another process (a lock held) under the location's
     #: directory (the location up to its last ``/``).  A transport without such waits

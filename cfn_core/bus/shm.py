@@ -97,6 +97,7 @@ class ShmBus(InboxReader):
     """Inbox files under a private run directory.  See the module docstring and :class:`cfn_core.bus.Bus`."""
 
     name = "shm"
+    split_inboxes = True  # every sender appends to the file at its location
 
     def __init__(
         self,

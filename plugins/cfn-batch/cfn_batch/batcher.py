@@ -38,9 +38,8 @@ Nothing is ever dropped: a delivery that fails leaves the records at the head
 of their buffer and raises to the sender.  Nothing is written twice: an
 interrupt (a signal handler that raises, such as the CLI's SIGTERM) arriving
 after ``deliver`` wrote a batch but before it returned leaves the batch out of
-the buffer, when the bus says it was written (the shm bus's ``last_written``;
-on a bus that cannot say, the batch stays buffered and may be written again,
-which receivers de-duplicate by message id).  One flush writes every
+the buffer: every transport says whether it was written (the Bus protocol's
+``last_written``).  One flush writes every
 destination it can: a destination that fails (a full inbox) does not hold back
 the others, and the first error is raised after all were tried.
 """
@@ -135,8 +134,6 @@ class Batcher:
         self.adaptive = settings.adaptive
         self.size = self.floor
         self.stats = stats
-        #: the bus says whether a deliver that raised had written (see the module docstring)
-        self.tracks_writes = hasattr(bus, "last_written")
         self.pid = os.getpid()
         self.cond = threading.Condition(threading.Lock())
         self.buffers: dict[str, list[bytes]] = {}  # only non-empty buffers, in first-use order
@@ -254,7 +251,7 @@ class Batcher:
                 group.append(rec)
         self._window_dsts.update(groups)
         buffers, cap, route, batch = self.buffers, self.max_size, self.route, self.stats.batch
-        bus, tracks = self.bus, self.tracks_writes
+        bus = self.bus
         pending = iter(groups.items())
         for dst, group in pending:
             if dst in buffers:  # after what was buffered for it, through the buffer
@@ -269,14 +266,13 @@ class Batcher:
                 while done < len(group):
                     chunk = group if not done and len(group) <= cap else group[done : done + cap]
                     in_flight = len(chunk)
-                    if tracks:
-                        bus.last_written = False
+                    bus.last_written = False
                     bus.deliver(dst, route(dst), chunk)
                     done += in_flight
                     in_flight = 0
                     batch("leading", len(chunk), sum(map(len, chunk)), now, None)
             except BaseException:
-                if in_flight and tracks and bus.last_written:
+                if in_flight and bus.last_written:
                     done += in_flight  # interrupted after the write: written, not to be sent again
                 for rec in group[done:]:
                     self._buffer_locked(dst, rec, now)
@@ -328,9 +324,7 @@ class Batcher:
         else:
             batch, waited = buf[:count], times[:count]
         bus = self.bus
-        tracks = self.tracks_writes
-        if tracks:
-            bus.last_written = False
+        bus.last_written = False
         returned = False
         try:
             bus.deliver(dst, self.route(dst), batch)
@@ -339,7 +333,7 @@ class Batcher:
             # Straight-line code, no call before the records leave the buffer: Python runs a
             # signal handler only at a call or a loop's jump, so an interrupt cannot land
             # between "written" and "out of the buffer" (else close() would write them again).
-            if returned or (tracks and bus.last_written):
+            if returned or bus.last_written:
                 if batch is buf:
                     del self.buffers[dst], self.arrivals[dst]
                 else:

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import deque
 
-from cfn_core import CfnError, role_of, roles_of, share_out
+from cfn_core import CfnError, plugin_implementations, role_of, roles_of, share_out
 from prometheus_client import Counter, Gauge, Histogram
 
 from .zygote import Zygote, ZygoteError
@@ -88,12 +88,7 @@ class Pool:
         t0 = time.perf_counter()
         # forking ahead is only safe when every launch of this session is ours: another
         # cfn_launch_agent (a remote placement, a test's) may start some ids elsewhere
-        others = [
-            ctx.pm.get_name(impl.plugin)
-            for impl in ctx.pm.hook.cfn_launch_agent.get_hookimpls()
-            if impl.plugin is not sys.modules[__package__] and ctx.pm.get_name(impl.plugin) not in ("builtin", "fallback")
-        ]
-        self.pipeline = not others
+        self.pipeline = not plugin_implementations(ctx.pm, "cfn_launch_agent", exclude=sys.modules[__package__])
         deadline = time.monotonic() + self.s.warmup_timeout
         if self.s.zygote:
             self._start_zygote(ctx)

@@ -66,6 +66,7 @@ class LocalBus(ShmBus):
     """An agent's view: read and ack the local spool, send through the relay."""
 
     name = "redis"
+    split_inboxes = False  # remote senders reach an inbox through its stream, by id alone
 
     def __init__(self, run_dir, **kwargs):
         super().__init__(run_dir, **kwargs)

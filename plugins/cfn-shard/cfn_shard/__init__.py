@@ -12,11 +12,11 @@ Hook implementations:
   share the fan-in of every result instead of one.  A shard directory that
   cannot be used (a non-directory in its place, mkdir refused) sends the
   process to ``shard-fallback/<agent_id>`` instead (counted).
-* ``cfn_read`` (shm bus; other transports read at ``ctx.route`` themselves):
+* ``cfn_read`` (a bus whose ``split_inboxes`` is true, such as shm; others read at ``ctx.route`` themselves):
   an agent reads its shard inbox and, once it exists, its fallback inbox; the
   coordinator reads all ``count`` parts of its inbox.
   Records of secondary inboxes carry ``(inbox_id, receipt)`` receipts, which
-  the shm bus settles in the right inbox.
+  the bus settles in the right inbox.
 * ``cfn_session_start`` (coordinator) / ``cfn_agent_init`` (agents): learn
   the run directory and the process's own id, create the shard directories
   (coordinator), and switch on the bus's flock-wait measurement.
@@ -81,14 +81,14 @@ class _Process:
         self.run_dir: Path | None = None
         self.self_id: str | None = None
         self.counters: dict = {}
-        self.shm = False  # the split coordinator inbox needs the shm bus's (inbox, receipt) acks
+        self.split = False  # the bus can spread an inbox over locations (Bus.split_inboxes)
 
     def bind(self, ctx) -> None:
         self.pid = os.getpid()
         run_dir = getattr(ctx.bus, "run_dir", None)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.self_id = ctx.self_id
-        self.shm = getattr(ctx.bus, "name", None) == "shm"
+        self.split = bool(getattr(ctx.bus, "split_inboxes", False))
         self.counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("shard.counters", {})
 
     def current(self) -> bool:
@@ -153,7 +153,7 @@ def cfn_route(agent_id, config):
     s = config.section(NAME)
     if agent_id == COORDINATOR_ID:
         me = _proc.self_id if _proc.current() else None
-        if not s.split_coordinator or not _proc.shm or me is None or me == COORDINATOR_ID:
+        if not s.split_coordinator or not _proc.split or me is None or me == COORDINATOR_ID:
             k = 0
         else:
             k = shard_of(me, s.count, s.strategy, config.workload.seed)
@@ -187,8 +187,8 @@ def cfn_read(ctx, agent_id):
     from cfn_core import decode_records
 
     bus = ctx.bus
-    if getattr(bus, "name", None) != "shm":
-        return None  # another transport reads its own way (at ctx.route, our location); no split, no fallback
+    if not getattr(bus, "split_inboxes", False):
+        return None  # the transport reads by inbox id alone (at ctx.route, our location): no split, no fallback
     s = ctx.config.section(NAME)
     if agent_id == COORDINATOR_ID and s.split_coordinator:
         records = []
@@ -267,7 +267,7 @@ def shard_figures(ctx) -> dict:
     srcs = [src for (src, _) in ctx.state.get("shard.agents", {})]
     for src, snap in zip(srcs, snapshots):
         messages[shard_of(src, count, s.strategy, seed)] += snap.get("shard.messages", 0)
-    split = s.split_coordinator and getattr(ctx.bus, "name", None) == "shm"
+    split = s.split_coordinator and bool(getattr(ctx.bus, "split_inboxes", False))
     coordinator_in = ctx.state.get("shard.coordinator_in", [0] * count)
     for k in range(count):
         messages[k] += coordinator_in[k] if split else 0
