@@ -413,8 +413,14 @@ class Talk:
 
     def wait_for(self, timeout: float | None, kind=None, sender=None, reply_to=None,
                  check: Callable[[], None] | None = None) -> AgentMessage | None:
-        """Read the inbox until a matching message is there (None after ``timeout`` seconds)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Read the inbox until a matching message is there (None after ``timeout`` seconds).
+
+        ``check`` (raises to end the wait: a request's peer left) runs every
+        ``_PEER_CHECK_SECONDS`` of waiting, the first time after that long.
+        """
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        next_check = start + _PEER_CHECK_SECONDS
         loop = self.loop
         while True:
             found = self.take(kind, sender, reply_to)
@@ -426,8 +432,13 @@ class Talk:
                 return None
             remaining = None if deadline is None else deadline - now
             if check is not None:
-                check()
-                remaining = _PEER_CHECK_SECONDS if remaining is None else min(remaining, _PEER_CHECK_SECONDS)
+                # not before every sleep: a reply usually comes within one, and the check
+                # reads the run's directory (profiled: 13% of a request/reply round trip)
+                if now >= next_check:
+                    check()
+                    next_check = now + _PEER_CHECK_SECONDS
+                wake = next_check - now
+                remaining = wake if remaining is None else min(remaining, wake)
             loop.sleep(remaining)
             loop.read_inbox()
 
