@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from .errors import CfnError
@@ -79,83 +78,6 @@ def _load(args):
     return load_config(args.config, overrides=_overrides(args))
 
 
-class _Progress:
-    """A live line on stderr when it is a terminal; nothing otherwise.
-
-    During the spawn it shows agents started and ready as they happen, with the rate
-    agents become ready and the time left at that rate (the coordinator reports
-    ``started`` and ``spawn`` counts on every launch and every ready message).
-    """
-
-    #: seconds between two redraws (a launch can be reported thousands of times a second)
-    INTERVAL = 0.1
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
-        self.last = ""
-        self.last_at = 0.0
-        self.started = 0
-        self.spawn_t0: float | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if phase == "started":  # shown with the next "spawn" report
-            self.started = done
-            return
-        if phase == "spawn":
-            if self.spawn_t0 is None or (done == 0 and self.started == 0):
-                self.spawn_t0 = now
-            line = self._spawn_line(done, total, now)
-        else:
-            self.spawn_t0, self.started = None, 0
-            line = f"{phase:<10} {self._bar(done, total)} {done}/{total}"
-        finished = total and done >= total
-        if line == self.last or (now - self.last_at < self.INTERVAL and not finished and phase == self._phase_of(self.last)):
-            return
-        # pad over the rest of a longer previous line
-        self.stream.write("\r" + line + " " * max(0, len(self.last) - len(line)))
-        self.stream.flush()
-        self.last, self.last_at = line, now
-
-    @staticmethod
-    def _phase_of(line: str) -> str:
-        return line.split(" ", 1)[0]
-
-    @staticmethod
-    def _bar(done: int, total: int, width: int = 30) -> str:
-        filled = min(width, int(width * done / total)) if total else 0
-        return f"[{'#' * filled}{'.' * (width - filled)}]"
-
-    def _spawn_line(self, ready: int, total: int, now: float) -> str:
-        elapsed = now - (self.spawn_t0 or now)
-        rate = ready / elapsed if elapsed > 0 else 0.0
-        head = f"{'spawn':<10} {self._bar(ready, total)} {ready}/{total} ready" if total else f"{'spawn':<10} {ready} ready"
-        line = f"{head}, {max(self.started, ready)} started"
-        if rate > 0:
-            line += f", {rate:.1f}/s"
-            if total and ready < total:
-                line += f", ETA {_duration((total - ready) / rate)}"
-        return line
-
-    def done(self) -> None:
-        if self.enabled and self.last:
-            self.stream.write("\r" + " " * len(self.last) + "\r")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    """'45 s', '2 min 05 s', '1 h 03 min'."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 class _StdoutForJson:
     """Keep stdout for the JSON document alone while ``cfn run --json`` runs.
 
@@ -186,8 +108,10 @@ def cmd_run(args) -> int:
 
     if args.events == "-" and args.json:
         raise CfnError("--events - and --json both write to stdout: give --events a file, e.g. --events events.jsonl")
+    from .run_view import RunView
+
     config = _load(args)
-    progress = _Progress()
+    progress = RunView()  # the compact live view on a terminal; nothing otherwise
     # events on stdout: written to the real stdout, kept apart like --json's document (see _StdoutForJson)
     events_stream = os.fdopen(os.dup(1), "wb") if args.events == "-" else None
     try:
@@ -196,6 +120,7 @@ def cmd_run(args) -> int:
         if events_stream is not None:
             events_stream.close()
         raise
+    progress.attach(lambda: coord.ctx.live.last if coord.ctx is not None else None)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = None
     asked_to_stop = False

@@ -64,6 +64,8 @@ class Live:
         self.stop_seen = False
         self.snapshot_warned = False
         self.finished: list[tuple[float, int]] = []  # (monotonic time, tasks finished by then), for throughput
+        #: the snapshot last built (what `cfn run`'s own view on a terminal draws), or None
+        self.last: dict[str, Any] | None = None
 
     def tick(self, ctx, now: float) -> None:
         """One coordinator tick: flush the event log; messages, snapshot and stop when due."""
@@ -73,8 +75,9 @@ class Live:
         if SNAPSHOT_SECONDS is None or now < self.next_snapshot:
             return
         self.next_snapshot = now + SNAPSHOT_SECONDS
+        self.last = build_snapshot(ctx, self, now)
         try:
-            ctx.bus.put_state(SNAPSHOT_KEY, orjson.dumps(build_snapshot(ctx, self, now)))
+            ctx.bus.put_state(SNAPSHOT_KEY, orjson.dumps(self.last))
         except (CfnError, OSError) as exc:  # a full bus: what watches the run must not end it
             if not self.snapshot_warned:
                 log.debug("could not write the snapshot for cfn top (tried again every tick): %s", exc)
