@@ -71,9 +71,10 @@ class AgentContext:
             loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
         return loc
 
-    def send(self, messages: list[Message]) -> None:
+    def send(self, messages: list[Message], flush: bool = False) -> None:
+        """Hand messages to ``cfn_send``; ``flush``: the caller flushes next (see the hook)."""
         self.counters["sent"] += len(messages)
-        self._send(ctx=self, messages=messages)
+        self._send(ctx=self, messages=messages, flush=flush)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
@@ -650,7 +651,7 @@ class AgentLoop:
         """
         try:
             try:
-                self.ctx.send(messages)
+                self.ctx.send(messages, flush=True)
             except MessageTooLarge as exc:
                 work.error = f"peer message not sent: {exc}; its receiver got an empty body"
                 limit = self.config.bus.max_message_bytes
@@ -659,7 +660,7 @@ class AgentLoop:
                         m.encode(limit)
                     except MessageTooLarge:
                         m.body = None
-                self.ctx.send(messages)
+                self.ctx.send(messages, flush=True)
             self._flush(ctx=self.ctx, reason="explicit")
         except (CfnError, OSError) as exc:
             work.error = f"peer messages not sent: {describe_exception(exc) if isinstance(exc, OSError) else exc}"

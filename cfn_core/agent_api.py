@@ -381,7 +381,7 @@ class Talk:
             self.ctx.route(dst)
             messages.append(msg)
         if messages:
-            self.ctx.send(messages)
+            self.ctx.send(messages, flush=True)
             # now, not at the end of the task: the receiver may be waiting for it (a request),
             # and a full inbox (InboxFull) must surface at this call
             self.loop._flush(ctx=self.ctx, reason="explicit")

@@ -44,7 +44,7 @@ def cfn_route(agent_id, config):
 
 
 @hookimpl(trylast=True)
-def cfn_send(ctx, messages):
+def cfn_send(ctx, messages, flush):
     limit = ctx.config.bus.max_message_bytes
     for msg in messages:
         ctx.bus.deliver(msg.dst, ctx.route(msg.dst), [msg.encode(limit)])

@@ -221,14 +221,14 @@ class CoordinatorContext:
             loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
         return loc
 
-    def send(self, messages: list[Message]) -> None:
-        """Hand messages to ``cfn_send`` (and count them)."""
+    def send(self, messages: list[Message], flush: bool = False) -> None:
+        """Hand messages to ``cfn_send`` (and count them); ``flush``: see the hook."""
         if messages:
             self.counters["sent"] += len(messages)
             tasks = sum(1 for m in messages if m.kind == "task")
             if tasks:  # the metric counts workload messages, like the summary (not stop/ping)
                 self.metrics.messages_sent.inc(tasks)
-            self.hook.cfn_send(ctx=self, messages=messages)
+            self.hook.cfn_send(ctx=self, messages=messages, flush=flush)
 
     def agent_counters(self, prefix: str = "") -> dict[tuple[str, str], dict[str, int]]:
         """The latest counters of every agent process, for a plugin's ``cfn_report``.

@@ -121,11 +121,11 @@ def cfn_release_agents(ctx, agent_ids):
 
 
 @hookimpl(wrapper=True, tryfirst=True)
-def cfn_send(ctx, messages):
+def cfn_send(ctx, messages, flush):
     try:
         return (yield)
     except Exception as exc:
-        return _degrade("cfn_send", ctx, {"ctx": ctx, "messages": messages}, exc)
+        return _degrade("cfn_send", ctx, {"ctx": ctx, "messages": messages, "flush": flush}, exc)
 
 
 @hookimpl(wrapper=True, tryfirst=True)

@@ -168,11 +168,17 @@ def cfn_route(agent_id: str, config: Config) -> str | None:
 
 
 @hookspec(firstresult=True)
-def cfn_send(ctx: CoordinatorContext | AgentContext, messages: list[Message]) -> bool | None:
+def cfn_send(ctx: CoordinatorContext | AgentContext, messages: list[Message], flush: bool) -> bool | None:
     """Put messages on the bus.
 
     :param ctx: the sender's context.
     :param messages: a list of :class:`~cfn_core.Message`, in send order.
+    :param flush: the caller flushes right after this call (an agent's own
+        ``agent.send``/``request``/``reply``, a task's peer messages: a receiver
+        may be waiting for them, and an error must surface at the call).  A
+        plugin that buffers should then write these messages now, grouped per
+        destination after what it holds for each, instead of buffering them for
+        the flush that follows (buffering costs and coalesces nothing there).
     :return: ``True`` once the messages are accepted.  A plugin that buffers
         must deliver them later (on size, on time, on ``cfn_flush``) and keep
         per-destination order.

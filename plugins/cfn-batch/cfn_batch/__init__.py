@@ -117,8 +117,8 @@ def cfn_session_start(ctx):
 
 
 @hookimpl
-def cfn_send(ctx, messages):
-    _batcher(ctx).send(messages)
+def cfn_send(ctx, messages, flush):
+    _batcher(ctx).send(messages, at_once=flush)
     return True
 
 

@@ -58,6 +58,9 @@ log = logging.getLogger("cfn.batch")
 
 #: seconds of traffic over which the message rate is measured
 RATE_WINDOW = 0.25
+#: after the latest send, the idle flusher polls (every half timeout, this many times)
+#: before it sleeps until a sender notifies it (see _flusher_loop)
+LIGHT_SLEEPS = 4
 #: flusher restarts back off from this many seconds, doubling, up to RESTART_MAX
 RESTART_MIN = 0.01
 RESTART_MAX = 5.0
@@ -185,8 +188,13 @@ class Batcher:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, messages) -> None:
-        """Buffer ``messages`` (encoded now: an oversized message raises here, nothing is buffered)."""
+    def send(self, messages, at_once: bool = False) -> None:
+        """Buffer ``messages`` (encoded now: an oversized message raises here, nothing is buffered).
+
+        ``at_once``: the caller flushes right after (``cfn_send``'s ``flush``): write
+        them now, grouped per destination after what is buffered for each, as a
+        call that starts a burst is.
+        """
         limit = self.limit
         records = [(m.dst, m.encode(limit)) for m in messages]
         now = time.monotonic()
@@ -199,7 +207,7 @@ class Batcher:
                 return
             was_empty = not self.buffers
             self._window_msgs += len(records)
-            starts_burst = now - self._last_send >= self.timeout / 2
+            starts_burst = at_once or now - self._last_send >= self.timeout / 2
             self._last_send = now
             if starts_burst:
                 self._send_now_locked(records, now)
@@ -374,6 +382,13 @@ class Batcher:
                     exc, self.fault = self.fault, None
                     raise exc
                 if not self.buffers:
+                    if time.monotonic() - self._last_send < half * LIGHT_SLEEPS:
+                        # sends are coming: look again in half the timeout instead of being
+                        # notified, so a send does not wake this thread (a GIL hand-over and
+                        # two thread switches) every time an explicit flush emptied the
+                        # buffers before it; a record still waits at most half the timeout
+                        cond.wait(half)
+                        continue
                     self.idle = True
                     cond.wait()  # a sender notifies when the first record arrives
                     self.idle = False

@@ -60,3 +60,18 @@ def test_two_senders_each_keep_their_order_in_a_shared_inbox(bus_root, bh):
         assert len(got) == 100
         for sender, sent in (("x", a), ("y", b)):
             assert [m.id for m in got if m.src == sender] == [m.id for m in sent]
+
+
+def test_a_send_the_caller_flushes_next_is_written_at_once_after_what_was_buffered(bus_root, bh):
+    """cfn_send's ``flush``: an agent's own send goes out in the call, behind its destination's buffer."""
+    with bh.batcher_on_bus(bus_root, size=1000, max_size=1000, timeout_ms=600_000) as (bus, batcher, counters):
+        batcher.send(bh.make_messages("s", ["z"]))  # starts a burst: written at once
+        held = bh.make_messages("s", ["a", "a", "b"])
+        batcher.send(held)  # continues it: buffered
+        assert bus.read("a", "inbox/a") == []
+        urgent = bh.make_messages("s", ["a", "c"])
+        batcher.send(urgent, at_once=True)  # no flush call: written by this send
+        assert [m.id for m in bh.received(bus, "a")] == [held[0].id, held[1].id, urgent[0].id]
+        assert [m.id for m in bh.received(bus, "c")] == [urgent[1].id]
+        assert set(batcher.buffers) == {"b"}  # the other destination's buffer waits for its flush
+        assert counters["batch.flush.leading"] == 1 + 2
