@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import resource
 import select
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from cfn_core.testing import install_dist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,11 +246,7 @@ BREAKER = textwrap.dedent(
 def breaker_installed(tmp_path):
     """The plugin ``breaker`` installed on PYTHONPATH with a dist-info entry point in group cfn."""
     site = tmp_path / "site"
-    dist = site / "cfn_breaker-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (site / "cfn_breaker.py").write_text(BREAKER)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfn-breaker\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cfn]\nbreaker = cfn_breaker\n")
+    install_dist(site, "cfn-breaker", {"breaker": "cfn_breaker"}, modules={"cfn_breaker": BREAKER})
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
@@ -308,7 +305,9 @@ def test_the_spawn_progress_shows_agents_started_and_ready_with_rate_and_eta(tmp
     os.close(master)
     assert proc.wait(timeout=120) == 0
     proc.stdout.close()
-    frames = [f.strip() for f in seen.decode().split("\r") if f.strip().startswith("spawn")]
+    # the view redraws in place (rich: cursor moves and erases between frames)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode())
+    frames = [f.strip() for f in re.split(r"[\r\n]", text) if f.strip().startswith("spawn")]
     counts = {int(f.split("]")[1].split("/")[0]) for f in frames if "ready" in f}
     assert len(counts) >= 3, frames  # it moves while agents start, not stuck at 0/12
     assert any("started" in f and "/s" in f and "ETA" in f for f in frames), frames
