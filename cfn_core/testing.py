@@ -71,3 +71,28 @@ def wait_for(predicate, what: str, timeout: float = 90.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def install_dist(site, dist: str, entry_points: dict[str, str], *, modules: dict[str, str] | None = None,
+                 version: str = "0.1") -> Path:
+    """Install a distribution into the directory ``site`` the way pip leaves one behind.
+
+    A ``<dist>-<version>.dist-info`` with ``METADATA`` and an ``entry_points.txt`` whose
+    group ``cfn`` maps each plugin name to its module (``{"tracer": "cfn_tracer"}``), and
+    each module of ``modules`` (``{name: source}``) as ``<name>.py``.  Put ``site`` on
+    ``sys.path`` / ``PYTHONPATH`` (and clear ``cfn_core.plugins.installed``'s cache in a
+    process that has scanned the entry points already): cfn then finds the plugins like
+    any installed one, in this process and in the agents it starts.  Returns the
+    dist-info directory.
+    """
+    import textwrap
+
+    site = Path(site)
+    site.mkdir(parents=True, exist_ok=True)
+    for module, source in (modules or {}).items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text("[cfn]\n" + "".join(f"{n} = {v}\n" for n, v in entry_points.items()))
+    return info

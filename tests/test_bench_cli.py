@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from cfn_core.plugins import installed
+from cfn_core.testing import install_dist
 
 
 def cfn_bench(*args, cwd=None, timeout=240):
@@ -130,11 +131,7 @@ def third_party_env(tmp_path):
     distribution; the shared environment is left alone.
     """
     site = tmp_path / "site"
-    dist = site / "cfn_alwaysbroken-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (site / "cfn_alwaysbroken.py").write_text(BROKEN_PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfn-alwaysbroken\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cfn]\nalwaysbroken = cfn_alwaysbroken\n")
+    install_dist(site, "cfn-alwaysbroken", {"alwaysbroken": "cfn_alwaysbroken"}, modules={"cfn_alwaysbroken": BROKEN_PLUGIN})
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 

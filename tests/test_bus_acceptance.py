@@ -29,6 +29,7 @@ from test_faults_handlers import plugin_params  # noqa: E402
 
 from cfn_core import Coordinator, config_from_dict  # noqa: E402
 from cfn_core.messages import MessageFactory, decode  # noqa: E402
+from cfn_core.testing import install_dist  # noqa: E402
 from cfn_core.plugins import installed, load_plugin  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -53,10 +54,7 @@ def dirbus_installed(tmp_path, monkeypatch):
     leaves behind), so agents find it the way they find any plugin.
     """
     site = tmp_path / "site"
-    dist = site / "cfn_dirbus-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cfn-dirbus\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cfn]\ndirbus = dir_bus\n")
+    install_dist(site, "cfn-dirbus", {"dirbus": "dir_bus"})
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), TESTS, os.environ.get("PYTHONPATH")])))
     installed.cache_clear()  # the entry points of this process were scanned already

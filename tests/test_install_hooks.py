@@ -17,6 +17,7 @@ import pytest
 
 from cfn_core.config import load_config
 from cfn_core.errors import ConfigError
+from cfn_core.testing import install_dist
 
 GREETER = textwrap.dedent(
     '''
@@ -66,11 +67,7 @@ COPYCAT = textwrap.dedent(
 
 def install(site, name: str, source: str) -> None:
     """Install module ``cfn_<name>`` as plugin ``name`` the way pip does (dist-info + entry point)."""
-    dist = site / f"cfn_{name}-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (site / f"cfn_{name}.py").write_text(source)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: cfn-{name}\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[cfn]\n{name} = cfn_{name}\n")
+    install_dist(site, f"cfn-{name}", {name: f"cfn_{name}"}, modules={f"cfn_{name}": source})
 
 
 @pytest.fixture

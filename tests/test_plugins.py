@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from cfn_core import Coordinator
 from cfn_core.config import config_from_dict, load_config
+from cfn_core.testing import install_dist
 from cfn_core.errors import ConfigError, PluginError
 from cfn_core.plugins import describe_plugins, hook_call_order, installed, load_plugin, make_plugin_manager
 
@@ -89,11 +89,7 @@ def cfn_spwan(ctx, agent_ids):
 
 
 def make_dist(site, dist, version, module, code, entry_points):
-    (site / f"{module}.py").write_text(textwrap.dedent(code))
-    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text("[cfn]\n" + "".join(f"{n} = {v}\n" for n, v in entry_points.items()))
+    install_dist(site, dist, entry_points, modules={module: code}, version=version)
 
 
 @pytest.fixture
