@@ -84,6 +84,21 @@ class WorkloadSettings:
         max=86_400.0,
     )
     max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, handler timeouts) before it is reported failed", min=1, max=100)
+    prefetch: int = setting(
+        1,
+        "tasks one agent may hold at once (sent, not yet answered) when a pooling plugin hands them out, and per "
+        "agent of a role in Coordinator.submit; raise it (e.g. 16) for many short tasks, so an agent never waits for the next",
+        env=("CFN_PREFETCH",),
+        min=1,
+        max=100_000,
+    )
+    cancel_grace: float = setting(
+        5.0,
+        "seconds a cancelled task's agent has to stop it (a command is killed at once, a Python handler gets "
+        "Cancelled at its next agent call) before the agent is killed and replaced",
+        min=0.0,
+        max=3600.0,
+    )
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
     default_role: str = setting(
         "",

@@ -128,6 +128,15 @@ class _Round:
     def done(self) -> bool:
         return len(self.results) >= len(self.tasks)
 
+    def settle(self, task_id: str, result: TaskResult) -> None:
+        """Record a task's final result (once: a later one for the same task is not taken)."""
+        self.results[task_id] = result
+        if self.on_settle is not None:
+            self.on_settle(task_id, result)
+
+    #: called with ``(task id, TaskResult)`` for every result recorded (the feed resolves futures)
+    on_settle: Callable[[str, TaskResult], None] | None = None
+
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
@@ -241,6 +250,14 @@ class CoordinatorContext:
         """
         self.figures.take_exit_states(self.bus, self.agents.values())
         return self.figures.snapshots(prefix)
+
+    def has_room(self, handle: AgentHandle) -> bool:
+        """Whether ``handle`` may be sent another task now: it holds fewer than ``[workload] prefetch``.
+
+        A pooling plugin's ``cfn_assign`` asks this rather than "nothing outstanding", so that
+        with ``prefetch > 1`` an agent's next task is already in its inbox when it finishes one.
+        """
+        return len(handle.outstanding) < self.config.workload.prefetch
 
     def note_status(self, handle: AgentHandle) -> None:
         """An agent's status message was stored in ``handle.info["status"]``: log it.
@@ -401,10 +418,13 @@ class CoordinatorContext:
         events = self._selector.select(timeout)
         died = []
         for key, _ in events:
-            if key.data is None:
+            data = key.data
+            if data is None:
                 self.bus.drain_wakeups(COORDINATOR_ID)
-            else:
-                died.append(key.data)
+            elif type(data) is AgentHandle:
+                died.append(data)
+            else:  # a waker (cfn_core.feed): work submitted from another thread
+                data.on_wake()
         self._drain_inbox()
         if died:
             self._drain_inbox()  # a result written just before the death is read first
@@ -529,11 +549,12 @@ class CoordinatorContext:
             return
         handle.outstanding.pop(msg.task, None)
         if msg.task in r.results:
-            r.result.duplicates += 1
+            if not r.results[msg.task].cancelled:  # a cancelled task's late answer is expected
+                r.result.duplicates += 1
             return
         task = r.tasks[msg.task]
         error = body.get("error")
-        r.results[msg.task] = TaskResult(
+        r.settle(msg.task, TaskResult(
             task=msg.task,
             ok=body["ok"],
             value=body.get("value"),
@@ -543,7 +564,7 @@ class CoordinatorContext:
             peers_received=min(body.get("peers_received", 0), task.expect),
             seconds=float(body.get("seconds", 0.0)),
             stderr=body.get("stderr"),
-        )
+        ))
         if not r.results[msg.task].ok:
             self.metrics.task_failures.inc()  # as the summary's "failed" counts it
         sent = r.sent_at.get(msg.task)
@@ -631,10 +652,8 @@ class CoordinatorContext:
     def _give_up(self, handle: AgentHandle, task_id: str, reason: str) -> None:
         r = self._round
         handle.outstanding.pop(task_id, None)
-        r.results.setdefault(
-            task_id,
-            TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False),
-        )
+        if task_id not in r.results:
+            r.settle(task_id, TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False))
         self.metrics.task_failures.inc()
         self.events.emit("task_failed", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id], seconds=None, latency=None, error=reason)
         # keyed by the session-wide round (see cfn_core.agent.read_skip_list): a later run
@@ -768,6 +787,9 @@ class Coordinator:
         self._metrics_server = None
         self._handler = None
         self._janitor: Janitor | None = None
+        self._feed = None  # the feed thread (cfn_core.feed) while submitted tasks may run
+        #: the open-ended rounds of submitted tasks, one per feed (what ``submit`` ran)
+        self.feed_rounds: list[RoundResult] = []
 
     def _check_mesh_fan_in(self) -> None:
         """Refuse, before anything starts, a mesh whose peer messages cannot fit in the inboxes.
@@ -797,8 +819,9 @@ class Coordinator:
         self.open()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # like Executor.shutdown(wait=True): submitted tasks finish first, unless the block failed
+        self.close(wait=exc_type is None)
 
     def open(self) -> None:
         """Load plugins, open the bus, start session helpers (pool)."""
@@ -850,14 +873,20 @@ class Coordinator:
         doc = {"config": self.config.to_dict(), "plugin_modules": plugin_modules(self.config.enabled())}
         return json.dumps(doc).encode()
 
-    def close(self) -> None:
-        """Stop every agent, the session helpers and the bus; remove the run directory."""
+    def close(self, wait: bool = True) -> None:
+        """Stop every agent, the session helpers and the bus; remove the run directory.
+
+        :param wait: let submitted tasks finish first (False: they fail with "closed").
+        """
         if self.ctx is None:
             return
         t0 = time.perf_counter()
         try:
             with interrupts_deferred():  # closing half way would leave agents or the run directory behind
-                self._close()
+                try:
+                    self._stop_feed(wait)
+                finally:
+                    self._close()
         finally:
             self.close_seconds = time.perf_counter() - t0
 
@@ -910,6 +939,101 @@ class Coordinator:
         if error is not None:
             raise error
 
+    # ------------------------------------------------------------------ feed: submit, map, cancel
+
+    def submit(
+        self,
+        payload: Any,
+        *,
+        role: str | None = None,
+        to: str | None = None,
+        after: Iterable[Any] = (),
+        timeout: float | None = None,
+        id: str | None = None,
+    ):
+        """Queue one task; return its :class:`concurrent.futures.Future` at once.
+
+        :param payload: any JSON value, handed to the handler.
+        :param role: the role whose agents may run it (default: the run's default role).
+        :param to: the id of the agent that must run it (of the run's agents).
+        :param after: futures of this coordinator the task waits for; it then receives
+            ``{"payload": payload, "after": {task id: result}}`` (docs/USER_GUIDE.md).
+        :param timeout: seconds the task may take once sent to an agent; then it is cancelled
+            and fails with a reason (default: its role's ``timeout``).
+        :param id: the task id (default ``t000001``, ...); ``future.task_id`` gives it.
+
+        The coordination runs in a thread of its own while tasks are submitted (see
+        :mod:`cfn_core.feed`); use ``concurrent.futures.as_completed`` / ``wait`` /
+        ``result(timeout)`` as with any executor.
+        """
+        if self.ctx is None:
+            raise CfnError("submit: the coordinator is closed; submit inside `with Coordinator(config) as coord:`")
+        try:
+            orjson.dumps(payload)
+        except TypeError as exc:
+            from .errors import NotJSON
+
+            raise NotJSON(f"submit: the payload is not a JSON value: {exc}") from None
+        if role is not None:
+            check_role(self.config, role, "submit(role=...)")
+        if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
+            raise ConfigError(f"submit(timeout={timeout!r}): a number of seconds > 0, or None")
+        feed = self._feed
+        if feed is None:
+            from .feed import Feed
+
+            feed = self._feed = Feed(self)
+            feed.start()
+        future = feed.submit(payload, role, to, after, id)
+        if timeout is not None:
+            feed.put(("deadline", future.task_id, float(timeout)))
+        return future
+
+    def map(self, payloads: Iterable[Any], *, role: str | None = None, timeout: float | None = None):
+        """Submit every payload, then yield their results in order (like ``Executor.map``).
+
+        A failed task raises its :class:`~cfn_core.errors.TaskFailed` when its turn comes;
+        ``timeout`` bounds the wait for each result.
+        """
+        futures = [self.submit(p, role=role) for p in payloads]
+
+        def results():
+            try:
+                for f in futures:
+                    yield f.result(timeout)
+            finally:
+                for f in futures:
+                    f.cancel()  # what the caller stopped waiting for is not run
+
+        return results()
+
+    def as_completed(self, futures: Iterable[Any] | None = None, timeout: float | None = None):
+        """``concurrent.futures.as_completed`` over ``futures`` (default: every unfinished submitted task)."""
+        from concurrent.futures import as_completed
+
+        if futures is None:
+            futures = list(self._feed.futures.values()) if self._feed is not None else []
+        return as_completed(futures, timeout)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a submitted task, queued or running (docs/USER_GUIDE.md "Cancelling a task").
+
+        :return: True when it was cancelled, False when it had already finished.
+        :raises CfnError: no task of that id was submitted.
+        """
+        feed = self._feed
+        if feed is None:
+            raise CfnError(f"cancel: no task {task_id!r} was submitted to this coordinator")
+        return feed.cancel(task_id)
+
+    def _stop_feed(self, wait: bool) -> None:
+        """End the feed's round (after its tasks when ``wait``): the caller's thread owns the context again."""
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close(wait)
+            if feed.error is not None and not isinstance(feed.error, Exception):
+                raise feed.error
+
     # ------------------------------------------------------------------ rounds
 
     def run(self, tasks: Iterable[Any] | None = None, *, rounds: int | None = None) -> CoordinationResult:
@@ -928,6 +1052,7 @@ class Coordinator:
                 return self.run(tasks, rounds=rounds)
             finally:
                 self.close()
+        self._stop_feed(wait=True)  # submitted tasks finish first; their agents serve the rounds (a pool's)
         ctx = self.ctx
         rounds = rounds or self.config.workload.rounds
         result = self.partial = CoordinationResult(
@@ -1095,9 +1220,9 @@ class Coordinator:
         w = self.config.workload
         if not agent_ids:
             for task_id in r.order:
-                r.results[task_id] = TaskResult(
+                r.settle(task_id, TaskResult(
                     task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
-                )
+                ))
                 self.ctx.metrics.task_failures.inc()
                 ctx.events.emit("task_failed", task=task_id, round=r.number, agent=None, attempt=0, seconds=None, latency=None, error="no agent could be started")
             return
@@ -1109,9 +1234,9 @@ class Coordinator:
             if groups.get(task.role):
                 tasks.append(task)
             else:  # its role has no ready agent (the others may): it cannot run in this round
-                r.results[task_id] = TaskResult(
+                r.settle(task_id, TaskResult(
                     task=task_id, ok=False, error=f"no agent of role {task.role!r} could be started", attempts=0, answered=False
-                )
+                ))
                 self.ctx.metrics.task_failures.inc()
         preassigned: dict[str, str] = {}
         if w.topology == "mesh":
