@@ -976,6 +976,8 @@ class Coordinator:
             raise NotJSON(f"submit: the payload is not a JSON value: {exc}") from None
         if role is not None:
             check_role(self.config, role, "submit(role=...)")
+        if to is not None:
+            check_agent_id(to)
         if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
             raise ConfigError(f"submit(timeout={timeout!r}): a number of seconds > 0, or None")
         feed = self._feed

@@ -155,7 +155,7 @@ class Feed:
             self.known.add(task_id)
             future = TaskFuture(self, task_id)
             self.futures[task_id] = future
-            self.put(("submit", Task(id=task_id, payload=payload, role=role), to, after_ids))
+            self.put(("submit", task_id, payload, role, to, after_ids))
         return future
 
     def cancel(self, task_id: str, timeout: float = 60.0) -> bool:
@@ -236,6 +236,9 @@ class Feed:
         r.result.spawn_failures = dict(ctx.spawn_failures)
         self.groups = by_role(self.config, self.agents)
         r.distributing = True  # an agent that dies is replaced: the feed goes on with all of them
+        from .roles import default_role
+
+        self.default_role = default_role(self.config)
         ctx._in_execute = True
 
     def _end(self) -> None:
@@ -286,37 +289,35 @@ class Feed:
                         agent=self.round.assigned.get(task_id), attempts=0, answered=False,
                     ))
 
-    def _accept(self, task: Task, to: str | None, after: list[str]) -> None:
+    def _accept(self, task_id: str, payload: Any, role: str | None, to: str | None, after: list[str]) -> None:
         """A submission, in the feed thread: check it, hold it for its dependencies or queue it."""
-        from .roles import check_role, default_role
-
         ctx, r = self.ctx, self.round
-        future = self.futures.get(task.id)
-        if future is None:  # cancelled and forgotten before the thread saw it
+        if task_id not in self.futures:  # cancelled and forgotten before the thread saw it
             return
         self.counts["submitted"] += 1
-        ctx.events.emit("task_queued", task=task.id, round=r.number)
-        try:
-            if task.role is None:
-                role = default_role(self.config)
-                if to is not None:
-                    from .roles import role_of
-
-                    role = role_of(self.config, to).name
-                task = Task(id=task.id, payload=task.payload, role=role)
-            else:
-                check_role(self.config, task.role, f"submit({task.id!r})")
-            if to is not None:
-                check_agent_id(to)
-                if to not in ctx.agents or to not in self.agents:
-                    raise ConfigError(f"submit(to={to!r}): no such agent in this run; its agents: {', '.join(self.agents[:6]) or 'none'}")
-        except CfnError as exc:
-            self._finish_unsent(task.id, TaskResult(task=task.id, ok=False, error=str(exc), attempts=0, answered=False))
-            return
-        r.tasks[task.id] = task
-        r.order.append(task.id)
+        ctx.events.emit("task_queued", task=task_id, round=r.number)
         if to is not None:
-            self.to[task.id] = to
+            try:
+                check_agent_id(to)
+                if to not in self.agents:
+                    raise ConfigError(f"submit(to={to!r}): no such agent in this run; its agents: {', '.join(self.agents[:6]) or 'none'}")
+            except CfnError as exc:
+                self._finish_unsent(task_id, TaskResult(task=task_id, ok=False, error=str(exc), attempts=0, answered=False))
+                return
+            if role is None:
+                from .roles import role_of
+
+                role = role_of(self.config, to).name
+            self.to[task_id] = to
+        task = Task(id=task_id, payload=payload, role=role or self.default_role)
+        r.tasks[task_id] = task
+        r.order.append(task_id)
+        if not after:
+            queue = self.queues.get(task.role)
+            if queue is None:
+                queue = self.queues[task.role] = deque()
+            queue.append(task)
+            return
         pending = set()
         for dep in after:
             dep_result = r.results.get(dep)
@@ -330,10 +331,8 @@ class Feed:
             for dep in pending:
                 self.dependants.setdefault(dep, []).append(task.id)
             self.held[task.id] = (task, after)
-        elif after:
-            self._queue(self._with_inputs(task, after))
         else:
-            self._queue(task)
+            self._queue(self._with_inputs(task, after))
 
     def _with_inputs(self, task: Task, after: list[str]) -> Task:
         r = self.round
@@ -364,14 +363,15 @@ class Feed:
                 continue
             limit = prefetch * len(agent_ids)
             flying = self.in_flight.get(role, 0)
+            futures, tos = self.futures, self.to
             while queue:
                 task = queue[0]
-                future = self.futures.get(task.id)
-                if future is None or future.cancelled():  # Future.cancel() while it was queued
+                future = futures.get(task.id)
+                if future is None:  # Future.cancel() while it was queued
                     queue.popleft()
                     self._cancelled_here(task.id)
                     continue
-                to = self.to.get(task.id)
+                to = tos.get(task.id) if tos else None
                 if to is not None:
                     agent_id = to
                 else:
@@ -462,10 +462,7 @@ class Feed:
         r = self.round
         if task_id in r.results or task_id in r.assigned:
             return
-        for queue in self.queues.values():  # Future.cancel() of a queued task: take it out now
-            if queue and any(t.id == task_id for t in queue):
-                self.queues = {role: deque(t for t in q if t.id != task_id) for role, q in self.queues.items()}
-                break
+        # left in its queue, if it is in one: the dispatch drops a task whose future is gone
         self.waiting.pop(task_id, None)
         self.held.pop(task_id, None)
         self.ctx.events.emit("task_cancelled", task=task_id, round=r.number, agent=None, running=False)
