@@ -621,7 +621,17 @@ class CoordinatorContext:
         stale = [t for t in handle.outstanding if t not in r.tasks or t in r.results]
         for t in stale:
             del handle.outstanding[t]
-        if not handle.outstanding:
+        if handle.info.pop("cancelled_kill", None) is not None:
+            # killed because a cancelled task did not stop: the tasks it held besides are not to
+            # blame (no attempt charged), and the agent is replaced even if it held nothing else
+            r.result.retries += len(handle.outstanding)
+            for task_id in handle.outstanding:
+                self.events.emit("task_retried", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id] + 1, reason=handle.killed_reason)
+            try:
+                self.launch(handle.id)
+            except Exception as exc:
+                for task_id in list(handle.outstanding):
+                    self._give_up(handle, task_id, f"agent {handle.id} was killed and could not be replaced: {exc}")
             return
         culprit = next(iter(handle.outstanding))
         r.attempts[culprit] += 1

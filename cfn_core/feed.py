@@ -383,6 +383,8 @@ class Feed:
                 handle = ctx.agents.get(agent_id)
                 if handle is None:
                     raise PluginError(f"cfn_assign returned {agent_id!r} for task {task.id}, which is not an agent of this run")
+                if handle.state == "exited":  # died idle (the round robin still names it): a new incarnation
+                    handle = ctx.launch(agent_id)
                 if not future.set_running_or_notify_cancel():  # cancelled meanwhile
                     queue.popleft()
                     self._cancelled_here(task.id)
