@@ -798,6 +798,7 @@ class Coordinator:
         self._handler = None
         self._janitor: Janitor | None = None
         self._feed = None  # the feed thread (cfn_core.feed) while submitted tasks may run
+        self._partial_from: int | None = None  # an interrupted workflow's first feed round
         #: the open-ended rounds of submitted tasks, one per feed (what ``submit`` ran)
         self.feed_rounds: list[RoundResult] = []
 
@@ -1038,11 +1039,73 @@ class Coordinator:
             raise CfnError(f"cancel: no task {task_id!r} was submitted to this coordinator")
         return feed.cancel(task_id)
 
+    def run_workflow(self, tasks: Iterable[Any] | None = None) -> CoordinationResult:
+        """Run a task graph (default: the configuration's ``[[tasks]]``) and return the figures.
+
+        Every task is submitted with ``after`` = the futures of its ``needs``; the call
+        returns when all have finished, failed, been skipped (a task they need failed) or
+        cancelled (``cfn cancel``).  The result has one round: the feed's.
+
+        :param tasks: :class:`~cfn_core.config.WorkflowTask` objects (``id``, ``payload``,
+            ``role``, ``needs``), checked like ``[[tasks]]`` (acyclic, known ids).
+        """
+        from concurrent.futures import wait
+
+        from .config import workflow_tasks
+
+        if self.ctx is None:
+            self.open()
+            try:
+                return self.run_workflow(tasks)
+            finally:
+                self.close()
+        graph = list(self.config.tasks if tasks is None else workflow_tasks([t.to_dict() for t in tasks], "run_workflow", self.config.roles))
+        self._stop_feed(wait=True)  # a fresh feed: its round is this workflow's alone
+        result = self.partial = CoordinationResult(
+            plugins=self.config.enabled(), bus=self.ctx.bus.name, topology=self.config.workload.topology
+        )
+        first = len(self.feed_rounds)
+        t0 = time.perf_counter()
+        futures: dict[str, Any] = {}
+        try:
+            pending = list(graph)
+            while pending:  # needs first: a task's after= names futures that exist
+                later = []
+                for t in pending:
+                    if all(n in futures for n in t.needs):
+                        futures[t.id] = self.submit(t.payload, role=t.role, after=[futures[n] for n in t.needs], id=t.id)
+                    else:
+                        later.append(t)
+                pending = later
+            wait(list(futures.values()))
+            for f in futures.values():
+                exc = f.exception() if not f.cancelled() else None
+                if isinstance(exc, KeyboardInterrupt):  # `cfn stop` (StopRequested) seen by the feed
+                    raise exc
+            self._stop_feed(wait=True)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            raise
+        finally:
+            if self._feed is None:
+                result.rounds = self.feed_rounds[first:]
+            else:  # interrupted: the feed's round ends when the coordinator closes (see _stop_feed)
+                self._partial_from = first
+            result.seconds = time.perf_counter() - t0
+            result.fallbacks = list(self.ctx.fallbacks.values()) if self.ctx is not None else []
+        for figures in self.pm.hook.cfn_report(ctx=self.ctx):
+            if figures:
+                result.plugin_figures.update(figures)
+        return result
+
     def _stop_feed(self, wait: bool) -> None:
         """End the feed's round (after its tasks when ``wait``): the caller's thread owns the context again."""
         feed, self._feed = self._feed, None
         if feed is not None:
             feed.close(wait)
+            if self._partial_from is not None and self.partial is not None:
+                self.partial.rounds = self.feed_rounds[self._partial_from :]
+                self._partial_from = None
             if feed.error is not None and not isinstance(feed.error, Exception):
                 raise feed.error
 
@@ -1370,8 +1433,10 @@ class Coordinator:
         res.results = r.results
         res.seconds = time.perf_counter() - t_round
         expect_total = sum(t.expect for t in r.tasks.values())
-        res.planned = 2 * len(r.tasks) + expect_total
-        from_agents = [x for x in r.results.values() if x.answered]
+        # a cancelled or skipped task was not meant to answer any more (submit, [[tasks]])
+        withdrawn = sum(1 for x in r.results.values() if x.cancelled or x.skipped)
+        res.planned = 2 * (len(r.tasks) - withdrawn) + expect_total
+        from_agents = [x for x in r.results.values() if x.answered and not x.cancelled]
         res.delivered = 2 * len(from_agents) + sum(x.peers_received for x in from_agents)
         res.messages_sent = len(r.tasks) + len(from_agents) + r.peers_sent
         # the bus counts the whole run; the round gets what is new since the last round

@@ -49,6 +49,10 @@ from .messages import Task, TaskResult, check_agent_id
 log = logging.getLogger("cfn")
 
 _TICK = 0.05
+#: seconds between two looks at the bus state key ``cancel`` that `cfn cancel` writes
+REQUEST_SECONDS = 0.25
+CANCEL_KEY = "cancel"
+CANCEL_ANSWERS_KEY = "cancel-answers"
 
 
 class TaskFuture(Future):
@@ -105,6 +109,8 @@ class Feed:
         self.deadlines: dict[str, float] = {}  # task id -> seconds it may run once sent (submit(timeout=...))
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "skipped": 0}
         self.ready = threading.Event()  # the round has its agents (or failed to get them)
+        self._next_request_check = 0.0
+        self._answered: dict[str, dict] = {}  # `cfn cancel` request id -> its answer
         self.thread = threading.Thread(target=self._main, name="cfn-feed", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -196,6 +202,10 @@ class Feed:
                     self._dispatch()
                     ctx.pump(_TICK)
                     self._check_timers()
+                    now = time.monotonic()
+                    if now >= self._next_request_check:
+                        self._next_request_check = now + REQUEST_SECONDS
+                        self._cancel_requests()
             finally:
                 self.ready.set()
                 try:
@@ -210,7 +220,9 @@ class Feed:
             self._take_commands()
             for task_id, future in list(self.futures.items()):
                 if not future.done():
-                    future.set_exception(CfnError(f"task {task_id}: the coordinator's feed stopped: {exc}"))
+                    # `cfn stop` (StopRequested, a KeyboardInterrupt): result() raises it in the
+                    # caller's thread, which then stops as `cfn run` does on SIGTERM
+                    future.set_exception(exc if isinstance(exc, KeyboardInterrupt) else CfnError(f"task {task_id}: the coordinator's feed stopped: {exc}"))
             self.futures.clear()
 
     def _begin(self) -> None:
@@ -509,6 +521,49 @@ class Feed:
             ctx.events.emit("task_failed", task=task_id, round=r.number, agent=agent_id, attempt=result.attempts, seconds=None, latency=None, error=result.error)
         r.settle(task_id, result)
         self.cancelling[task_id] = (agent_id, time.monotonic())
+
+    def _cancel_requests(self) -> None:
+        """`cfn cancel RUN TASK`: requests in state ``cancel``, answered in ``cancel-answers``.
+
+        ``cancel`` is ``{"requests": [{"id": request id, "task": task id}, ...]}`` (the command
+        appends to it); each request is answered once, with ``"cancelled"``, ``"finished"``
+        (nothing left to cancel) or ``"unknown"`` (no such task in this run).
+        """
+        import json
+
+        try:
+            raw = self.ctx.bus.get_state(CANCEL_KEY)
+        except (CfnError, OSError):
+            return
+        if raw is None:
+            return
+        try:
+            requests = json.loads(raw).get("requests", [])
+        except (ValueError, AttributeError):
+            return
+        answered = False
+        for request in requests if isinstance(requests, list) else []:
+            if not isinstance(request, dict) or not isinstance(request.get("id"), str) or request["id"] in self._answered:
+                continue
+            task_id = request.get("task")
+            if not isinstance(task_id, str) or task_id not in self.known:
+                outcome = "unknown"
+            elif task_id in self.round.results:
+                outcome = "finished"
+            else:
+                future = self.futures.get(task_id)
+                if future is not None and future.cancel():
+                    self._cancelled_here(task_id)
+                else:
+                    self._cancel_running(task_id, Future())
+                outcome = "cancelled"
+            self._answered[request["id"]] = {"task": task_id, "outcome": outcome}
+            answered = True
+        if answered:
+            try:
+                self.ctx.bus.put_state(CANCEL_ANSWERS_KEY, json.dumps(self._answered).encode())
+            except (CfnError, OSError) as exc:
+                log.warning("could not answer cfn cancel: %s", exc)
 
     def _check_timers(self) -> None:
         """Tasks past their ``submit(timeout=...)`` are stopped; an agent that did not stop a

@@ -57,3 +57,19 @@ def stubborn(payload):
     while time.monotonic() < deadline:
         time.sleep(0.02)
     return "never cancelled"
+
+
+def step_agent(payload, agent):
+    """:func:`step`, and a ``{"wait": path}`` payload reports a status until cancelled."""
+    inner = payload.get("payload") if isinstance(payload, dict) and "after" in payload else payload
+    if isinstance(inner, dict) and inner.get("wait"):
+        with open(inner["wait"], "w") as fh:
+            fh.write(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            agent.status("waiting to be cancelled")
+            time.sleep(0.02)
+        return "never cancelled"
+    if inner == "boom":
+        raise ValueError("boom was asked for")
+    return payload
