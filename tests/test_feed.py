@@ -302,3 +302,29 @@ def test_waiting_on_everything(make_config, no_leaks):
         more = [coord.submit(i) for i in range(5)]
         assert sorted(f.result() for f in coord.as_completed(timeout=60)) == list(range(5))
         assert all(f.done() for f in more)
+
+
+def test_the_docs_list_exactly_the_fields_of_the_feeds_events(make_config, no_leaks, tmp_path):
+    sys.path.insert(0, str(HERE))
+    from test_events import COMMON, FEED_ONLY, documented_fields
+
+    config = _config(make_config, ("pool",), agents=1, handler="feed_handlers:gate")
+    gate, log = tmp_path / "gate", tmp_path / "events.jsonl"
+    with Coordinator(config, events=str(log)) as coord:
+        running = coord.submit({"gate": str(gate)})
+        queued = coord.submit({"gate": str(gate)})
+        child = coord.submit({"gate": str(gate)}, after=[queued])
+        wait_for(running.running, "the first task to be sent")
+        queued.cancel()
+        coord.cancel(running.task_id)
+        with pytest.raises(TaskFailed):
+            child.result(60)
+        gate.touch()
+    emitted: dict[str, set[str]] = {}
+    for line in _events(log):
+        emitted.setdefault(line["type"], set()).update(set(line) - COMMON)
+    _common, documented = documented_fields()
+    for name in FEED_ONLY:
+        assert emitted[name] == documented[name], f"{name}: emitted {sorted(emitted[name])}, documented {sorted(documented[name])}"
+    assert {e["task"]: e["running"] for e in _events(log) if e["type"] == "task_cancelled"} == {
+        queued.task_id: False, running.task_id: True}
