@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Iterable
 
 import orjson
@@ -432,13 +432,16 @@ class Feed:
             self.counts["done"] += 1
         else:
             self.counts["failed"] += 1
-        if future is not None and not future.done():
-            if result.ok:
-                future.set_result(result.value)
-            elif result.cancelled:
-                future.set_exception(Cancelled(f"task {task_id} was cancelled"))
-            else:
-                future.set_exception(TaskFailed(task_id, result.error, result.agent, skipped=result.skipped))
+        if future is not None:
+            try:  # no done() first: it takes the future's lock too, and set_result refuses a done one
+                if result.ok:
+                    future.set_result(result.value)
+                elif result.cancelled:
+                    future.set_exception(Cancelled(f"task {task_id} was cancelled"))
+                else:
+                    future.set_exception(TaskFailed(task_id, result.error, result.agent, skipped=result.skipped))
+            except InvalidStateError:  # Future.cancel() won the race: it stays cancelled
+                pass
         for dependant in self.dependants.pop(task_id, ()):
             pending = self.waiting.get(dependant)
             if pending is None:

@@ -19,8 +19,10 @@ def test_feed_benchmark_runs_both_arms_and_prints_ratios(bus_root, no_leaks):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     for n in (2, 8):
-        cfn = [ln for ln in lines if re.match(rf"^\s*{n} workers  cfn \(pool,parallel,batch, prefetch 16\)", ln)]
-        ppe = [ln for ln in lines if re.match(rf"^\s*{n} workers  processpool ", ln)]
-        ratio = [ln for ln in lines if re.match(rf"^\s*{n} workers  ratio cfn/processpool \(median of 2, 3000 tasks\): throughput [\d.]+x", ln)]
-        assert len(cfn) == len(ppe) == len(ratio) == 1, proc.stdout
-        assert "tasks/s  latency p50" in cfn[0] and "single p50" in cfn[0] and "whole process" in cfn[0]
+        for plugins in ("pool,parallel", "pool,parallel,batch"):
+            cfn = [ln for ln in lines if re.match(rf"^\s*{n} workers  cfn \({plugins}, prefetch 64\) ", ln)]
+            ratio = [ln for ln in lines if re.match(
+                rf"^\s*{n} workers  ratio cfn \({plugins}\)/processpool \(median of 2, 3000 tasks\): throughput [\d.]+x", ln)]
+            assert len(cfn) == len(ratio) == 1, proc.stdout
+            assert "tasks/s  latency p50" in cfn[0] and "single p50" in cfn[0] and "whole process" in cfn[0]
+        assert len([ln for ln in lines if re.match(rf"^\s*{n} workers  processpool ", ln)]) == 1, proc.stdout

@@ -1,12 +1,13 @@
 """Feeding a coordinator: ``submit`` + ``as_completed`` against ``ProcessPoolExecutor``.
 
     python -m cfn_core.bench.feed [--agents 2,20,500] [--tasks 100000] [--reps 1]
-        [--plugins pool,parallel,batch] [--prefetch 16] [--json out.json]
+        [--plugins pool,parallel [--plugins pool,parallel,batch]] [--prefetch 64] [--json out.json]
 
 For every worker count, two arms, each a fresh interpreter (so neither inherits the
 other's processes, caches or garbage):
 
-- ``cfn``: ``with Coordinator(config) as coord:`` on ``--plugins`` (``pool.size`` = the
+- ``cfn`` (one arm per ``--plugins``, default ``pool,parallel`` and ``pool,parallel,batch``):
+  ``with Coordinator(config) as coord:`` on those plugins (``pool.size`` = the
   worker count, ``[workload] prefetch`` = ``--prefetch``), ``--tasks`` trivial tasks
   (``cfn_core.handlers:echo`` of an integer) submitted at once, results taken with
   ``concurrent.futures.as_completed``;
@@ -104,8 +105,10 @@ def run_arm(arm: str, agents: int, tasks: int, single: int, plugins: str, prefet
 
 
 def _run_subprocess(arm: str, args, agents: int) -> dict:
-    cmd = [sys.executable, "-m", "cfn_core.bench.feed", "--arm", arm, "--agents", str(agents), "--tasks", str(args.tasks),
-           "--single", str(args.single), "--plugins", args.plugins, "--prefetch", str(args.prefetch)]
+    """One arm in a fresh interpreter; ``arm`` is ``processpool`` or ``cfn:<plugins>``."""
+    kind, _, plugins = arm.partition(":")
+    cmd = [sys.executable, "-m", "cfn_core.bench.feed", "--arm", kind, "--agents", str(agents), "--tasks", str(args.tasks),
+           "--single", str(args.single), "--plugins", plugins, "--prefetch", str(args.prefetch)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - t0
@@ -113,6 +116,7 @@ def _run_subprocess(arm: str, args, agents: int) -> dict:
         return {"arm": arm, "agents": agents, "ok": False, "error": (proc.stderr or proc.stdout)[-2000:], "wall": wall}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall"] = wall
+    out["arm"] = arm
     return out
 
 
@@ -127,42 +131,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=100_000, help="tasks per arm and worker count")
     parser.add_argument("--single", type=int, default=200, help="tasks submitted one at a time (unloaded latency)")
     parser.add_argument("--reps", type=int, default=1, help="runs of each arm, alternating")
-    parser.add_argument("--plugins", default="pool,parallel,batch", help="the cfn arm's plugins")
-    parser.add_argument("--prefetch", type=int, default=16, help="[workload] prefetch of the cfn arm")
+    parser.add_argument("--plugins", action="append", help="a cfn arm's plugins (repeat for several arms; default: "
+                        "pool,parallel and pool,parallel,batch)")
+    parser.add_argument("--prefetch", type=int, default=64, help="[workload] prefetch of the cfn arms")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one arm may take")
     parser.add_argument("--json", help="also write every run's figures to this file")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one arm, in this process
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.agents.split(",") if x.strip()]
     if args.arm:
-        print(json.dumps(run_arm(args.arm, counts[0], args.tasks, args.single, args.plugins, args.prefetch)))
+        print(json.dumps(run_arm(args.arm, counts[0], args.tasks, args.single, (args.plugins or [""])[-1], args.prefetch)))
         return 0
+    plugin_sets = args.plugins or ["pool,parallel", "pool,parallel,batch"]
+    arms = [f"cfn:{p}" for p in plugin_sets] + ["processpool"]
     runs: list[dict] = []
     ok = True
     for n in counts:
         for rep in range(args.reps):
-            order = ARMS if rep % 2 == 0 else ARMS[::-1]
+            order = arms[rep % len(arms):] + arms[: rep % len(arms)]  # the first arm rotates
             for arm in order:
                 out = _run_subprocess(arm, args, n)
                 runs.append(out)
                 if not out.get("ok"):
                     ok = False
                     print(f"{arm} {n} workers: FAILED {out.get('error', 'wrong results')}", file=sys.stderr)
-        by = {arm: [r for r in runs if r["agents"] == n and r["arm"] == arm and r.get("ok")] for arm in ARMS}
+        by = {arm: [r for r in runs if r["agents"] == n and r["arm"] == arm and r.get("ok")] for arm in arms}
         med = {arm: {k: statistics.median([r[k] for r in rs if r.get(k) is not None]) if rs else None
                      for k in ("rate", "p50", "p99", "single_p50", "single_p99", "wall", "start")}
                for arm, rs in by.items()}
-        for arm in ARMS:
+        for arm in arms:
             m = med[arm]
             if m["rate"] is None:
                 continue
-            label = f"cfn ({args.plugins}, prefetch {args.prefetch})" if arm == "cfn" else "processpool"
+            label = f"cfn ({arm[4:] or 'baseline'}, prefetch {args.prefetch})" if arm.startswith("cfn:") else "processpool"
             print(f"{n:>4} workers  {label:<40} {m['rate']:>9.0f} tasks/s  latency p50 {_ms(m['p50'])} p99 {_ms(m['p99'])}"
                   f"  single p50 {_ms(m['single_p50'])} p99 {_ms(m['single_p99'])}  start {m['start']:.2f}s  whole process {m['wall']:.2f}s")
-        c, p = med["cfn"], med["processpool"]
-        if c["rate"] and p["rate"]:
-            print(f"{n:>4} workers  ratio cfn/processpool (median of {args.reps}, {args.tasks} tasks): throughput {c['rate'] / p['rate']:.2f}x"
-                  f"  single p50 {c['single_p50'] / p['single_p50']:.2f}x  whole process {c['wall'] / p['wall']:.2f}x")
+        p = med["processpool"]
+        for arm in arms[:-1]:
+            c = med[arm]
+            if c["rate"] and p["rate"]:
+                print(f"{n:>4} workers  ratio cfn ({arm[4:] or 'baseline'})/processpool (median of {args.reps}, {args.tasks} tasks): "
+                      f"throughput {c['rate'] / p['rate']:.2f}x  single p50 {c['single_p50'] / p['single_p50']:.2f}x"
+                      f"  whole process {c['wall'] / p['wall']:.2f}x")
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as fh:
