@@ -25,6 +25,7 @@ import os
 import random
 import selectors
 import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from contextlib import contextmanager
@@ -799,6 +800,7 @@ class Coordinator:
         self._janitor: Janitor | None = None
         self._feed = None  # the feed thread (cfn_core.feed) while submitted tasks may run
         self._partial_from: int | None = None  # an interrupted workflow's first feed round
+        self._feed_lock = threading.Lock()
         #: the open-ended rounds of submitted tasks, one per feed (what ``submit`` ran)
         self.feed_rounds: list[RoundResult] = []
 
@@ -991,12 +993,13 @@ class Coordinator:
             check_agent_id(to)
         if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
             raise ConfigError(f"submit(timeout={timeout!r}): a number of seconds > 0, or None")
-        feed = self._feed
-        if feed is None:
-            from .feed import Feed
+        with self._feed_lock:  # two threads' first submissions start one feed
+            feed = self._feed
+            if feed is None:
+                from .feed import Feed
 
-            feed = self._feed = Feed(self)
-            feed.start()
+                feed = self._feed = Feed(self)
+                feed.start()
         future = feed.submit(payload, role, to, after, id)
         if timeout is not None:
             feed.put(("deadline", future.task_id, float(timeout)))
@@ -1025,7 +1028,7 @@ class Coordinator:
         from concurrent.futures import as_completed
 
         if futures is None:
-            futures = list(self._feed.futures.values()) if self._feed is not None else []
+            futures = self._feed.unfinished() if self._feed is not None else []
         return as_completed(futures, timeout)
 
     def cancel(self, task_id: str) -> bool:

@@ -164,6 +164,14 @@ class Feed:
             self.put(("submit", task_id, payload, role, to, after_ids))
         return future
 
+    def unfinished(self) -> list[TaskFuture]:
+        """The futures of the submitted tasks not finished yet (from any thread)."""
+        while True:
+            try:
+                return list(self.futures.values())
+            except RuntimeError:  # the feed thread settled one meanwhile: take the copy again
+                continue
+
     def cancel(self, task_id: str, timeout: float = 60.0) -> bool:
         """Cancel ``task_id`` wherever it is; True when it was cancelled (False: it had finished)."""
         if task_id not in self.known:

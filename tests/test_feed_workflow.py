@@ -187,3 +187,26 @@ def test_cfn_cancel_stops_a_running_workflow_task(bus_root, tmp_path, no_leaks):
 def test_cfn_cancel_names_a_run_that_does_not_exist(bus_root, tmp_path):
     proc = _run(["cancel", "cfn-nosuchrun", "t000001", "--root", str(bus_root)], tmp_path)
     assert proc.returncode == 2 and "no live run 'cfn-nosuchrun'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cfn_stop_ends_a_running_workflow_cleanly(bus_root, tmp_path, no_leaks):
+    marker = tmp_path / "running"
+    body = WORKFLOW.format(here=HERE).replace('payload = "split"', f'payload = {{ wait = "{marker}" }}')
+    config = _write(tmp_path / "cfn.toml", body, bus_root)
+    run = subprocess.Popen(CFN + ["run", "--config", str(config)], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker.exists, "the split task to run")
+        agent = int(marker.read_text())
+        (run_dir,) = [p.name for p in bus_root.iterdir()]
+        stop = _run(["stop", run_dir, "--root", str(bus_root)], tmp_path)
+        assert stop.returncode == 0, stop.stderr
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 143, err
+    assert "stopped by `cfn stop`" in err and "INTERRUPTED" in out
+    wait_for(lambda: not os.path.exists(f"/proc/{agent}"), "the agent to be gone")
+    assert not list(bus_root.iterdir())
