@@ -107,6 +107,8 @@ class Feed:
         self.to: dict[str, str] = {}  # task id -> the agent it must run on (submit(to=...))
         self.cancelling: dict[str, tuple[str, float]] = {}  # task id -> (agent, when the agent was asked)
         self.deadlines: dict[str, float] = {}  # task id -> seconds it may run once sent (submit(timeout=...))
+        self._cascade: deque = deque()  # (task id, result) whose dependants are still to be released
+        self._cascading = False
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "skipped": 0}
         self.ready = threading.Event()  # the round has its agents (or failed to get them)
         self._next_request_check = 0.0
@@ -450,6 +452,20 @@ class Feed:
                     future.set_exception(TaskFailed(task_id, result.error, result.agent, skipped=result.skipped))
             except InvalidStateError:  # Future.cancel() won the race: it stays cancelled
                 pass
+        if task_id in self.dependants:
+            # released in a loop, not by recursion: a failure at the head of a chain of
+            # thousands of tasks skips them all without reaching the recursion limit
+            self._cascade.append((task_id, result))
+            if not self._cascading:
+                self._cascading = True
+                try:
+                    while self._cascade:
+                        self._release(*self._cascade.popleft())
+                finally:
+                    self._cascading = False
+
+    def _release(self, task_id: str, result: TaskResult) -> None:
+        """What waited for ``task_id``: queued when its last dependency succeeded, else skipped."""
         for dependant in self.dependants.pop(task_id, ()):
             pending = self.waiting.get(dependant)
             if pending is None:

@@ -210,3 +210,16 @@ def test_cfn_stop_ends_a_running_workflow_cleanly(bus_root, tmp_path, no_leaks):
     assert "stopped by `cfn stop`" in err and "INTERRUPTED" in out
     wait_for(lambda: not os.path.exists(f"/proc/{agent}"), "the agent to be gone")
     assert not list(bus_root.iterdir())
+
+
+def test_a_failure_at_the_head_of_a_long_chain_skips_it_all(make_config, no_leaks):
+    with Coordinator(_config(make_config, agents=1)) as coord:
+        head = coord.submit("boom", id="head")
+        chain = [head]
+        for i in range(3000):  # deeper than the recursion limit: released in a loop
+            chain.append(coord.submit(i, after=[chain[-1]]))
+        with pytest.raises(TaskFailed, match="was skipped"):
+            chain[-1].result(120)
+        assert coord.submit("still serving").result(60) == "still serving"
+    (r,) = coord.feed_rounds
+    assert (r.failed, r.skipped) == (1, 3000)
