@@ -422,7 +422,7 @@ class CoordinatorContext:
             data = key.data
             if data is None:
                 self.bus.drain_wakeups(COORDINATOR_ID)
-            elif type(data) is AgentHandle:
+            elif isinstance(data, AgentHandle):
                 died.append(data)
             else:  # a waker (cfn_core.feed): work submitted from another thread
                 data.on_wake()
