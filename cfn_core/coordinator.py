@@ -894,6 +894,15 @@ class Coordinator:
         if self.ctx is None:
             return
         t0 = time.perf_counter()
+        interrupt = None
+        if wait and self._feed is not None:
+            # waited for here, where Ctrl-C still interrupts: it then closes without waiting
+            from concurrent.futures import wait as wait_for_futures
+
+            try:
+                wait_for_futures(self._feed.unfinished())
+            except KeyboardInterrupt as exc:
+                interrupt, wait = exc, False
         try:
             with interrupts_deferred():  # closing half way would leave agents or the run directory behind
                 try:
@@ -902,6 +911,8 @@ class Coordinator:
                     self._close()
         finally:
             self.close_seconds = time.perf_counter() - t0
+        if interrupt is not None:
+            raise interrupt
 
     def _close(self) -> None:
         ctx = self.ctx

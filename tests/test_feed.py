@@ -175,6 +175,37 @@ def test_a_signal_while_blocked_in_as_completed_stops_everything(bus_root, tmp_p
     assert not list(bus_root.iterdir())  # the run directory was removed
 
 
+LEAVING = textwrap.dedent(
+    """
+    import sys
+    from cfn_core import Coordinator, load_config
+    sys.path.insert(0, {here!r})
+    config = load_config(None, overrides={{"plugins": "pool", "workload.agents": "1", "pool.size": "1",
+        "workload.directory": {here!r}, "workload.handler": "feed_handlers:gate", "bus.root": {root!r}}})
+    with Coordinator(config) as coord:
+        coord.submit({{"gate": "/nonexistent", "started": {started!r}}})
+    """
+)
+
+
+def test_ctrl_c_while_the_with_block_waits_for_its_tasks(bus_root, tmp_path, no_leaks):
+    started = tmp_path / "started"
+    script = LEAVING.format(here=str(HERE), root=str(bus_root), started=str(started))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(started.exists, "the task to run while the block waits for it")
+        agent = int(started.read_text())
+        proc.send_signal(signal.SIGINT)  # leaving the block waits for the task: Ctrl-C must still end it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    wait_for(lambda: not _alive(agent), "the agent to be gone")
+    assert not list(bus_root.iterdir())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
