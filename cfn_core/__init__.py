@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_config": "config",
     # errors
     "BusError": "errors",
+    "Cancelled": "errors",
     "CfnError": "errors",
     "ConfigError": "errors",
     "InboxFull": "errors",
@@ -35,6 +36,7 @@ _EXPORTS = {
     "UnknownAgent": "errors",
     "PluginError": "errors",
     "ResourceLimitError": "errors",
+    "TaskFailed": "errors",
     # the coordinator and its results
     "AgentHandle": "coordinator",
     "Coordinator": "coordinator",

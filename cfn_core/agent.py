@@ -274,6 +274,12 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                 elif what == "bell":
                     loop.bus.drain_wakeups(loop.agent_id)
                     loop.read_inbox()
+                    if loop.cancel_requested:  # Coordinator.cancel: the command's whole group goes
+                        _kill_group(proc.pid)
+                        proc.wait()
+                        from .errors import Cancelled
+
+                        raise Cancelled(f"task {loop.current.task} was cancelled")
                 else:
                     server.on_event(sel, what, obj)
         proc.wait()  # its pipes are closed: the shell has exited or is about to
@@ -433,6 +439,7 @@ class AgentLoop:
         # Across incarnations the coordinator's de-duplication of results covers it.
         self.started = _RecentIds(_RECENT_TASKS)
         self.current: Message | None = None  # the task record whose handler runs now
+        self.cancel_requested = False  # the running task was cancelled (Coordinator.cancel)
         self.talk = Talk(self)
         self.agent = self.talk.agent
 
@@ -512,6 +519,8 @@ class AgentLoop:
                 self.settled.append(msg.receipt)
             elif kind == "ping":
                 self.on_ping(msg)
+            elif kind == "cancel":
+                self.on_cancel(msg)
             else:
                 self.settled.append(msg.receipt)
         except (CfnError, OSError):
@@ -543,6 +552,38 @@ class AgentLoop:
         except CfnError as exc:
             self.reject(msg, f"ping not answered: {exc}")
         self.settled.append(msg.receipt)
+
+    def on_cancel(self, msg: Message) -> None:
+        """``Coordinator.cancel``: drop the task if it is queued, else stop it if it runs.
+
+        A queued task is answered at once (``"cancelled": true``); a running command's process
+        group is killed (:func:`_serve_command` sees :attr:`cancel_requested`); a running Python
+        handler gets :class:`~cfn_core.errors.Cancelled` at its next agent call.  A task this
+        agent does not hold (finished already) needs nothing.
+        """
+        self.settled.append(msg.receipt)
+        for queued in self.queued:
+            if queued.task == msg.task and queued.round == msg.round:
+                self.queued.remove(queued)
+                self.settled.append(queued.receipt)
+                body = {"ok": False, "value": None, "error": "cancelled", "cancelled": True, "seconds": 0.0}
+                self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
+                self.unflushed = True
+                return
+        current = self.current
+        if current is not None and current.task == msg.task and current.round == msg.round:
+            self.cancel_requested = True
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`~cfn_core.errors.Cancelled` in a handler whose task was cancelled (its agent calls ask)."""
+        if self.current is None:
+            return
+        if not self.cancel_requested:
+            self.read_inbox()  # a cancel record may be waiting: the handler has not read since it began
+        if self.cancel_requested:
+            from .errors import Cancelled
+
+            raise Cancelled(f"task {self.current.task} was cancelled")
 
     def reject(self, msg: Message, reason: str) -> None:
         """A record that cannot be acted on: dead-lettered with the reason (and settled by the caller)."""
@@ -678,6 +719,7 @@ class AgentLoop:
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
         self.current = msg
+        self.cancel_requested = False
         self.talk.task_started(msg)
         try:
             if work.error is not None:  # it cannot run: fail it with the reason, nobody waits for it
@@ -689,9 +731,13 @@ class AgentLoop:
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
         except Exception as exc:  # a handler that raises fails its task, not the agent
-            body.update(ok=False, error=describe_exception(exc))
+            if self.cancel_requested:  # Cancelled at an agent call (or whatever the handler made of it)
+                body.update(ok=False, error="cancelled", cancelled=True)
+            else:
+                body.update(ok=False, error=describe_exception(exc))
         finally:
             self.current = None
+            self.cancel_requested = False
         held_user = self.talk.task_finished()
         ctx.counters["leftovers_killed"] += kill_leftovers(self.helpers)  # what the task left running dies with it
         if body["ok"]:

@@ -368,6 +368,7 @@ class Talk:
         """
         _check_kind(kind)
         check_json(body, "the message body")
+        self.loop.check_cancelled()
         current = self.loop.current
         limit = self.loop.config.bus.max_message_bytes
         envelope = {"k": kind, "b": body, "re": re, "rq": rq, "t": topic}
@@ -392,6 +393,7 @@ class Talk:
         if not isinstance(text, str):
             raise NotJSON(f"agent.status text must be a string, not {type(text).__name__}")
         check_json(fields, "agent.status fields")
+        self.loop.check_cancelled()
         self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "status", body={"text": text, "fields": fields})])
         self.loop._flush(ctx=self.ctx, reason="explicit")
 
@@ -441,6 +443,7 @@ class Talk:
                 remaining = wake if remaining is None else min(remaining, wake)
             loop.sleep(remaining)
             loop.read_inbox()
+            loop.check_cancelled()
 
 
 def _user_body_problem(body: Any) -> str | None:

@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
     stdout_guard = _StdoutForJson().__enter__() if args.json or events_stream is not None else None
     try:
         with coord:
-            result = coord.run()
+            result = coord.run_workflow() if config.tasks else coord.run()  # [[tasks]]: a task graph
         code = result.exit_code
     except StopRequested:
         code, asked_to_stop = 143, True
@@ -167,6 +167,67 @@ def cmd_run(args) -> int:
     if asked_to_stop:
         print("cfn: stopped by `cfn stop`", file=sys.stderr)
     return code
+
+
+def cmd_cancel(args) -> int:
+    """``cfn cancel RUN TASK``: cancel one task of a run fed with ``submit`` or ``[[tasks]]``.
+
+    Found like ``cfn stop`` finds a run; the request is appended to the run's state key
+    ``cancel`` and the coordinator's answer read from ``cancel-answers`` (cfn_core.feed).
+    """
+    from .feed import CANCEL_ANSWERS_KEY, CANCEL_KEY
+    from .top import RunGone, _root, choose_run, read_snapshot
+
+    root = _root(args)
+    run_dir = choose_run(args.run, root, "cancel")
+    if isinstance(run_dir, int):
+        return run_dir
+    try:
+        read_snapshot(run_dir)  # raises when the run has ended or its coordinator is gone
+    except RunGone as gone:
+        raise CfnError(f"cfn cancel: {gone}") from None
+    state = run_dir / "state"
+    request_id = f"{os.getpid()}-{time.time_ns()}"
+    try:
+        try:
+            current = json.loads((state / CANCEL_KEY).read_bytes())
+        except FileNotFoundError:
+            current = {"requests": []}
+        requests = current.get("requests", []) if isinstance(current, dict) else []
+        requests.append({"id": request_id, "task": args.task})
+        tmp = state / f".cancel.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(json.dumps({"requests": requests}).encode())
+        os.replace(tmp, state / CANCEL_KEY)
+    except FileNotFoundError:
+        raise CfnError(f"cfn cancel: run {run_dir.name} has ended") from None
+    except (OSError, ValueError) as exc:
+        raise CfnError(f"cfn cancel: cannot write the cancel request in {state}: {exc}") from None
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            answer = json.loads((state / CANCEL_ANSWERS_KEY).read_bytes()).get(request_id)
+        except FileNotFoundError:
+            answer = None
+            if not run_dir.exists():
+                raise CfnError(f"cfn cancel: run {run_dir.name} ended before it answered") from None
+        except ValueError:
+            answer = None
+        if answer is not None:
+            outcome = answer.get("outcome")
+            if outcome == "unknown":
+                raise CfnError(f"cfn cancel: run {run_dir.name} has no task {args.task!r}")
+            if outcome == "finished":
+                print(f"cfn cancel: task {args.task} of run {run_dir.name} had already finished", file=sys.stderr)
+                return 1
+            print(f"cfn cancel: cancelled task {args.task} of run {run_dir.name}", file=sys.stderr)
+            return 0
+        time.sleep(0.05)  # polling a file another process writes: nothing to wait on
+    raise CfnError(
+        f"cfn cancel: run {run_dir.name} did not answer within {args.wait:g}s "
+        "(only a run fed with Coordinator.submit or [[tasks]] can cancel a task)"
+    )
 
 
 def cmd_init(args) -> int:
@@ -244,7 +305,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: subcommands defined in this module: ``cfn run`` and these do not need the plugins' commands
-_KERNEL_COMMANDS = frozenset({"run", "init", "plugins", "clean", "top", "stop"})
+_KERNEL_COMMANDS = frozenset({"run", "init", "plugins", "clean", "top", "stop", "cancel"})
 
 
 def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
@@ -293,6 +354,14 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     from .top import add_commands as add_watch_commands
 
     add_watch_commands(sub)
+
+    cancel = sub.add_parser("cancel", help="cancel one task of a running coordination fed with submit or [[tasks]]")
+    cancel.add_argument("run", help="run directory, its name (cfn-...) or a prefix")
+    cancel.add_argument("task", help="the task id (a [[tasks]] id, or a submitted task's future.task_id)")
+    cancel.add_argument("--root", help="bus root (default: [bus] root of the configuration, else /dev/shm)")
+    cancel.add_argument("--config", metavar="PATH", help="cfn.toml whose [bus] root to look in (default: found upward)")
+    cancel.add_argument("--wait", type=float, default=30.0, metavar="SECONDS", help="how long to wait for the run's answer (default 30)")
+    cancel.set_defaults(func=cmd_cancel)
 
     if plugin_commands:
         # `cfn bench` and the commands of installed plugins (`cfn agent` of a distributed bus)

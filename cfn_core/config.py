@@ -84,6 +84,21 @@ class WorkloadSettings:
         max=86_400.0,
     )
     max_attempts: int = setting(3, "agent incarnations a task may use up (crashes, handler timeouts) before it is reported failed", min=1, max=100)
+    prefetch: int = setting(
+        1,
+        "tasks one agent may hold at once (sent, not yet answered) when a pooling plugin hands them out, and per "
+        "agent of a role in Coordinator.submit; raise it (e.g. 16) for many short tasks, so an agent never waits for the next",
+        env=("CFN_PREFETCH",),
+        min=1,
+        max=100_000,
+    )
+    cancel_grace: float = setting(
+        5.0,
+        "seconds a cancelled task's agent has to stop it (a command is killed at once, a Python handler gets "
+        "Cancelled at its next agent call) before the agent is killed and replaced",
+        min=0.0,
+        max=3600.0,
+    )
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
     default_role: str = setting(
         "",
@@ -182,6 +197,8 @@ class Config:
     #: the ``[agents.<role>]`` tables, in the order the file declares them; empty: the
     #: ``[workload]`` shorthand (one role, ``worker``).  See :mod:`cfn_core.roles`.
     roles: Mapping[str, RoleSettings] = field(factory=dict)
+    #: the ``[[tasks]]`` of a workflow, in file order (empty: ``cfn run`` runs rounds)
+    tasks: tuple["WorkflowTask", ...] = ()
 
     @property
     def workload(self) -> WorkloadSettings:
@@ -214,6 +231,8 @@ class Config:
             out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(obj).items()}
         if self.roles:
             out["agents"] = {name: attrs.asdict(role) for name, role in self.roles.items()}
+        if self.tasks:
+            out["tasks"] = [t.to_dict() for t in self.tasks]
         return out
 
     def evolve(self, **tables: dict) -> "Config":
@@ -466,7 +485,7 @@ def load_config(
     tables: dict[str, dict[str, tuple[Any, str, bool]]] = {name: {} for name in all_schemas}
     role_tables: dict[str, tuple[str, dict[str, tuple[Any, str, bool]]]] = {}
     for key, value in data.items():
-        if key == "plugins":
+        if key in ("plugins", "tasks"):
             continue
         if key == "agents":
             role_tables = _role_tables(value, source)
@@ -536,7 +555,8 @@ def load_config(
     _apply_roles(sections, roles, tables["workload"])
     enabled = [p for p in dict.fromkeys(plugins) if not p.startswith("no:") and p not in blocked]
     return Config(
-        plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path, roles=roles
+        plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path, roles=roles,
+        tasks=workflow_tasks(data.get("tasks", []), source, roles),
     )
 
 
@@ -702,14 +722,98 @@ def config_from_dict(data: Mapping, *, source: str = "<dict>", path: str | None 
     plugins = _plugins_from(data.get("plugins", []), source)
     sections = {}
     for key in data:
-        if key not in ("plugins", "agents") and key not in all_schemas:
+        if key not in ("plugins", "agents", "tasks") and key not in all_schemas:
             raise ConfigError(f"{source}: unknown table {key!r}{did_you_mean(key, [*all_schemas, 'agents'])}")
     for name, cls in all_schemas.items():
         raw = data.get(name, {})
         sections[name] = _build_section(name, cls, {k: (v, source, False) for k, v in raw.items()})
     roles = _build_roles(_role_tables(data.get("agents", {}), source))
     _apply_roles(sections, roles, {k: (v, source, False) for k, v in data.get("workload", {}).items()})
-    return Config(plugins=tuple(plugins), sections=sections, path=path, roles=roles)
+    tasks = workflow_tasks(data.get("tasks", []), source, roles)
+    return Config(plugins=tuple(plugins), sections=sections, path=path, roles=roles, tasks=tasks)
+
+
+# ---------------------------------------------------------------------- workflows ([[tasks]])
+
+
+@define(frozen=True)
+class WorkflowTask:
+    """One ``[[tasks]]`` entry: a task of a workflow that ``cfn run`` executes (cfn_core.feed)."""
+
+    id: str
+    payload: Any = None
+    role: str | None = None
+    needs: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "payload": self.payload, "role": self.role, "needs": list(self.needs)}
+
+
+_TASK_KEYS = ("id", "payload", "role", "needs")
+
+
+def workflow_tasks(value: Any, source: str, roles: Mapping[str, Any]) -> tuple[WorkflowTask, ...]:
+    """The ``[[tasks]]`` array of tables, checked: unique ids, known roles, needs that exist, no cycle."""
+    if value in ([], (), None):
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: tasks = {str(value)[:80]}: write each task as a [[tasks]] table with id, payload, role, needs")
+    known_roles = list(roles) or ["worker"]
+    out: list[WorkflowTask] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(value, 1):
+        where = f"{source}: [[tasks]] #{n}"
+        for key in raw:
+            if key not in _TASK_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _TASK_KEYS)}; valid: {', '.join(_TASK_KEYS)}")
+        task_id = raw.get("id")
+        if not isinstance(task_id, str) or not task_id:
+            raise ConfigError(f"{where}: id = {task_id!r}: every task needs an id, a non-empty string")
+        where = f"{source}: [[tasks]] id = {task_id!r}"
+        if task_id in seen:
+            raise ConfigError(f"{where}: the id is used twice (tasks #{seen[task_id]} and #{n}); task ids must be unique")
+        seen[task_id] = n
+        role = raw.get("role")
+        if role is not None and role not in known_roles:
+            raise ConfigError(f"{where}: role = {role!r}: unknown role{did_you_mean(str(role), known_roles)}; roles: {', '.join(known_roles)}")
+        needs = raw.get("needs", [])
+        if isinstance(needs, str) or not isinstance(needs, (list, tuple)) or not all(isinstance(x, str) for x in needs):
+            raise ConfigError(f"{where}: needs = {needs!r}: a list of task ids, e.g. needs = [\"split\"]")
+        out.append(WorkflowTask(id=task_id, payload=raw.get("payload"), role=role, needs=tuple(dict.fromkeys(needs))))
+    ids = [t.id for t in out]
+    for t in out:
+        for need in t.needs:
+            if need not in seen:
+                raise ConfigError(
+                    f"{source}: [[tasks]] id = {t.id!r}: needs = {list(t.needs)!r} names {need!r}, which is no task's id"
+                    f"{did_you_mean(need, ids)}; tasks: {', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''}"
+                )
+    cycle = _find_cycle({t.id: t.needs for t in out})
+    if cycle:
+        raise ConfigError(f"{source}: [[tasks]] needs form a cycle: {' -> '.join(cycle)}; a workflow must be acyclic")
+    return tuple(out)
+
+
+def _find_cycle(needs: Mapping[str, tuple[str, ...]]) -> list[str] | None:
+    """A cycle of ``needs`` (``[a, b, a]``), or None.  Iterative: a long chain must not hit the recursion limit."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in needs:
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(needs[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(needs[nxt]))
+    return None
 
 
 def _plugins_from(value: Any, source: str) -> list[str]:

@@ -25,6 +25,7 @@ import os
 import random
 import selectors
 import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from contextlib import contextmanager
@@ -127,6 +128,15 @@ class _Round:
     @property
     def done(self) -> bool:
         return len(self.results) >= len(self.tasks)
+
+    def settle(self, task_id: str, result: TaskResult) -> None:
+        """Record a task's final result (once: a later one for the same task is not taken)."""
+        self.results[task_id] = result
+        if self.on_settle is not None:
+            self.on_settle(task_id, result)
+
+    #: called with ``(task id, TaskResult)`` for every result recorded (the feed resolves futures)
+    on_settle: Callable[[str, TaskResult], None] | None = None
 
 
 def _is_count(value: Any) -> bool:
@@ -241,6 +251,14 @@ class CoordinatorContext:
         """
         self.figures.take_exit_states(self.bus, self.agents.values())
         return self.figures.snapshots(prefix)
+
+    def has_room(self, handle: AgentHandle) -> bool:
+        """Whether ``handle`` may be sent another task now: it holds fewer than ``[workload] prefetch``.
+
+        A pooling plugin's ``cfn_assign`` asks this rather than "nothing outstanding", so that
+        with ``prefetch > 1`` an agent's next task is already in its inbox when it finishes one.
+        """
+        return len(handle.outstanding) < self.config.workload.prefetch
 
     def note_status(self, handle: AgentHandle) -> None:
         """An agent's status message was stored in ``handle.info["status"]``: log it.
@@ -401,10 +419,13 @@ class CoordinatorContext:
         events = self._selector.select(timeout)
         died = []
         for key, _ in events:
-            if key.data is None:
+            data = key.data
+            if data is None:
                 self.bus.drain_wakeups(COORDINATOR_ID)
-            else:
-                died.append(key.data)
+            elif isinstance(data, AgentHandle):
+                died.append(data)
+            else:  # a waker (cfn_core.feed): work submitted from another thread
+                data.on_wake()
         self._drain_inbox()
         if died:
             self._drain_inbox()  # a result written just before the death is read first
@@ -529,11 +550,12 @@ class CoordinatorContext:
             return
         handle.outstanding.pop(msg.task, None)
         if msg.task in r.results:
-            r.result.duplicates += 1
+            if not r.results[msg.task].cancelled:  # a cancelled task's late answer is expected
+                r.result.duplicates += 1
             return
         task = r.tasks[msg.task]
         error = body.get("error")
-        r.results[msg.task] = TaskResult(
+        r.settle(msg.task, TaskResult(
             task=msg.task,
             ok=body["ok"],
             value=body.get("value"),
@@ -543,7 +565,7 @@ class CoordinatorContext:
             peers_received=min(body.get("peers_received", 0), task.expect),
             seconds=float(body.get("seconds", 0.0)),
             stderr=body.get("stderr"),
-        )
+        ))
         if not r.results[msg.task].ok:
             self.metrics.task_failures.inc()  # as the summary's "failed" counts it
         sent = r.sent_at.get(msg.task)
@@ -600,7 +622,17 @@ class CoordinatorContext:
         stale = [t for t in handle.outstanding if t not in r.tasks or t in r.results]
         for t in stale:
             del handle.outstanding[t]
-        if not handle.outstanding:
+        if handle.info.pop("cancelled_kill", None) is not None:
+            # killed because a cancelled task did not stop: the tasks it held besides are not to
+            # blame (no attempt charged), and the agent is replaced even if it held nothing else
+            r.result.retries += len(handle.outstanding)
+            for task_id in handle.outstanding:
+                self.events.emit("task_retried", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id] + 1, reason=handle.killed_reason)
+            try:
+                self.launch(handle.id)
+            except Exception as exc:
+                for task_id in list(handle.outstanding):
+                    self._give_up(handle, task_id, f"agent {handle.id} was killed and could not be replaced: {exc}")
             return
         culprit = next(iter(handle.outstanding))
         r.attempts[culprit] += 1
@@ -631,10 +663,8 @@ class CoordinatorContext:
     def _give_up(self, handle: AgentHandle, task_id: str, reason: str) -> None:
         r = self._round
         handle.outstanding.pop(task_id, None)
-        r.results.setdefault(
-            task_id,
-            TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False),
-        )
+        if task_id not in r.results:
+            r.settle(task_id, TaskResult(task=task_id, ok=False, error=reason, agent=handle.id, attempts=r.attempts[task_id], answered=False))
         self.metrics.task_failures.inc()
         self.events.emit("task_failed", task=task_id, round=r.number, agent=handle.id, attempt=r.attempts[task_id], seconds=None, latency=None, error=reason)
         # keyed by the session-wide round (see cfn_core.agent.read_skip_list): a later run
@@ -768,6 +798,11 @@ class Coordinator:
         self._metrics_server = None
         self._handler = None
         self._janitor: Janitor | None = None
+        self._feed = None  # the feed thread (cfn_core.feed) while submitted tasks may run
+        self._partial_from: int | None = None  # an interrupted workflow's first feed round
+        self._feed_lock = threading.Lock()
+        #: the open-ended rounds of submitted tasks, one per feed (what ``submit`` ran)
+        self.feed_rounds: list[RoundResult] = []
 
     def _check_mesh_fan_in(self) -> None:
         """Refuse, before anything starts, a mesh whose peer messages cannot fit in the inboxes.
@@ -797,8 +832,9 @@ class Coordinator:
         self.open()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # like Executor.shutdown(wait=True): submitted tasks finish first, unless the block failed
+        self.close(wait=exc_type is None)
 
     def open(self) -> None:
         """Load plugins, open the bus, start session helpers (pool)."""
@@ -850,16 +886,33 @@ class Coordinator:
         doc = {"config": self.config.to_dict(), "plugin_modules": plugin_modules(self.config.enabled())}
         return json.dumps(doc).encode()
 
-    def close(self) -> None:
-        """Stop every agent, the session helpers and the bus; remove the run directory."""
+    def close(self, wait: bool = True) -> None:
+        """Stop every agent, the session helpers and the bus; remove the run directory.
+
+        :param wait: let submitted tasks finish first (False: they fail with "closed").
+        """
         if self.ctx is None:
             return
         t0 = time.perf_counter()
+        interrupt = None
+        if wait and self._feed is not None:
+            # waited for here, where Ctrl-C still interrupts: it then closes without waiting
+            from concurrent.futures import wait as wait_for_futures
+
+            try:
+                wait_for_futures(self._feed.unfinished())
+            except KeyboardInterrupt as exc:
+                interrupt, wait = exc, False
         try:
             with interrupts_deferred():  # closing half way would leave agents or the run directory behind
-                self._close()
+                try:
+                    self._stop_feed(wait)
+                finally:
+                    self._close()
         finally:
             self.close_seconds = time.perf_counter() - t0
+        if interrupt is not None:
+            raise interrupt
 
     def _close(self) -> None:
         ctx = self.ctx
@@ -910,6 +963,166 @@ class Coordinator:
         if error is not None:
             raise error
 
+    # ------------------------------------------------------------------ feed: submit, map, cancel
+
+    def submit(
+        self,
+        payload: Any,
+        *,
+        role: str | None = None,
+        to: str | None = None,
+        after: Iterable[Any] = (),
+        timeout: float | None = None,
+        id: str | None = None,
+    ):
+        """Queue one task; return its :class:`concurrent.futures.Future` at once.
+
+        :param payload: any JSON value, handed to the handler.
+        :param role: the role whose agents may run it (default: the run's default role).
+        :param to: the id of the agent that must run it (of the run's agents).
+        :param after: futures of this coordinator the task waits for; it then receives
+            ``{"payload": payload, "after": {task id: result}}`` (docs/USER_GUIDE.md).
+        :param timeout: seconds the task may take once sent to an agent; then it is cancelled
+            and fails with a reason (default: its role's ``timeout``).
+        :param id: the task id (default ``t000001``, ...); ``future.task_id`` gives it.
+
+        The coordination runs in a thread of its own while tasks are submitted (see
+        :mod:`cfn_core.feed`); use ``concurrent.futures.as_completed`` / ``wait`` /
+        ``result(timeout)`` as with any executor.
+        """
+        if self.ctx is None:
+            raise CfnError("submit: the coordinator is closed; submit inside `with Coordinator(config) as coord:`")
+        try:
+            orjson.dumps(payload)
+        except TypeError as exc:
+            from .errors import NotJSON
+
+            raise NotJSON(f"submit: the payload is not a JSON value: {exc}") from None
+        if role is not None:
+            check_role(self.config, role, "submit(role=...)")
+        if to is not None:
+            check_agent_id(to)
+        if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
+            raise ConfigError(f"submit(timeout={timeout!r}): a number of seconds > 0, or None")
+        with self._feed_lock:  # two threads' first submissions start one feed
+            feed = self._feed
+            if feed is None:
+                from .feed import Feed
+
+                feed = self._feed = Feed(self)
+                feed.start()
+        future = feed.submit(payload, role, to, after, id)
+        if timeout is not None:
+            feed.put(("deadline", future.task_id, float(timeout)))
+        return future
+
+    def map(self, payloads: Iterable[Any], *, role: str | None = None, timeout: float | None = None):
+        """Submit every payload, then yield their results in order (like ``Executor.map``).
+
+        A failed task raises its :class:`~cfn_core.errors.TaskFailed` when its turn comes;
+        ``timeout`` bounds the wait for each result.
+        """
+        futures = [self.submit(p, role=role) for p in payloads]
+
+        def results():
+            try:
+                for f in futures:
+                    yield f.result(timeout)
+            finally:
+                for f in futures:
+                    f.cancel()  # what the caller stopped waiting for is not run
+
+        return results()
+
+    def as_completed(self, futures: Iterable[Any] | None = None, timeout: float | None = None):
+        """``concurrent.futures.as_completed`` over ``futures`` (default: every unfinished submitted task)."""
+        from concurrent.futures import as_completed
+
+        if futures is None:
+            futures = self._feed.unfinished() if self._feed is not None else []
+        return as_completed(futures, timeout)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a submitted task, queued or running (docs/USER_GUIDE.md "Cancelling a task").
+
+        :return: True when it was cancelled, False when it had already finished.
+        :raises CfnError: no task of that id was submitted.
+        """
+        feed = self._feed
+        if feed is None:
+            raise CfnError(f"cancel: no task {task_id!r} was submitted to this coordinator")
+        return feed.cancel(task_id)
+
+    def run_workflow(self, tasks: Iterable[Any] | None = None) -> CoordinationResult:
+        """Run a task graph (default: the configuration's ``[[tasks]]``) and return the figures.
+
+        Every task is submitted with ``after`` = the futures of its ``needs``; the call
+        returns when all have finished, failed, been skipped (a task they need failed) or
+        cancelled (``cfn cancel``).  The result has one round: the feed's.
+
+        :param tasks: :class:`~cfn_core.config.WorkflowTask` objects (``id``, ``payload``,
+            ``role``, ``needs``), checked like ``[[tasks]]`` (acyclic, known ids).
+        """
+        from concurrent.futures import wait
+
+        from .config import workflow_tasks
+
+        if self.ctx is None:
+            self.open()
+            try:
+                return self.run_workflow(tasks)
+            finally:
+                self.close()
+        graph = list(self.config.tasks if tasks is None else workflow_tasks([t.to_dict() for t in tasks], "run_workflow", self.config.roles))
+        self._stop_feed(wait=True)  # a fresh feed: its round is this workflow's alone
+        result = self.partial = CoordinationResult(
+            plugins=self.config.enabled(), bus=self.ctx.bus.name, topology=self.config.workload.topology
+        )
+        first = len(self.feed_rounds)
+        t0 = time.perf_counter()
+        futures: dict[str, Any] = {}
+        try:
+            pending = list(graph)
+            while pending:  # needs first: a task's after= names futures that exist
+                later = []
+                for t in pending:
+                    if all(n in futures for n in t.needs):
+                        futures[t.id] = self.submit(t.payload, role=t.role, after=[futures[n] for n in t.needs], id=t.id)
+                    else:
+                        later.append(t)
+                pending = later
+            wait(list(futures.values()))
+            for f in futures.values():
+                exc = f.exception() if not f.cancelled() else None
+                if isinstance(exc, KeyboardInterrupt):  # `cfn stop` (StopRequested) seen by the feed
+                    raise exc
+            self._stop_feed(wait=True)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            raise
+        finally:
+            if self._feed is None:
+                result.rounds = self.feed_rounds[first:]
+            else:  # interrupted: the feed's round ends when the coordinator closes (see _stop_feed)
+                self._partial_from = first
+            result.seconds = time.perf_counter() - t0
+            result.fallbacks = list(self.ctx.fallbacks.values()) if self.ctx is not None else []
+        for figures in self.pm.hook.cfn_report(ctx=self.ctx):
+            if figures:
+                result.plugin_figures.update(figures)
+        return result
+
+    def _stop_feed(self, wait: bool) -> None:
+        """End the feed's round (after its tasks when ``wait``): the caller's thread owns the context again."""
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close(wait)
+            if self._partial_from is not None and self.partial is not None:
+                self.partial.rounds = self.feed_rounds[self._partial_from :]
+                self._partial_from = None
+            if feed.error is not None and not isinstance(feed.error, Exception):
+                raise feed.error
+
     # ------------------------------------------------------------------ rounds
 
     def run(self, tasks: Iterable[Any] | None = None, *, rounds: int | None = None) -> CoordinationResult:
@@ -928,6 +1141,7 @@ class Coordinator:
                 return self.run(tasks, rounds=rounds)
             finally:
                 self.close()
+        self._stop_feed(wait=True)  # submitted tasks finish first; their agents serve the rounds (a pool's)
         ctx = self.ctx
         rounds = rounds or self.config.workload.rounds
         result = self.partial = CoordinationResult(
@@ -1095,9 +1309,9 @@ class Coordinator:
         w = self.config.workload
         if not agent_ids:
             for task_id in r.order:
-                r.results[task_id] = TaskResult(
+                r.settle(task_id, TaskResult(
                     task=task_id, ok=False, error="no agent could be started", attempts=0, answered=False
-                )
+                ))
                 self.ctx.metrics.task_failures.inc()
                 ctx.events.emit("task_failed", task=task_id, round=r.number, agent=None, attempt=0, seconds=None, latency=None, error="no agent could be started")
             return
@@ -1109,9 +1323,9 @@ class Coordinator:
             if groups.get(task.role):
                 tasks.append(task)
             else:  # its role has no ready agent (the others may): it cannot run in this round
-                r.results[task_id] = TaskResult(
+                r.settle(task_id, TaskResult(
                     task=task_id, ok=False, error=f"no agent of role {task.role!r} could be started", attempts=0, answered=False
-                )
+                ))
                 self.ctx.metrics.task_failures.inc()
         preassigned: dict[str, str] = {}
         if w.topology == "mesh":
@@ -1233,8 +1447,10 @@ class Coordinator:
         res.results = r.results
         res.seconds = time.perf_counter() - t_round
         expect_total = sum(t.expect for t in r.tasks.values())
-        res.planned = 2 * len(r.tasks) + expect_total
-        from_agents = [x for x in r.results.values() if x.answered]
+        # a cancelled or skipped task was not meant to answer any more (submit, [[tasks]])
+        withdrawn = sum(1 for x in r.results.values() if x.cancelled or x.skipped)
+        res.planned = 2 * (len(r.tasks) - withdrawn) + expect_total
+        from_agents = [x for x in r.results.values() if x.answered and not x.cancelled]
         res.delivered = 2 * len(from_agents) + sum(x.peers_received for x in from_agents)
         res.messages_sent = len(r.tasks) + len(from_agents) + r.peers_sent
         # the bus counts the whole run; the round gets what is new since the last round

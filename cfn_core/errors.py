@@ -57,6 +57,34 @@ class ResourceLimitError(CfnError):
     """The machine cannot hold the requested agents (file descriptors, processes)."""
 
 
+class TaskFailed(CfnError):
+    """A submitted task failed (``Future.result()`` raises it): ``task``, ``error`` and ``agent`` say which and why.
+
+    ``skipped`` is true when the task never ran because a task it waited for (``after``,
+    ``needs``) failed or was cancelled.
+    """
+
+    def __init__(self, task: str, error: str | None, agent: str | None = None, skipped: bool = False):
+        super().__init__(f"task {task} failed: {error}" if not skipped else f"task {task} skipped: {error}")
+        self.task, self.error, self.agent, self.skipped = task, error, agent, skipped
+
+
+def _cancelled_base():
+    from concurrent.futures import CancelledError  # here: agents import this module, and seldom need it
+
+    return CancelledError
+
+
+class Cancelled(CfnError, _cancelled_base()):
+    """A task was cancelled (``Coordinator.cancel``, ``cfn cancel``).
+
+    Raised inside a Python handler at its next agent call (``agent.send``, ``receive``,
+    ``status`` ...) once its task is cancelled, and by ``Future.result()`` of a task
+    cancelled while it ran.  A ``concurrent.futures.CancelledError``, so code that
+    catches that catches this too.
+    """
+
+
 def did_you_mean(word: str, choices) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``."""
     import difflib  # here: `cfn msg`, which imports this module, must start fast

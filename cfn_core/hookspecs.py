@@ -326,7 +326,11 @@ def cfn_assign(ctx: CoordinatorContext, task: Task, agent_ids: list[str]) -> str
         when a result arrives".
 
     Stops at first non-None result.  Baseline: round robin over ``agent_ids``
-    (every task is queued at once).  A pooling plugin: an idle agent.
+    (every task is queued at once).  A pooling plugin: an agent with room,
+    ``ctx.has_room(handle)`` (fewer than ``[workload] prefetch`` tasks outstanding;
+    1: an idle agent).  ``Coordinator.submit``'s feed calls it too, once per task,
+    and on ``False`` asks again after the next result, submission or tick: a
+    plugin that limits a rate or a concurrency returns ``False`` to make a task wait.
     """
 
 

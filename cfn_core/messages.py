@@ -42,8 +42,9 @@ COORDINATOR_ID = "_coordinator"
 #: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks,
 #: ``user`` is a message user code sent to another agent (``agent.send``; its body is
 #: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
-#: "t": topic or null}``) and ``status`` an agent's ``agent.status`` for the coordinator.
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status"})
+#: "t": topic or null}``), ``status`` an agent's ``agent.status`` for the coordinator and
+#: ``cancel`` asks an agent to stop the task it names (``Coordinator.cancel``).
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "cancel"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -283,6 +284,8 @@ class TaskResult:
     :param seconds: handler time inside the agent.
     :param stderr: the tail of a command handler's stderr.
     :param answered: an agent sent this result (``False``: the coordinator gave up on the task).
+    :param cancelled: the task was cancelled (``Coordinator.cancel``, ``cfn cancel``): not a failure.
+    :param skipped: a task it needed (``after``, ``needs``) failed or was cancelled, so it never ran.
     """
 
     task: str
@@ -295,3 +298,5 @@ class TaskResult:
     seconds: float = 0.0
     stderr: str | None = None
     answered: bool = True
+    cancelled: bool = False
+    skipped: bool = False

@@ -66,7 +66,17 @@ class RoundResult:
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.results.values() if not r.ok) + (self.tasks - len(self.results))
+        """Tasks that failed or never got a result; cancelled and skipped ones are counted apart."""
+        return sum(1 for r in self.results.values() if not r.ok and not r.cancelled and not r.skipped) + (self.tasks - len(self.results))
+
+    @property
+    def cancelled(self) -> int:
+        return sum(1 for r in self.results.values() if r.cancelled)
+
+    @property
+    def skipped(self) -> int:
+        """Tasks that never ran because a task they needed (``after``, ``needs``) failed or was cancelled."""
+        return sum(1 for r in self.results.values() if r.skipped)
 
     def to_dict(self, with_tasks: bool = False) -> dict[str, Any]:
         d = {
@@ -84,6 +94,8 @@ class RoundResult:
             "duplicates": self.duplicates,
             "retries": self.retries,
             "failed": self.failed,
+            "cancelled": self.cancelled,
+            "skipped": self.skipped,
             "latency_p50": self.latency_p50,
             "latency_p99": self.latency_p99,
             "spawn_failures": dict(self.spawn_failures),
@@ -145,6 +157,14 @@ class CoordinationResult:
         return sum(r.failed for r in self.rounds)
 
     @property
+    def cancelled(self) -> int:
+        return sum(r.cancelled for r in self.rounds)
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.skipped for r in self.rounds)
+
+    @property
     def results(self) -> dict[str, TaskResult]:
         out: dict[str, TaskResult] = {}
         for r in self.rounds:
@@ -185,6 +205,8 @@ class CoordinationResult:
             "messages_sent": sum(r.messages_sent for r in self.rounds),
             "delivery_rate": self.delivery_rate,
             "failed": self.failed,
+            "cancelled": self.cancelled,
+            "skipped": self.skipped,
             "dead_lettered": sum(r.dead_lettered for r in self.rounds),
             "retries": sum(r.retries for r in self.rounds),
             "seconds": self.seconds,
@@ -215,6 +237,8 @@ def render_summary(result: CoordinationResult) -> str:
     lines.append(
         f"  agents {result.agents}  tasks {result.tasks}  messages {result.delivered}/{result.planned} delivered "
         f"({result.delivery_rate:.2%})  failed {result.failed}"
+        + (f"  cancelled {result.cancelled}" if result.cancelled else "")
+        + (f"  skipped {result.skipped} (a task they need failed)" if result.skipped else "")
     )
     for r in result.rounds:
         phases = "  ".join(f"{p} {_ms(r.phases.get(p, 0.0))}" for p in PHASES)

@@ -144,6 +144,30 @@ def render_roles() -> list[str]:
     ]
 
 
+def render_tasks() -> list[str]:
+    """``[[tasks]]``: the entries of a workflow (an array of tables, checked by cfn_core.config.workflow_tasks)."""
+    return [
+        "## [[tasks]]",
+        "",
+        "A workflow: one `[[tasks]]` table per task, in any order; `cfn run` executes them as a task",
+        'graph instead of rounds (docs/USER_GUIDE.md "Workflows: [[tasks]] in cfn.toml"). Declared by',
+        "the kernel (cfn-core). No environment variables or `--set` keys: a workflow lives in its file.",
+        "",
+        "| key | default | allowed | meaning |",
+        "|---|---|---|---|",
+        "| `id` | (required) | a non-empty string, unique among the tasks | the task's id (`needs` names it, `cfn cancel RUN ID` cancels it) |",
+        "| `payload` | none | any TOML value | what the handler gets (a command: on stdin, as JSON unless a string) |",
+        "| `role` | `[workload] default_role` | a role of the run | the role whose agents may run it |",
+        "| `needs` | `[]` | a list of task ids | tasks that must succeed first; the handler then gets `{\"payload\": ..., \"after\": {id: result}}` |",
+        "",
+        "- A cycle (`a -> b -> a`), an id that `needs` names but no task has, a duplicate id or an",
+        "  unknown role is a configuration error naming the file and the task: `cfn run` exits 2.",
+        "- A task whose need failed (or was cancelled) is skipped with the reason; the summary counts",
+        "  failed, cancelled and skipped tasks apart.",
+        "",
+    ]
+
+
 def render() -> str:
     lines = [
         "# cfn.toml reference",
@@ -208,6 +232,7 @@ def render() -> str:
     for table, cls in KERNEL_SECTIONS.items():
         lines += render_table(table, cls, "the kernel (cfn-core)")
     lines += render_roles()
+    lines += render_tasks()
     for table, (plugin, cls) in plugin_tables().items():
         page = ROOT / "docs" / "plugins" / f"{plugin}.md"
         owner = f"the bundled `{plugin}` plugin" + (f" (see [plugins/{plugin}.md](plugins/{plugin}.md))" if page.exists() else "")

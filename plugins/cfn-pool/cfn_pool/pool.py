@@ -233,20 +233,22 @@ class Pool:
         return take
 
     def assign(self, ctx, task, agent_ids):
-        """An agent of ``agent_ids`` (the round's agents of the task's role) with nothing outstanding, or False."""
+        """An agent of ``agent_ids`` (the round's agents of the task's role) with room for a task, or False."""
         t0 = time.perf_counter()
         queues = ctx.round_state.setdefault("pool.free", {})  # per role: the kernel passes one role's agents
         free = queues.get(task.role)
         if free is None:
             free = queues[task.role] = deque(agent_ids)
         agents = ctx.agents
+        # fewer than [workload] prefetch tasks outstanding (1: nothing outstanding)
+        room = ctx.has_room
         for scan in (False, True):
             if scan:  # the queue of known-free agents is empty: look for agents that finished
-                free.extend(a for a in agent_ids if (h := agents.get(a)) is not None and h.alive and not h.outstanding)
+                free.extend(a for a in agent_ids if (h := agents.get(a)) is not None and h.alive and room(h))
             while free:
                 agent_id = free.popleft()
                 h = agents.get(agent_id)
-                if h is not None and h.alive and not h.outstanding:
+                if h is not None and h.alive and room(h):
                     dt = time.perf_counter() - t0
                     self.m.assign_seconds.observe(dt)
                     if len(self.assign_latencies) < _LATENCY_SAMPLES:
