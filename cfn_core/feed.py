@@ -41,9 +41,7 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Iterable
 
-import orjson
-
-from .errors import Cancelled, CfnError, ConfigError, NotJSON, PluginError, TaskFailed
+from .errors import Cancelled, CfnError, ConfigError, PluginError, TaskFailed
 from .messages import Task, TaskResult, check_agent_id
 
 log = logging.getLogger("cfn")
