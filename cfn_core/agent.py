@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import orjson
 
-from .agent_api import Talk, UserCode
+from .agent_api import RateLimited, Talk, UserCode
 from .errors import CfnError, ConfigError, MessageTooLarge
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id, peer_message_id
 from .plugins import direct_caller
@@ -84,20 +84,22 @@ class AgentContext:
 # ---------------------------------------------------------------------- handlers
 
 
-def load_handler(workload) -> Callable[..., Any]:
+def load_handler(workload, policy=None) -> Callable[..., Any]:
     """The callable (or class agent) that runs tasks, from a role's ``handler`` or ``command``.
 
     :param workload: a :class:`cfn_core.roles.Role` (``roles.role_of(config, agent_id)``:
         ``[agents.<role>]`` over ``[workload]``), or the ``[workload]`` settings themselves
         (the one-role shorthand); anything with ``handler``, ``command``, ``timeout`` and
         ``directory``.
+    :param policy: the ``[workload]`` settings whose failure policy a command follows
+        (``retry_on_exit``, ``stall_seconds``, ``command_max_rss_mb``...); None: the defaults.
     :raises ConfigError: when the handler cannot be imported (named with the reason).
     """
     where = getattr(workload, "label", "[workload]")  # the table that set it, for the messages
     # relative names resolve against [workload] directory: by default the cfn.toml's (docs/CONFIG.md)
     directory = getattr(workload, "directory", "") or None
     if workload.command:
-        return _command_handler(workload.command, workload.timeout, cwd=directory)
+        return _command_handler(workload.command, workload.timeout, cwd=directory, policy=policy)
     spec = workload.handler
     if not _HANDLER_RE.match(spec):
         raise ConfigError(f"{where} handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
@@ -134,9 +136,34 @@ def load_handler(workload) -> Callable[..., Any]:
 
 
 class CommandFailed(Exception):
-    def __init__(self, message: str, stderr: str):
+    """A command's task failed.  ``failure`` is its class, what the coordinator's policy acts on:
+    ``error`` (fails), ``retry`` (retried, an attempt), ``fatal`` (fails, never retried),
+    ``rate_limited`` (re-queued, not an attempt), ``timeout``, ``stalled`` (retried), ``oom``."""
+
+    def __init__(self, message: str, stderr: str, failure: str = "error"):
         super().__init__(message)
         self.stderr = stderr
+        self.failure = failure
+
+
+#: what a command that hit ``command_max_rss_mb`` (RLIMIT_AS) tends to print or die of
+_OOM_RE = re.compile(r"MemoryError|Cannot allocate memory|out of memory|bad_alloc|memory exhausted", re.I)
+_OOM_STATUSES = {128 + signal.SIGSEGV, 128 + signal.SIGABRT, 128 + signal.SIGBUS, -signal.SIGSEGV, -signal.SIGABRT}
+
+
+def classify_exit(status: int, output: str, policy) -> str:
+    """The failure class of a command that exited with ``status`` (non-zero), under ``policy``."""
+    if policy is None:
+        return "error"
+    if status in policy.rate_limit_exit or (policy.rate_limit_pattern and re.search(policy.rate_limit_pattern, output)):
+        return "rate_limited"
+    if policy.command_max_rss_mb and (status in _OOM_STATUSES or _OOM_RE.search(output)):
+        return "oom"
+    if status in policy.fatal_on_exit:
+        return "fatal"
+    if status in policy.retry_on_exit or policy.on_other_exit == "retry":
+        return "retry"
+    return "error"
 
 
 #: How a command runs.  When its agent dies (even by SIGKILL, or with its coordinator) the
@@ -147,19 +174,29 @@ class CommandFailed(Exception):
 _GUARDED = 'exec 3<&0\ntrap "kill -KILL 0" TERM\n(\n{command}\n) <&3 3<&- &\nwait $!\n'
 
 
-def _term_with_agent(agent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:  # in the forked child, before exec
-        import ctypes
+def _term_with_agent(agent_pid: int, max_as_bytes: int = 0) -> Callable[[], None]:
+    import ctypes
+    import resource  # imported here, not in the forked child
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc = ctypes.CDLL(None)
+
+    def preexec() -> None:  # in the forked child, before exec
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != agent_pid:  # the agent died before the prctl
             os._exit(1)
+        if max_as_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (max_as_bytes, max_as_bytes))
 
     return preexec
 
 
-def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Callable[[Any, Any], Any]:
+def _command_handler(command: str, timeout: float, cwd: str | None = None, policy=None) -> Callable[[Any, Any], Any]:
+    from .usage import add_usage, usage_from_stderr
+
     script = _GUARDED.format(command=command)
+    stall = policy.stall_seconds if policy is not None else 0.0
+    stall_kill = policy.stall_kill_seconds if policy is not None else 0.0
+    max_as = (policy.command_max_rss_mb << 20) if policy is not None else 0
 
     def run_command(payload: Any, agent: Any) -> str:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -185,17 +222,33 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_term_with_agent(os.getpid()),
+            preexec_fn=_term_with_agent(os.getpid(), max_as),
             cwd=cwd,
             env=env,
         )
+
+        def on_stall(silent: float) -> None:  # marked, not yet killed: visible as the agent's status
+            agent.status("stalled", task=env["CFN_TASK_ID"], silent_seconds=round(silent, 3))
+
         try:
-            stdout, stderr, timed_out = _serve_command(proc, data.encode(), timeout, loop, server)
+            stdout, stderr, ended = _serve_command(
+                proc, data.encode(), timeout, loop, server, stall=stall, stall_kill=stall_kill, on_stall=on_stall
+            )
         finally:
             if server is not None:
                 server.close()
-        if timed_out:
-            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
+        usage = usage_from_stderr(stderr)
+        if usage:
+            talk.usage_in_task = add_usage(talk.usage_in_task or {}, usage)
+        if ended == "timeout":
+            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr), "timeout") from None
+        if ended == "stalled":
+            raise CommandFailed(
+                f"command stalled: no output for {stall + stall_kill:g}s (stall_seconds = {stall:g}, "
+                f"stall_kill_seconds = {stall_kill:g}); killed",
+                _tail(stderr),
+                "stalled",
+            ) from None
         # The command is done, its helpers too: `server & echo ok` must not leave `server`
         # running.  Its process group (the shell's session) goes first; what left the group
         # (setsid, setpgid) was re-parented to this agent, a subreaper, and the loop's
@@ -205,21 +258,31 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             tail = _tail(stderr)
             last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
             # the last stderr line in the error itself: it is what the summary shows
+            failure = classify_exit(proc.returncode, _tail(stdout) + "\n" + tail, policy)
             why = f"command exited with status {proc.returncode}" + (f": {last[:200]}" if last else "")
-            raise CommandFailed(why, tail)
+            if failure == "oom":
+                why = f"out of memory: command exceeded command_max_rss_mb = {policy.command_max_rss_mb} ({why})"
+            raise CommandFailed(why, tail, failure)
         return stdout.decode("utf-8", "replace")
 
     return run_command
 
 
-def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[bytes, bytes, bool]:
+def _serve_command(
+    proc, data: bytes, timeout: float, loop, server, *, stall: float = 0.0, stall_kill: float = 0.0, on_stall=None
+) -> tuple[bytes, bytes, str | None]:
     """Feed the command its stdin, collect stdout/stderr, serve its socket and read the inbox.
 
-    Returns ``(stdout, stderr, timed_out)``; the process is reaped unless it timed out.
+    Returns ``(stdout, stderr, ended)``: ``ended`` is None when the command exited,
+    ``"timeout"`` or ``"stalled"`` when it was killed (its whole process group) for
+    running past ``timeout`` or for being silent ``stall + stall_kill`` seconds
+    (``on_stall(silent)`` is called once after ``stall`` seconds of silence).
     """
     import selectors
 
     deadline = time.monotonic() + timeout
+    last_output = time.monotonic()
+    marked = False
     sel = selectors.DefaultSelector()
     out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     done: dict = {}
@@ -238,7 +301,17 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
             sel.register(loop.bus.wake_fd(loop.agent_id), selectors.EVENT_READ, ("bell", None))
         while out:  # until both output pipes reach their end
             now = time.monotonic()
+            ended = None
             if now >= deadline:
+                ended = "timeout"
+            elif stall and now - last_output >= stall:
+                if not marked:
+                    marked = True
+                    if on_stall is not None:
+                        on_stall(now - last_output)
+                if now - last_output >= stall + stall_kill:
+                    ended = "stalled"
+            if ended is not None:
                 # kill the whole process group: killing only the shell would orphan its children
                 _kill_group(proc.pid)
                 for pipe, buf in out.items():  # what they wrote before they died (the stderr shown)
@@ -246,8 +319,10 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                     buf += pipe.read()
                     done[pipe] = bytes(buf)
                 proc.wait()
-                return done.get(proc.stdout, b""), done.get(proc.stderr, b""), True
+                return done.get(proc.stdout, b""), done.get(proc.stderr, b""), ended
             wait = deadline - now
+            if stall:
+                wait = min(wait, max(0.0, (stall if not marked else stall + stall_kill) - (now - last_output)) + 0.001)
             if server is not None:
                 due = server.poll(sel)
                 if due is not None:
@@ -258,6 +333,8 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                     chunk = os.read(obj.fileno(), 65536)
                     if chunk:
                         out[obj] += chunk
+                        last_output = time.monotonic()
+                        marked = False
                     else:
                         sel.unregister(obj)
                         done[obj] = bytes(out.pop(obj))
@@ -276,7 +353,7 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                 else:
                     server.on_event(sel, what, obj)
         proc.wait()  # its pipes are closed: the shell has exited or is about to
-        return done.get(proc.stdout, b""), done.get(proc.stderr, b""), False
+        return done.get(proc.stdout, b""), done.get(proc.stderr, b""), None
     finally:
         sel.close()
         if proc.stdin and not proc.stdin.closed:
@@ -411,7 +488,7 @@ class AgentLoop:
         if handler is None:
             from .roles import role_of
 
-            handler = load_handler(role_of(config, agent_id))  # its role's handler or command
+            handler = load_handler(role_of(config, agent_id), policy=config.workload)  # its role's handler or command
         self.user = UserCode(handler)
         self._read = direct_caller(pm, "cfn_read")
         self._flush = direct_caller(pm, "cfn_flush")
@@ -687,10 +764,16 @@ class AgentLoop:
                 body["value"] = self.user.task(work.payload, self.agent)
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
+            if exc.failure != "error":
+                body["failure"] = exc.failure
+        except RateLimited as exc:  # re-queued by the coordinator, not charged as an attempt
+            body.update(ok=False, error=describe_exception(exc), failure="rate_limited", retry_after=exc.retry_after)
         except Exception as exc:  # a handler that raises fails its task, not the agent
             body.update(ok=False, error=describe_exception(exc))
         finally:
             self.current = None
+        if self.talk.usage_in_task:  # agent.usage() calls, a command's cfn_usage stderr lines
+            body["usage"] = self.talk.usage_in_task
         held_user = self.talk.task_finished()
         ctx.counters["leftovers_killed"] += kill_leftovers(self.helpers)  # what the task left running dies with it
         if body["ok"]:

@@ -19,6 +19,7 @@ else here is bookkeeping that keeps the guarantees:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import CoordinationResult, RoundResult, percentile
+from .usage import Usage, check_usage
 from .roles import by_role, check_role, counts, default_role, directory_document, role_of, roles_of, share_out
 
 log = logging.getLogger("cfn")
@@ -123,6 +125,12 @@ class _Round:
         self.distributing = False  # tasks may still wait for an agent of the round
         self.peers_sent = 0
         self.peers_received = 0
+        self.agent_ids: list[str] = []  # the round's ready agents
+        # the failure policy's state (Coordinator._retry_failed): tasks waiting out a backoff,
+        # what each earlier attempt ended with, re-queues for rate limits (not attempts)
+        self.requeue: list[tuple[float, str]] = []  # heap of (due, task id)
+        self.history: dict[str, list[str]] = defaultdict(list)
+        self.rate_limited: Counter[str] = Counter()
 
     @property
     def done(self) -> bool:
@@ -165,7 +173,18 @@ def result_problem(msg: Message) -> str | None:
         return "result field 'counters' is not an object"
     if not isinstance(body.get("fallbacks", []), list):
         return "result field 'fallbacks' is not a list"
+    if body.get("failure") is not None and body["failure"] not in FAILURES:
+        return f"result field 'failure' = {str(body['failure'])[:40]!r} is not one of {', '.join(FAILURES)}"
+    after = body.get("retry_after")
+    if after is not None and (type(after) not in (int, float) or not 0 <= after < 86_400 * 7):
+        return f"result field 'retry_after' = {str(after)[:40]} is not a number of seconds >= 0"
+    if body.get("usage") is not None and check_usage(body["usage"]) is None:
+        return "result field 'usage' is not an object of numbers >= 0"
     return None
+
+
+#: failure classes a result may carry (cfn_core.agent.CommandFailed, RateLimited)
+FAILURES = ("error", "retry", "fatal", "rate_limited", "timeout", "stalled", "oom")
 
 
 class CoordinatorContext:
@@ -212,6 +231,8 @@ class CoordinatorContext:
         #: the event log (docs/EVENTS.md); one that writes nothing unless the Coordinator got ``events``
         self.events: EventLog = open_event_log(None)
         self.live = Live()  # the snapshot `cfn top` reads and the stop request of `cfn stop`
+        #: what the session's tasks spent (an accounting plugin adds to it, a budget reads it)
+        self.usage = Usage()
 
     # ------------------------------------------------------------------ helpers for plugins
 
@@ -415,6 +436,7 @@ class CoordinatorContext:
             self._next_tick = now + _TICK
             self.write_directory()  # agents ready or gone since the last tick
             self._watchdog(now)
+            self._requeue_due(now)
             self.live.tick(self, now)  # event log flush, messages per interval, snapshot, stop request
             self.hook.cfn_tick(ctx=self, now=now)
 
@@ -532,7 +554,11 @@ class CoordinatorContext:
             r.result.duplicates += 1
             return
         task = r.tasks[msg.task]
+        if not body["ok"] and self._retry_failed(r, task, msg.src, body, now):
+            return
         error = body.get("error")
+        if not body["ok"] and r.history.get(msg.task):  # the summary says what every attempt ended with
+            error = f"{error} [earlier attempts: " + "; ".join(r.history[msg.task]) + "]"
         r.results[msg.task] = TaskResult(
             task=msg.task,
             ok=body["ok"],
@@ -560,6 +586,73 @@ class CoordinatorContext:
         # its agent sent; delivered: the task (its result proves it), the result, its peers received
         self.metrics.messages_sent.inc(1 + peers_sent)
         self.metrics.messages_delivered.inc(2 + r.results[msg.task].peers_received)
+        self.hook.cfn_task_result(ctx=self, task=task, agent_id=msg.src, outcome="done" if body["ok"] else "failed", body=body)
+
+    # ------------------------------------------------------------------ failure policy
+
+    def _retry_failed(self, r: _Round, task: Task, agent_id: str, body: dict, now: float) -> bool:
+        """A failed result: re-queue its task with backoff if the failure policy says so.
+
+        ``rate_limited`` is re-queued without charging an attempt (up to ``[workload]
+        max_rate_limited`` times), after ``retry_after`` or the backoff; ``retry`` and
+        ``stalled`` are charged an attempt and re-queued until ``max_attempts``.
+        Returns True when the task was re-queued (no result is recorded).
+        """
+        failure = body.get("failure")
+        w = self.config.workload
+        error = body.get("error") or failure
+        if failure == "rate_limited":
+            r.rate_limited[task.id] += 1
+            n = r.rate_limited[task.id]
+            if n > w.max_rate_limited:
+                r.history[task.id].append(f"rate limited {n - 1} times (max_rate_limited = {w.max_rate_limited})")
+                return False
+            after = body.get("retry_after")
+            delay = float(after) if after is not None else self._backoff(n)
+            reason = f"rate limited (not charged as an attempt; #{n}): {error}"
+        elif failure in ("retry", "stalled"):
+            r.attempts[task.id] += 1
+            attempts = r.attempts[task.id]
+            r.history[task.id].append(f"{attempts}: {error}")
+            if attempts >= role_of(self.config, agent_id).max_attempts:
+                return False
+            delay = self._backoff(attempts)
+            reason = f"attempt {attempts} failed ({failure}): {error}"
+            r.result.retries += 1
+            self.metrics.task_retries.inc()
+        else:
+            return False
+        heapq.heappush(r.requeue, (now + delay, task.id))
+        self.events.emit("task_retried", task=task.id, round=r.number, agent=agent_id, attempt=r.attempts[task.id] + 1, reason=f"{reason}; again in {delay:.3g}s")
+        self.hook.cfn_task_result(ctx=self, task=task, agent_id=agent_id, outcome="requeued", body=body)
+        return True
+
+    def _backoff(self, n: int) -> float:
+        """Seconds before the ``n``-th retry: exponential from ``retry_backoff``, capped, full jitter over its upper half."""
+        w = self.config.workload
+        ceiling = min(w.retry_backoff_max, w.retry_backoff * 2 ** min(n - 1, 30))
+        return ceiling * (0.5 + 0.5 * random.random())
+
+    def _requeue_due(self, now: float) -> None:
+        """Send the re-queued tasks whose backoff is over (the assign hook may still say "not now")."""
+        r = self._round
+        if r is None or not r.requeue or r.requeue[0][0] > now:
+            return
+        groups = by_role(self.config, [a for a in r.agent_ids if a in self.agents and self.agents[a].alive])
+        batch = []
+        while r.requeue and r.requeue[0][0] <= now:
+            task = r.tasks[r.requeue[0][1]]
+            agent_id = self.hook.cfn_assign(ctx=self, task=task, agent_ids=groups.get(task.role) or []) if groups.get(task.role) else None
+            if not agent_id:
+                break  # not now (a limit, every agent busy): the next tick asks again
+            heapq.heappop(r.requeue)
+            handle = self.agents[agent_id]
+            handle.outstanding[task.id] = now
+            r.assigned[task.id] = agent_id
+            r.sent_at[task.id] = now
+            self.events.emit("task_assigned", task=task.id, round=r.number, agent=agent_id, attempt=r.attempts[task.id] + 1)
+            batch.append(self.factory.make(agent_id, "task", round=r.number, task=task.id, body=task.body()))
+        self.send(batch)
 
     def _reject_result(self, msg: Message, reason: str) -> None:
         """Dead-letter a result record that cannot be accepted (counted in ``dead_lettered``)."""
@@ -1046,6 +1139,7 @@ class Coordinator:
                 ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
             agent_ids = [a for a in agent_ids if ctx.agents[a].state == "ready"]
             ctx.write_directory()  # before any task: a handler's agent.peers() sees the whole round
+            r.agent_ids = agent_ids  # where re-queued tasks go (_requeue_due)
             res.agents = len(agent_ids)
             res.spawn_failures = dict(ctx.spawn_failures)
             # 3. distribute

@@ -359,6 +359,24 @@ def cfn_agent_exited(ctx: CoordinatorContext, agent: AgentHandle, reason: str) -
 
 
 @hookspec
+def cfn_task_result(ctx: CoordinatorContext, task: Task, agent_id: str, outcome: str, body: dict[str, Any]) -> None:
+    """A result of a task arrived and was accepted (what accounting and rate limits watch).
+
+    :param task: the :class:`~cfn_core.Task`.
+    :param agent_id: the agent that ran it.
+    :param outcome: ``"done"``, ``"failed"`` (final), or ``"requeued"`` (the failure
+        policy retries it: ``body["failure"]`` says why, e.g. ``"rate_limited"``).
+    :param body: the result record's body as the agent sent it (already checked):
+        ``ok``, ``value``, ``error``, ``seconds``, and when present ``failure``
+        (``rate_limited``, ``retry``, ``fatal``, ``timeout``, ``stalled``, ``oom``),
+        ``retry_after`` and ``usage`` (``{"tokens_in", "tokens_out", "cost_usd",
+        "turns"}``, see :mod:`cfn_core.usage`).  Do not change it.
+
+    Called on: the coordinator, once per result, in arrival order.
+    """
+
+
+@hookspec
 def cfn_tick(ctx: CoordinatorContext, now: float) -> None:
     """Periodic call from the coordinator's wait loop (at most every 50 ms while it waits).
 
