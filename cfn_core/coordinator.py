@@ -44,7 +44,7 @@ from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult,
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
-from .report import CoordinationResult, RoundResult, percentile
+from .report import NOT_STARTED, CoordinationResult, RoundResult, percentile
 from .usage import Usage, check_usage
 from .roles import by_role, check_role, counts, default_role, directory_document, role_of, roles_of, share_out
 
@@ -272,6 +272,22 @@ class CoordinatorContext:
         status = handle.info.get("status")
         text, fields = (status.get("text"), status.get("fields")) if isinstance(status, dict) else (status, None)
         self.events.emit("agent_status", agent=handle.id, text=text, fields=fields)
+
+    def not_started(self, task: Task, reason: str) -> None:
+        """Report a task of the round as never started (a budget ran out), instead of sending it.
+
+        It fails with the error ``not started: <reason>`` and 0 attempts; the dispatch
+        moves on to the next task.  A run whose only failures are such tasks exits with
+        status 4 (:attr:`cfn_core.CoordinationResult.exit_code`).  Call it from
+        ``cfn_assign`` and return ``False``.
+        """
+        r = self._round
+        if r is None or task.id not in r.tasks or task.id in r.results:
+            return
+        error = f"{NOT_STARTED}{reason}"
+        r.results[task.id] = TaskResult(task=task.id, ok=False, error=error, attempts=r.attempts.get(task.id, 0), answered=False)
+        self.metrics.task_failures.inc()
+        self.events.emit("task_failed", task=task.id, round=r.number, agent=None, attempt=r.attempts.get(task.id, 0), seconds=None, latency=None, error=error)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
@@ -642,6 +658,9 @@ class CoordinatorContext:
         batch = []
         while r.requeue and r.requeue[0][0] <= now:
             task = r.tasks[r.requeue[0][1]]
+            if task.id in r.results:  # reported not started meanwhile (a budget)
+                heapq.heappop(r.requeue)
+                continue
             agent_id = self.hook.cfn_assign(ctx=self, task=task, agent_ids=groups.get(task.role) or []) if groups.get(task.role) else None
             if not agent_id:
                 break  # not now (a limit, every agent busy): the next tick asks again
@@ -1216,6 +1235,9 @@ class Coordinator:
         pending = deque(tasks)
         while pending:
             task = pending[0]
+            if task.id in r.results:  # reported not started (ctx.not_started) by the assign hook
+                pending.popleft()
+                continue
             agent_id = preassigned.get(task.id) or self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=groups[task.role])
             if not agent_id:
                 ctx.send(batch)
