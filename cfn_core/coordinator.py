@@ -627,11 +627,11 @@ class CoordinatorContext:
             delay = float(after) if after is not None else self._backoff(n)
             reason = f"rate limited (not charged as an attempt; #{n}): {error}"
         elif failure in ("retry", "stalled"):
-            r.attempts[task.id] += 1
-            attempts = r.attempts[task.id]
-            r.history[task.id].append(f"{attempts}: {error}")
+            attempts = r.attempts[task.id] + 1  # the attempt that just failed
             if attempts >= role_of(self.config, agent_id).max_attempts:
-                return False
+                return False  # its result is the last attempt's: recorded with the earlier ones' reasons
+            r.attempts[task.id] = attempts
+            r.history[task.id].append(f"{attempts}: {error}")
             delay = self._backoff(attempts)
             reason = f"attempt {attempts} failed ({failure}): {error}"
             r.result.retries += 1
