@@ -239,10 +239,7 @@ class Config:
         """Plain data (TOML/JSON-able) that :func:`config_from_dict` turns back into this config."""
         out: dict[str, Any] = {"plugins": list(self.plugins)}
         for name, obj in self.sections.items():
-            # a default a user could not write (0 below min = 1: "off", [limits] max_concurrent)
-            # is left out, so that the document validates again
-            off = {f.name for f in attrs.fields(type(obj)) if _off_default(f, getattr(obj, f.name))}
-            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(obj).items() if k not in off}
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in attrs.asdict(obj).items()}
         if self.roles:
             out["agents"] = {name: attrs.asdict(role) for name, role in self.roles.items()}
         return out
@@ -314,12 +311,6 @@ def describe_allowed(fld: attrs.Attribute) -> str:
     if lo is not None:
         return f"{kind} >= {lo}"
     return kind
-
-
-def _off_default(fld: attrs.Attribute, value: Any) -> bool:
-    """``value`` is the key's default and outside the range a user may set (it means "off")."""
-    lo = fld.metadata.get("min")
-    return lo is not None and not isinstance(value, tuple) and value == _default(fld) and value < lo
 
 
 def _default(fld: attrs.Attribute):

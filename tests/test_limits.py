@@ -163,9 +163,9 @@ def cfn(args, cwd, bus_root):
 @pytest.mark.parametrize(
     "toml, message",
     [
-        ('plugins = ["limits"]\n[limits]\nmax_concurrent = 0\n', "[limits] max_concurrent = 0: must be an integer from 1 to"),
-        ('plugins = ["limits"]\n[limits]\nmax_concurrent = -3\n', "[limits] max_concurrent = -3: must be an integer from 1 to"),
-        ('plugins = ["limits"]\n[limits]\nrate = 0\n', "[limits] rate = 0: must be a number from"),
+        ('plugins = ["limits"]\n[limits]\nmax_concurrent = -3\n', "[limits] max_concurrent = -3: must be an integer from 0 to"),
+        ('plugins = ["limits"]\n[limits]\nrate = -1\n', "[limits] rate = -1: must be a number from 0.0 to"),
+        ('plugins = ["limits"]\n[limits]\nbudget_tokens = -5\n', "[limits] budget_tokens = -5: must be an integer from 0 to"),
         ('plugins = ["limits"]\n[limits]\nbudget_usd = 5.0\n', "[limits] budget_usd = 5 needs an accounting source: enable the 'llm' plugin"),
         ('plugins = ["limits"]\n[limits]\nrole_max_concurrent = ["coder=2"]\n', "[limits] role_max_concurrent: 'coder' is not a role of this run"),
         ('plugins = ["limits"]\n[limits]\nrole_max_concurrent = ["coder"]\n', "must be 'role=N'"),

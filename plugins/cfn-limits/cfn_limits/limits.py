@@ -14,20 +14,20 @@ class LimitsSettings:
     """``[limits]``: how many tasks run at once, how fast they start, what the run may spend."""
 
     max_concurrent: int = setting(
-        0, "tasks in flight at once across the run (the other agents stay idle); unset: no limit", min=1, max=10_000_000
+        0, "tasks in flight at once across the run (the other agents stay idle); 0: no limit", min=0, max=10_000_000
     )
     role_max_concurrent: tuple = setting(
         (), "tasks in flight at once per role, as 'role=N' items (e.g. ['coder=5', 'reviewer=2'])"
     )
-    rate: float = setting(0.0, "tasks started per rate_per (a token bucket); unset: no limit", min=1e-6, max=1e9)
+    rate: float = setting(0.0, "tasks started per rate_per (a token bucket); 0: no limit", min=0.0, max=1e9)
     rate_per: str = setting("second", "the unit of rate", choices=("second", "minute"))
-    burst: int = setting(0, "tasks that may start at once when the bucket is full; unset: max(1, tasks per second)", min=1, max=10_000_000)
+    burst: int = setting(0, "tasks that may start at once when the bucket is full; 0: max(1, tasks per second)", min=0, max=10_000_000)
     aimd: bool = setting(True, "a rate-limited result halves the effective rate and max_concurrent; done tasks win it back")
     aimd_floor: float = setting(0.05, "the smallest fraction of rate and max_concurrent AIMD goes down to", min=0.001, max=1.0)
     aimd_step: float = setting(0.05, "fraction of the configured limits a task done gives back", min=0.0001, max=1.0)
     aimd_cooldown: float = setting(1.0, "seconds between two decreases (rate-limited answers of tasks in flight together count once)", min=0.0, max=3600.0)
-    budget_usd: float = setting(0.0, "dollars the run may spend; then no new task starts (exit status 4); unset: no budget", min=1e-9, max=1e12)
-    budget_tokens: int = setting(0, "tokens (in + out) the run may spend; then no new task starts (exit status 4); unset: no budget", min=1, max=10**15)
+    budget_usd: float = setting(0.0, "dollars the run may spend; then no new task starts (exit status 4); 0: no budget", min=0.0, max=1e12)
+    budget_tokens: int = setting(0, "tokens (in + out) the run may spend; then no new task starts (exit status 4); 0: no budget", min=0, max=10**15)
 
 
 def parse_role_limits(items) -> dict[str, int]:
