@@ -90,3 +90,17 @@ def test_budget_stops_starting_tasks_within_one_task(make_config, tmp_path, no_l
     assert result.exit_code == 4 and result.not_started == 6
     assert result.plugin_figures["llm"]["cost_usd"] == pytest.approx(0.04)
     assert len((log / "calls").read_text().splitlines()) == 4
+
+
+def test_the_shell_agents_example_counts_cost_under_its_limits(bus_root, no_leaks):
+    import subprocess
+
+    example = HERE.parent / "examples" / "shell-agents"
+    exe = Path(sys.executable).with_name("cfn")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cfn_core"]
+    env = {**os.environ, "CFN_BUS_ROOT": str(bus_root)}
+    proc = subprocess.run(cmd + ["run", "--agents", "4", "--json"], cwd=example, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["plugin_figures"]["llm"]["cost_usd"] == pytest.approx(0.004)  # 4 answers of 0.001
+    assert out["plugin_figures"]["limits"]["max_in_flight"] <= 2
