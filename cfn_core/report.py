@@ -228,6 +228,7 @@ def render_summary(result: CoordinationResult) -> str:
     lines.append(
         f"  agents {result.agents}  tasks {result.tasks}  messages {result.delivered}/{result.planned} delivered "
         f"({result.delivery_rate:.2%})  failed {result.failed}"
+        + (f" (not started: {result.not_started}, exit status 4)" if result.not_started else "")
     )
     for r in result.rounds:
         phases = "  ".join(f"{p} {_ms(r.phases.get(p, 0.0))}" for p in PHASES)
