@@ -509,6 +509,7 @@ class AgentLoop:
         # Across incarnations the coordinator's de-duplication of results covers it.
         self.started = _RecentIds(_RECENT_TASKS)
         self.current: Message | None = None  # the task record whose handler runs now
+        self.tasks_run = 0  # by this process ([workload] max_tasks)
         self.talk = Talk(self)
         self.agent = self.talk.agent
 
@@ -526,6 +527,10 @@ class AgentLoop:
             self.run_tasks()
             self.finish_waiting()
             self.deliver_messages()
+            why = self.recycle_due()  # between tasks: what is still queued goes to the successor
+            if why is not None and not self.waiting:
+                self.retire(why)
+                break
             if self.queued:  # on_message read a task: run it before sleeping
                 continue
             # checked after on_message ran: a stop it read (inside agent.receive) rings no
@@ -546,6 +551,31 @@ class AgentLoop:
         self.pm.hook.cfn_agent_exit(ctx=self.ctx)
         kill_leftovers()  # at exit nothing this agent started stays, helpers included
         self.bus.close()
+
+    def recycle_due(self) -> str | None:
+        """Why this process should be replaced now, between tasks (``[workload] max_tasks``, ``max_rss_mb``), or None."""
+        w = self.config.workload
+        if w.max_tasks and self.tasks_run >= w.max_tasks:
+            return f"ran max_tasks = {w.max_tasks} tasks"
+        if w.max_rss_mb and self.tasks_run:
+            try:
+                with open("/proc/self/statm") as f:
+                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+            except (OSError, ValueError, IndexError):
+                return None
+            if rss > w.max_rss_mb:
+                return f"resident memory {rss} MiB above max_rss_mb = {w.max_rss_mb}"
+        return None
+
+    def retire(self, why: str) -> None:
+        """Leave for a fresh process under this id: settle what is done, say why, exit.
+
+        Task records read but not started stay unsettled: the replacement the
+        coordinator starts at once re-reads them, so no queued work is lost.
+        """
+        self.settle()
+        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "retiring", body={"why": why, "pid": os.getpid()})])
+        self.flush()
 
     def settle(self) -> None:
         """Flush what plugins buffered, then ack what is complete (in that order: see the class)."""
@@ -642,7 +672,7 @@ class AgentLoop:
         """Start the queued tasks in the order they arrived (a running one may queue more)."""
         if self.current is not None:
             return  # read from inside a handler: the loop runs them after it
-        while self.queued:
+        while self.queued and self.recycle_due() is None:
             self.start(self.queued.popleft())
 
     def finish_waiting(self) -> None:
@@ -796,6 +826,7 @@ class AgentLoop:
             body.update(ok=False, value=None, error=f"result not sent: {exc}")
             ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
         self.unflushed = True
+        self.tasks_run += 1
         self.settled.append(msg.receipt)
         self.settled.extend(self.held.pop(msg.round, ()))
         self.settled.extend(held_user)  # the user messages it consumed: re-read by a replacement until now

@@ -109,6 +109,12 @@ class WorkloadSettings:
     stall_kill_seconds: float = setting(
         0.0, "seconds a stalled command may stay silent before it is killed and its task retried (an attempt); 0: at once", min=0.0, max=86_400.0
     )
+    max_tasks: int = setting(
+        0, "tasks an agent process runs before it is replaced by a fresh one under its id (recycling); 0: no limit", min=0, max=1 << 30
+    )
+    max_rss_mb: int = setting(
+        0, "resident memory (MiB) above which an agent process is replaced after its current task; 0: no limit", min=0, max=1 << 30
+    )
     command_max_rss_mb: int = setting(
         0, "address-space cap of each command, MiB (RLIMIT_AS); exceeding it fails the task as 'out of memory'; 0: off", min=0, max=1 << 30
     )

@@ -477,6 +477,8 @@ class CoordinatorContext:
                 handle.info["pong_at"] = now
             elif kind == "status" and handle is not None:
                 self._on_status(msg, handle, now)
+            elif kind == "retiring" and handle is not None:
+                self._on_retiring(msg, handle)
             else:
                 self.counters["unexpected"] += 1
         self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
@@ -606,6 +608,27 @@ class CoordinatorContext:
 
     # ------------------------------------------------------------------ failure policy
 
+    def _on_retiring(self, msg: Message, handle: AgentHandle) -> None:
+        """An agent leaves for a fresh process (``[workload] max_tasks`` / ``max_rss_mb``): expect its exit."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if handle.state != "ready" or body.get("pid") not in (None, handle.pid):
+            return
+        handle.state = "stopping"  # its exit is a stop, not a death: no attempt is charged
+        handle.info["recycling"] = str(body.get("why"))[:200]
+        self.counters["recycled"] += 1
+
+    def _replace_recycled(self, handle: AgentHandle) -> None:
+        """Start the successor of a recycled agent under its id: it re-reads what its predecessor left queued."""
+        if self._round is None and not handle.outstanding:
+            return  # between rounds: a pool refills as it does for any agent that left
+        try:
+            self.launch(handle.id)
+        except Exception as exc:
+            log.warning("recycled agent %s could not be replaced: %s", handle.id, exc)
+            if handle.outstanding and self._round is not None:
+                for task_id in list(handle.outstanding):
+                    self._give_up(handle, task_id, f"agent {handle.id} was recycled and could not be replaced: {exc}")
+
     def _retry_failed(self, r: _Round, task: Task, agent_id: str, body: dict, now: float) -> bool:
         """A failed result: re-queue its task with backoff if the failure policy says so.
 
@@ -705,6 +728,8 @@ class CoordinatorContext:
         self.hook.cfn_agent_exited(ctx=self, agent=handle, reason=reason)
         if reason != "stopped" and handle.outstanding and self._round is not None:
             self._recover(handle)
+        elif handle.info.pop("recycling", None) is not None and reason == "stopped":
+            self._replace_recycled(handle)
 
     def _recover(self, handle: AgentHandle) -> None:
         """An agent died with work outstanding: charge the task it was running, relaunch it."""

@@ -43,7 +43,7 @@ COORDINATOR_ID = "_coordinator"
 #: ``user`` is a message user code sent to another agent (``agent.send``; its body is
 #: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
 #: "t": topic or null}``) and ``status`` an agent's ``agent.status`` for the coordinator.
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status"})
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "retiring"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

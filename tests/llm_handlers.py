@@ -14,3 +14,19 @@ def rate_limited_once(payload, agent):
     agent.usage(tokens_in=100, tokens_out=20, cost_usd=0.25)
     agent.usage(tokens_in=1, cost_usd=0.25, turns=1)
     return payload["n"]
+
+
+def pid_of(payload):
+    """Which process ran the task (recycling tests)."""
+    return os.getpid()
+
+
+_HELD = []
+
+
+def leaky(payload):
+    """Keeps 40 MiB per task for good: a process that grows until it is recycled."""
+    _HELD.append(bytearray(40 << 20))
+    for i in range(0, len(_HELD[-1]), 4096):  # touched, so it is resident
+        _HELD[-1][i] = 1
+    return os.getpid()
