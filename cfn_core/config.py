@@ -104,10 +104,14 @@ class WorkloadSettings:
     retry_backoff: float = setting(0.5, "seconds of the first retry's backoff; doubled per retry, with jitter", min=0.0, max=3600.0)
     retry_backoff_max: float = setting(30.0, "longest backoff of a retry, seconds", min=0.0, max=86_400.0)
     stall_seconds: float = setting(
-        0.0, "a command silent (no stdout/stderr) this long is marked stalled (status, event log, cfn top); 0: off", min=0.0, max=86_400.0
+        0.0,
+        "a command silent (no stdout/stderr), or a handler's agent silent (no agent.status, no message to the coordinator), "
+        "this long is marked stalled (status, event log, cfn top); 0: off",
+        min=0.0,
+        max=86_400.0,
     )
     stall_kill_seconds: float = setting(
-        0.0, "seconds a stalled command may stay silent before it is killed and its task retried (an attempt); 0: at once", min=0.0, max=86_400.0
+        0.0, "seconds a stalled command (or handler's agent) may stay silent before it is killed and its task retried (an attempt); 0: at once", min=0.0, max=86_400.0
     )
     max_tasks: int = setting(
         0, "tasks an agent process runs before it is replaced by a fresh one under its id (recycling); 0: no limit", min=0, max=1 << 30

@@ -814,6 +814,26 @@ class CoordinatorContext:
             started = max(sent, handle.last_seen, handle.ready_at or 0.0)
             if now - started > limit + grace:
                 self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
+            elif self.config.workload.stall_seconds and not role.command:  # a command's agent watches its output itself
+                self._check_stall(handle, oldest_task, now - started)
+
+    def _check_stall(self, handle: AgentHandle, task_id: str, silent: float) -> None:
+        """A handler's agent silent (no status, no message to the coordinator) for ``stall_seconds``:
+        marked stalled, then killed ``stall_kill_seconds`` later (its task is retried, an attempt)."""
+        w = self.config.workload
+        if silent < w.stall_seconds:
+            handle.info.pop("stalled", None)
+            return
+        if handle.info.get("stalled") != task_id:
+            handle.info["stalled"] = task_id
+            handle.info["status"] = {"text": "stalled", "fields": {"task": task_id, "silent_seconds": round(silent, 3)}}
+            self.note_status(handle)
+        if silent >= w.stall_seconds + w.stall_kill_seconds:
+            self.kill(
+                handle,
+                f"task {task_id} stalled: no status or message from its agent for {silent:.3g}s "
+                f"(stall_seconds = {w.stall_seconds:g}, stall_kill_seconds = {w.stall_kill_seconds:g})",
+            )
 
 
 def _check_task(task: Task) -> None:

@@ -30,3 +30,20 @@ def leaky(payload):
     for i in range(0, len(_HELD[-1]), 4096):  # touched, so it is resident
         _HELD[-1][i] = 1
     return os.getpid()
+
+
+def silent(payload):
+    """A wedged API call: no status, no message, no end."""
+    import time
+
+    time.sleep(600)
+
+
+def reporting(payload, agent):
+    """A slow call that says it is alive: never stalled."""
+    import time
+
+    for i in range(12):
+        agent.status("waiting for the model", step=i)
+        time.sleep(0.1)
+    return "done"

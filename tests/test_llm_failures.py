@@ -140,3 +140,22 @@ def test_command_max_rss_mb_names_out_of_memory(make_config, tmp_path, no_leaks)
     [r] = result.results.values()
     assert not r.ok and r.error.startswith("out of memory: command exceeded command_max_rss_mb = 200"), r.error
     assert "MemoryError" in r.stderr
+
+
+def test_a_silent_python_handler_is_stalled_one_that_reports_is_not(make_config, tmp_path, no_leaks, handlers_on_path):
+    events = tmp_path / "events.jsonl"
+    config = make_config(
+        agents={"slow": {"count": 1, "handler": "llm_handlers:reporting"}, "stuck": {"count": 1, "handler": "llm_handlers:silent"}},
+        workload={"stall_seconds": 0.6, "stall_kill_seconds": 0.4, "max_attempts": 2, "timeout": 120.0},
+    )
+    from cfn_core import Task
+
+    with Coordinator(config, events=str(events)) as coord:
+        result = coord.run([Task(id="slow", payload=None, role="slow"), Task(id="stuck", payload=None, role="stuck")])
+    assert result.results["slow"].ok and result.results["slow"].attempts == 1
+    stuck = result.results["stuck"]
+    assert not stuck.ok and stuck.attempts == 2
+    assert "task stuck stalled: no status or message from its agent for" in stuck.error, stuck.error
+    lines = events_of(events)
+    marks = [e for e in lines if e["type"] == "agent_status" and e["text"] == "stalled"]
+    assert {e["agent"] for e in marks} == {"stuck-0001"} and len(marks) == 2  # once per attempt
