@@ -39,7 +39,7 @@ def architecture_rows() -> dict[str, set[str]]:
 def test_architecture_names_the_hooks_each_bundled_plugin_implements():
     rows = architecture_rows()
     checked = 0
-    for name in ("pool", "parallel", "batch", "shard", "redis"):
+    for name in ("pool", "parallel", "batch", "shard", "redis", "limits", "llm"):
         if name not in installed():
             continue
         plugin = load_plugin(name)

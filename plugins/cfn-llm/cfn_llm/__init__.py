@@ -84,6 +84,8 @@ class Accounting:
         r = ctx.metrics.registry
         self.cost = Counter("cfn_llm_cost_usd", "Dollars the run's tasks reported spending", registry=r)
         self.tokens = Counter("cfn_llm_tokens", "Tokens the run's tasks reported, by direction", ["direction"], registry=r)
+        for direction in ("in", "out"):  # exported from the start, at 0
+            self.tokens.labels(direction=direction)
 
     def take(self, ctx, task, agent_id: str, body: dict) -> None:
         figures: dict = {}
