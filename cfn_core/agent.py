@@ -99,6 +99,8 @@ def load_handler(workload, policy=None) -> Callable[..., Any]:
     # relative names resolve against [workload] directory: by default the cfn.toml's (docs/CONFIG.md)
     directory = getattr(workload, "directory", "") or None
     if workload.command:
+        if policy is None:  # a Role carries its run's [workload] policy
+            policy = getattr(workload, "policy", None)
         return _command_handler(workload.command, workload.timeout, cwd=directory, policy=policy)
     spec = workload.handler
     if not _HANDLER_RE.match(spec):

@@ -38,12 +38,13 @@ def events_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_cli_answering_429_to_30_percent_of_calls_completes_every_task(make_config, tmp_path, no_leaks):
+@pytest.mark.parametrize("plugins", [("limits",), ("pool", "parallel", "limits")], ids=["baseline", "pool"])
+def test_a_cli_answering_429_to_30_percent_of_calls_completes_every_task(make_config, tmp_path, no_leaks, plugins):
     log = tmp_path / "log"
     log.mkdir()
     events = tmp_path / "events.jsonl"
     config = make_config(
-        plugins=("limits",),
+        plugins=plugins, pool={"size": 8},
         workload={"agents": 8, "command": command("flaky429", log), "rate_limit_pattern": r"\b429\b", "max_attempts": 1,
                   "retry_backoff": 0.05, "retry_backoff_max": 0.5},
         limits={"rate": 40.0, "burst": 4, "aimd_step": 0.02, "aimd_cooldown": 0.2},
