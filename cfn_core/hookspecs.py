@@ -320,7 +320,12 @@ def cfn_assign(ctx: CoordinatorContext, task: Task, agent_ids: list[str]) -> str
         when a result arrives".
 
     Stops at first non-None result.  Baseline: round robin over ``agent_ids``
-    (every task is queued at once).  A pooling plugin: an idle agent.
+    (every task is queued at once).  A pooling plugin: an idle agent.  A limit
+    (cfn-limits) implements it ``tryfirst``: ``False`` holds the task back, ``None``
+    lets the next implementation choose; to drop a task for good (a budget) call
+    ``ctx.not_started(task, reason)`` and return ``False``.  Also called for tasks
+    the failure policy re-queues (``cfn_task_result`` outcome ``"requeued"``),
+    once their backoff is over.
     """
 
 
