@@ -10,7 +10,9 @@ what it answered), and behaves by MODE:
 * ``exit75``: the first call of each task exits 75 (a retryable failure), the next answers;
 * ``hang``: prints one line, then stays silent (a wedged CLI);
 * ``chatty``: prints a line every 50 ms forever (a CLI that never finishes);
-* ``usage``: answers and prints a ``cfn_usage`` JSON line on stderr.
+* ``usage``: answers and prints a ``cfn_usage`` JSON line on stderr;
+* ``server``: a provider that allows ``FAKE_LIMIT`` (5) calls per second across every
+  caller (their times kept in LOGDIR/window under a lock) and answers 429 beyond it.
 """
 
 import json
@@ -67,6 +69,28 @@ def main() -> int:
         log(logdir, f"json {n}")
         time.sleep(float(os.environ.get("FAKE_SLEEP", "0.05")))
         print(json.dumps(doc))
+        return 0
+    if mode == "server":
+        import fcntl
+
+        limit = int(os.environ.get("FAKE_LIMIT", "5"))
+        with open(os.path.join(logdir, "window"), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            now = time.time()
+            recent = [float(t) for t in f.read().split() if now - float(t) < 1.0]
+            refused = len(recent) >= limit
+            if not refused:
+                recent.append(now)
+            f.seek(0)
+            f.truncate()
+            f.write(" ".join(map(str, recent)))
+        if refused:
+            log(logdir, "429")
+            print("Error: 429 Too Many Requests (rate_limit_error)", file=sys.stderr)
+            return 1
+        log(logdir, "ok")
+        print(f"answer: {prompt}")
         return 0
     if mode == "usage":
         log(logdir, "usage")
