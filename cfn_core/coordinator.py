@@ -684,7 +684,16 @@ class CoordinatorContext:
             if task.id in r.results:  # reported not started meanwhile (a budget)
                 heapq.heappop(r.requeue)
                 continue
-            agent_id = self.hook.cfn_assign(ctx=self, task=task, agent_ids=groups.get(task.role) or []) if groups.get(task.role) else None
+            if not groups.get(task.role):  # every agent of its role is gone for good: it cannot run again
+                heapq.heappop(r.requeue)
+                r.results[task.id] = TaskResult(
+                    task=task.id, ok=False, error=f"re-queued, but no agent of role {task.role!r} is left: " + "; ".join(r.history[task.id]),
+                    attempts=r.attempts[task.id], answered=False,
+                )
+                self.metrics.task_failures.inc()
+                self.events.emit("task_failed", task=task.id, round=r.number, agent=None, attempt=r.attempts[task.id], seconds=None, latency=None, error=r.results[task.id].error)
+                continue
+            agent_id = self.hook.cfn_assign(ctx=self, task=task, agent_ids=groups[task.role])
             if not agent_id:
                 break  # not now (a limit, every agent busy): the next tick asks again
             heapq.heappop(r.requeue)
