@@ -67,6 +67,10 @@ _EXPORTS = {
     "plugin_implementations": "plugins",
     # running agents
     "Agent": "agent_api",
+    "RateLimited": "agent_api",
+    # LLM usage (docs/LLM_SWARMS.md)
+    "Usage": "usage",
+    "check_usage": "usage",
     "AgentContext": "agent",
     "AgentMessage": "agent_api",
     "AgentForker": "forker",

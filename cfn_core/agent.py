@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import orjson
 
-from .agent_api import Talk, UserCode
+from .agent_api import RateLimited, Talk, UserCode
 from .errors import CfnError, ConfigError, MessageTooLarge
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id, peer_message_id
 from .plugins import direct_caller
@@ -85,20 +85,24 @@ class AgentContext:
 # ---------------------------------------------------------------------- handlers
 
 
-def load_handler(workload) -> Callable[..., Any]:
+def load_handler(workload, policy=None) -> Callable[..., Any]:
     """The callable (or class agent) that runs tasks, from a role's ``handler`` or ``command``.
 
     :param workload: a :class:`cfn_core.roles.Role` (``roles.role_of(config, agent_id)``:
         ``[agents.<role>]`` over ``[workload]``), or the ``[workload]`` settings themselves
         (the one-role shorthand); anything with ``handler``, ``command``, ``timeout`` and
         ``directory``.
+    :param policy: the ``[workload]`` settings whose failure policy a command follows
+        (``retry_on_exit``, ``stall_seconds``, ``command_max_rss_mb``...); None: the defaults.
     :raises ConfigError: when the handler cannot be imported (named with the reason).
     """
     where = getattr(workload, "label", "[workload]")  # the table that set it, for the messages
     # relative names resolve against [workload] directory: by default the cfn.toml's (docs/CONFIG.md)
     directory = getattr(workload, "directory", "") or None
     if workload.command:
-        return _command_handler(workload.command, workload.timeout, cwd=directory)
+        if policy is None:  # a Role carries its run's [workload] policy
+            policy = getattr(workload, "policy", None)
+        return _command_handler(workload.command, workload.timeout, cwd=directory, policy=policy)
     spec = workload.handler
     if not _HANDLER_RE.match(spec):
         raise ConfigError(f"{where} handler = {spec!r}: must be 'module:function', e.g. 'cfn_core.handlers:echo'")
@@ -135,9 +139,34 @@ def load_handler(workload) -> Callable[..., Any]:
 
 
 class CommandFailed(Exception):
-    def __init__(self, message: str, stderr: str):
+    """A command's task failed.  ``failure`` is its class, what the coordinator's policy acts on:
+    ``error`` (fails), ``retry`` (retried, an attempt), ``fatal`` (fails, never retried),
+    ``rate_limited`` (re-queued, not an attempt), ``timeout``, ``stalled`` (retried), ``oom``."""
+
+    def __init__(self, message: str, stderr: str, failure: str = "error"):
         super().__init__(message)
         self.stderr = stderr
+        self.failure = failure
+
+
+#: what a command that hit ``command_max_rss_mb`` (RLIMIT_AS) tends to print or die of
+_OOM_RE = re.compile(r"MemoryError|Cannot allocate memory|out of memory|bad_alloc|memory exhausted", re.I)
+_OOM_STATUSES = {128 + signal.SIGSEGV, 128 + signal.SIGABRT, 128 + signal.SIGBUS, -signal.SIGSEGV, -signal.SIGABRT}
+
+
+def classify_exit(status: int, output: str, policy) -> str:
+    """The failure class of a command that exited with ``status`` (non-zero), under ``policy``."""
+    if policy is None:
+        return "error"
+    if status in policy.rate_limit_exit or (policy.rate_limit_pattern and re.search(policy.rate_limit_pattern, output)):
+        return "rate_limited"
+    if policy.command_max_rss_mb and (status in _OOM_STATUSES or _OOM_RE.search(output)):
+        return "oom"
+    if status in policy.fatal_on_exit:
+        return "fatal"
+    if status in policy.retry_on_exit or policy.on_other_exit == "retry":
+        return "retry"
+    return "error"
 
 
 #: How a command runs.  When its agent dies (even by SIGKILL, or with its coordinator) the
@@ -148,19 +177,29 @@ class CommandFailed(Exception):
 _GUARDED = 'exec 3<&0\ntrap "kill -KILL 0" TERM\n(\n{command}\n) <&3 3<&- &\nwait $!\n'
 
 
-def _term_with_agent(agent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:  # in the forked child, before exec
-        import ctypes
+def _term_with_agent(agent_pid: int, max_as_bytes: int = 0) -> Callable[[], None]:
+    import ctypes
+    import resource  # imported here, not in the forked child
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc = ctypes.CDLL(None)
+
+    def preexec() -> None:  # in the forked child, before exec
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != agent_pid:  # the agent died before the prctl
             os._exit(1)
+        if max_as_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (max_as_bytes, max_as_bytes))
 
     return preexec
 
 
-def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Callable[[Any, Any], Any]:
+def _command_handler(command: str, timeout: float, cwd: str | None = None, policy=None) -> Callable[[Any, Any], Any]:
+    from .usage import add_usage, usage_from_stderr
+
     script = _GUARDED.format(command=command)
+    stall = policy.stall_seconds if policy is not None else 0.0
+    stall_kill = policy.stall_kill_seconds if policy is not None else 0.0
+    max_as = (policy.command_max_rss_mb << 20) if policy is not None else 0
 
     def run_command(payload: Any, agent: Any) -> str:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -186,17 +225,33 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_term_with_agent(os.getpid()),
+            preexec_fn=_term_with_agent(os.getpid(), max_as),
             cwd=cwd,
             env=env,
         )
+
+        def on_stall(silent: float) -> None:  # marked, not yet killed: visible as the agent's status
+            agent.status("stalled", task=env["CFN_TASK_ID"], silent_seconds=round(silent, 3))
+
         try:
-            stdout, stderr, timed_out = _serve_command(proc, data.encode(), timeout, loop, server)
+            stdout, stderr, ended = _serve_command(
+                proc, data.encode(), timeout, loop, server, stall=stall, stall_kill=stall_kill, on_stall=on_stall
+            )
         finally:
             if server is not None:
                 server.close()
-        if timed_out:
-            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr)) from None
+        usage = usage_from_stderr(stderr)
+        if usage:
+            talk.usage_in_task = add_usage(talk.usage_in_task or {}, usage)
+        if ended == "timeout":
+            raise CommandFailed(f"command timed out after {timeout:g}s", _tail(stderr), "timeout") from None
+        if ended == "stalled":
+            raise CommandFailed(
+                f"command stalled: no output for {stall + stall_kill:g}s (stall_seconds = {stall:g}, "
+                f"stall_kill_seconds = {stall_kill:g}); killed",
+                _tail(stderr),
+                "stalled",
+            ) from None
         # The command is done, its helpers too: `server & echo ok` must not leave `server`
         # running.  Its process group (the shell's session) goes first; what left the group
         # (setsid, setpgid) was re-parented to this agent, a subreaper, and the loop's
@@ -206,21 +261,31 @@ def _command_handler(command: str, timeout: float, cwd: str | None = None) -> Ca
             tail = _tail(stderr)
             last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
             # the last stderr line in the error itself: it is what the summary shows
+            failure = classify_exit(proc.returncode, _tail(stdout) + "\n" + tail, policy)
             why = f"command exited with status {proc.returncode}" + (f": {last[:200]}" if last else "")
-            raise CommandFailed(why, tail)
+            if failure == "oom":
+                why = f"out of memory: command exceeded command_max_rss_mb = {policy.command_max_rss_mb} ({why})"
+            raise CommandFailed(why, tail, failure)
         return stdout.decode("utf-8", "replace")
 
     return run_command
 
 
-def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[bytes, bytes, bool]:
+def _serve_command(
+    proc, data: bytes, timeout: float, loop, server, *, stall: float = 0.0, stall_kill: float = 0.0, on_stall=None
+) -> tuple[bytes, bytes, str | None]:
     """Feed the command its stdin, collect stdout/stderr, serve its socket and read the inbox.
 
-    Returns ``(stdout, stderr, timed_out)``; the process is reaped unless it timed out.
+    Returns ``(stdout, stderr, ended)``: ``ended`` is None when the command exited,
+    ``"timeout"`` or ``"stalled"`` when it was killed (its whole process group) for
+    running past ``timeout`` or for being silent ``stall + stall_kill`` seconds
+    (``on_stall(silent)`` is called once after ``stall`` seconds of silence).
     """
     import selectors
 
     deadline = time.monotonic() + timeout
+    last_output = time.monotonic()
+    marked = False
     sel = selectors.DefaultSelector()
     out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     done: dict = {}
@@ -239,7 +304,17 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
             sel.register(loop.bus.wake_fd(loop.agent_id), selectors.EVENT_READ, ("bell", None))
         while out:  # until both output pipes reach their end
             now = time.monotonic()
+            ended = None
             if now >= deadline:
+                ended = "timeout"
+            elif stall and now - last_output >= stall:
+                if not marked:
+                    marked = True
+                    if on_stall is not None:
+                        on_stall(now - last_output)
+                if now - last_output >= stall + stall_kill:
+                    ended = "stalled"
+            if ended is not None:
                 # kill the whole process group: killing only the shell would orphan its children
                 _kill_group(proc.pid)
                 for pipe, buf in out.items():  # what they wrote before they died (the stderr shown)
@@ -247,8 +322,10 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                     buf += pipe.read()
                     done[pipe] = bytes(buf)
                 proc.wait()
-                return done.get(proc.stdout, b""), done.get(proc.stderr, b""), True
+                return done.get(proc.stdout, b""), done.get(proc.stderr, b""), ended
             wait = deadline - now
+            if stall:
+                wait = min(wait, max(0.0, (stall if not marked else stall + stall_kill) - (now - last_output)) + 0.001)
             if server is not None:
                 due = server.poll(sel)
                 if due is not None:
@@ -259,6 +336,8 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                     chunk = os.read(obj.fileno(), 65536)
                     if chunk:
                         out[obj] += chunk
+                        last_output = time.monotonic()
+                        marked = False
                     else:
                         sel.unregister(obj)
                         done[obj] = bytes(out.pop(obj))
@@ -283,7 +362,7 @@ def _serve_command(proc, data: bytes, timeout: float, loop, server) -> tuple[byt
                 else:
                     server.on_event(sel, what, obj)
         proc.wait()  # its pipes are closed: the shell has exited or is about to
-        return done.get(proc.stdout, b""), done.get(proc.stderr, b""), False
+        return done.get(proc.stdout, b""), done.get(proc.stderr, b""), None
     finally:
         sel.close()
         if proc.stdin and not proc.stdin.closed:
@@ -418,7 +497,7 @@ class AgentLoop:
         if handler is None:
             from .roles import role_of
 
-            handler = load_handler(role_of(config, agent_id))  # its role's handler or command
+            handler = load_handler(role_of(config, agent_id), policy=config.workload)  # its role's handler or command
         self.user = UserCode(handler)
         self._read = direct_caller(pm, "cfn_read")
         self._flush = direct_caller(pm, "cfn_flush")
@@ -440,6 +519,7 @@ class AgentLoop:
         self.started = _RecentIds(_RECENT_TASKS)
         self.current: Message | None = None  # the task record whose handler runs now
         self.cancel_requested = False  # the running task was cancelled (Coordinator.cancel)
+        self.tasks_run = 0  # by this process ([workload] max_tasks)
         self.talk = Talk(self)
         self.agent = self.talk.agent
 
@@ -457,6 +537,10 @@ class AgentLoop:
             self.run_tasks()
             self.finish_waiting()
             self.deliver_messages()
+            why = self.recycle_due()  # between tasks: what is still queued goes to the successor
+            if why is not None and not self.waiting:
+                self.retire(why)
+                break
             if self.queued:  # on_message read a task: run it before sleeping
                 continue
             # checked after on_message ran: a stop it read (inside agent.receive) rings no
@@ -477,6 +561,31 @@ class AgentLoop:
         self.pm.hook.cfn_agent_exit(ctx=self.ctx)
         kill_leftovers()  # at exit nothing this agent started stays, helpers included
         self.bus.close()
+
+    def recycle_due(self) -> str | None:
+        """Why this process should be replaced now, between tasks (``[workload] max_tasks``, ``max_rss_mb``), or None."""
+        w = self.config.workload
+        if w.max_tasks and self.tasks_run >= w.max_tasks:
+            return f"ran max_tasks = {w.max_tasks} tasks"
+        if w.max_rss_mb and self.tasks_run:
+            try:
+                with open("/proc/self/statm") as f:
+                    rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+            except (OSError, ValueError, IndexError):
+                return None
+            if rss > w.max_rss_mb:
+                return f"resident memory {rss} MiB above max_rss_mb = {w.max_rss_mb}"
+        return None
+
+    def retire(self, why: str) -> None:
+        """Leave for a fresh process under this id: settle what is done, say why, exit.
+
+        Task records read but not started stay unsettled: the replacement the
+        coordinator starts at once re-reads them, so no queued work is lost.
+        """
+        self.settle()
+        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "retiring", body={"why": why, "pid": os.getpid()})])
+        self.flush()
 
     def settle(self) -> None:
         """Flush what plugins buffered, then ack what is complete (in that order: see the class)."""
@@ -607,7 +716,7 @@ class AgentLoop:
         """Start the queued tasks in the order they arrived (a running one may queue more)."""
         if self.current is not None:
             return  # read from inside a handler: the loop runs them after it
-        while self.queued:
+        while self.queued and self.recycle_due() is None:
             self.start(self.queued.popleft())
 
     def finish_waiting(self) -> None:
@@ -730,6 +839,10 @@ class AgentLoop:
                 body["value"] = self.user.task(work.payload, self.agent)
         except CommandFailed as exc:
             body.update(ok=False, error=str(exc), stderr=exc.stderr)
+            if exc.failure != "error":
+                body["failure"] = exc.failure
+        except RateLimited as exc:  # re-queued by the coordinator, not charged as an attempt
+            body.update(ok=False, error=describe_exception(exc), failure="rate_limited", retry_after=exc.retry_after)
         except Exception as exc:  # a handler that raises fails its task, not the agent
             if self.cancel_requested:  # Cancelled at an agent call (or whatever the handler made of it)
                 body.update(ok=False, error="cancelled", cancelled=True)
@@ -738,6 +851,8 @@ class AgentLoop:
         finally:
             self.current = None
             self.cancel_requested = False
+        if self.talk.usage_in_task:  # agent.usage() calls, a command's cfn_usage stderr lines
+            body["usage"] = self.talk.usage_in_task
         held_user = self.talk.task_finished()
         ctx.counters["leftovers_killed"] += kill_leftovers(self.helpers)  # what the task left running dies with it
         if body["ok"]:
@@ -760,6 +875,7 @@ class AgentLoop:
             body.update(ok=False, value=None, error=f"result not sent: {exc}")
             ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
         self.unflushed = True
+        self.tasks_run += 1
         self.settled.append(msg.receipt)
         self.settled.extend(self.held.pop(msg.round, ()))
         self.settled.extend(held_user)  # the user messages it consumed: re-read by a replacement until now

@@ -47,6 +47,23 @@ _PEER_CHECK_SECONDS = 0.5
 DEFAULT_ROLE = "worker"
 
 
+class RateLimited(Exception):
+    """Raise from a handler when the remote side said "too many requests" (HTTP 429).
+
+    The task is re-queued with exponential backoff and jitter, not charged as an
+    attempt, and a rate limit (cfn-limits) lowers the run's start rate for a while.
+
+    :param retry_after: seconds the remote side asked to wait (its ``Retry-After``);
+        None: the backoff's own.
+    """
+
+    def __init__(self, message: str = "rate limited", retry_after: float | None = None):
+        super().__init__(message)
+        if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not retry_after >= 0):
+            raise ValueError(f"RateLimited retry_after = {retry_after!r}: must be a number of seconds >= 0 or None")
+        self.retry_after = None if retry_after is None else float(retry_after)
+
+
 @define(frozen=True)
 class AgentMessage:
     """A user message as ``agent.receive`` returns it.
@@ -219,6 +236,7 @@ class Talk:
         self.subscriptions: set[str] = set()
         self.consumed_in_task: list = []  # receipts settled with the running task
         self.sends_in_task = 0
+        self.usage_in_task: dict | None = None  # agent.usage() of the running task
         self.directory: dict[str, str] | None = None  # agent id -> role
         self.round_robin: dict[tuple, int] = {}  # sends to a role so far (per task inside one)
         self.agent = Agent(self)
@@ -256,6 +274,7 @@ class Talk:
     def task_started(self, msg: Message) -> None:
         self.sends_in_task = 0
         self.consumed_in_task = []
+        self.usage_in_task: dict | None = None  # agent.usage() of this task
 
     def task_finished(self) -> list:
         held, self.consumed_in_task = self.consumed_in_task, []
@@ -567,3 +586,21 @@ class Agent:
     def status(self, text: str, **fields: Any) -> None:
         """Tell the coordinator what this agent is doing (``AgentHandle.info["status"]``, events, metrics)."""
         self._talk.status(text, fields)
+
+    def usage(self, *, tokens_in: int = 0, tokens_out: int = 0, cost_usd: float = 0.0, turns: int = 0) -> None:
+        """Report what the current task spent (an LLM call's tokens and cost); calls add up.
+
+        The figures travel with the task's result (its ``usage`` field) to the
+        coordinator, where an accounting plugin (cfn-llm) sums them per task, agent,
+        role and run, and a budget (``[limits] budget_usd``) counts them.
+        """
+        from .usage import add_usage, check_usage
+
+        figures = check_usage({"tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": cost_usd, "turns": turns})
+        if figures is None:
+            raise ValueError(
+                f"agent.usage: tokens_in={tokens_in!r}, tokens_out={tokens_out!r}, cost_usd={cost_usd!r}, turns={turns!r}: "
+                "each must be a number >= 0"
+            )
+        talk = self._talk
+        talk.usage_in_task = add_usage(talk.usage_in_task or {}, figures)

@@ -4,7 +4,9 @@ Exit codes (docs/USER_GUIDE.md): 0 all delivered, 1 some task failed or was
 lost, 2 usage or configuration error, nothing was started (one line, no
 traceback), 3 the run started and stopped on an error (the bus filled, an inbox
 stayed full, a plugin failed under --strict): the summary or JSON of what ran,
-with the cause, 130 interrupted (SIGINT), 143 terminated (SIGTERM, or `cfn stop`).
+with the cause, 4 a budget stopped starting tasks (the only failures are tasks
+not started: docs/LLM_SWARMS.md), 130 interrupted (SIGINT), 143 terminated
+(SIGTERM, or `cfn stop`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def setting(
-    default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None, join=None, path=False
+    default: Any, help: str, *, env: tuple[str, ...] = (), min=None, max=None, choices=None, join=None, path=False, item=None
 ):
     """Declare one configuration key (an ``attrs`` field with the metadata the loader uses).
 
@@ -57,8 +57,10 @@ def setting(
     :param path: the string is a file or directory: :func:`load_config` makes a relative
         one absolute, against the directory of the file that set it (cfn.toml), or the
         current directory when it came from the environment or the command line.
+    :param item: the item type of a list whose default is empty (``int``); otherwise it
+        follows the default's items.
     """
-    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices, "join": join, "path": path}
+    meta = {"help": help, "env": tuple(env), "min": min, "max": max, "choices": choices, "join": join, "path": path, "item": item}
     if isinstance(default, (list, tuple)):
         return field(factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,6 +100,42 @@ class WorkloadSettings:
         "Cancelled at its next agent call) before the agent is killed and replaced",
         min=0.0,
         max=3600.0,
+    )
+    # failure policy (docs/LLM_SWARMS.md): which failures are retried, which are final
+    retry_on_exit: tuple = setting(
+        (), "exit codes of a command that are retried (with backoff, charged as an attempt, up to max_attempts)", min=1, max=255, item=int
+    )
+    fatal_on_exit: tuple = setting((), "exit codes of a command that fail its task at once, never retried", min=1, max=255, item=int)
+    on_other_exit: str = setting(
+        "fail", "another non-zero exit of a command: fail (the task fails) or retry (as retry_on_exit)", choices=("fail", "retry")
+    )
+    rate_limit_exit: tuple = setting(
+        (), "exit codes of a command that mean 'rate limited': re-queued with backoff, not charged as an attempt", min=1, max=255, item=int
+    )
+    rate_limit_pattern: str = setting(
+        "", "regular expression: a failed command whose stdout or stderr matches it was rate limited (e.g. '429|rate.limit'); empty: off"
+    )
+    max_rate_limited: int = setting(50, "times one task may be re-queued as rate limited before it fails", min=1, max=100_000)
+    retry_backoff: float = setting(0.5, "seconds of the first retry's backoff; doubled per retry, with jitter", min=0.0, max=3600.0)
+    retry_backoff_max: float = setting(30.0, "longest backoff of a retry, seconds", min=0.0, max=86_400.0)
+    stall_seconds: float = setting(
+        0.0,
+        "a command silent (no stdout/stderr), or a handler's agent silent (no agent.status, no message to the coordinator), "
+        "this long is marked stalled (status, event log, cfn top); 0: off",
+        min=0.0,
+        max=86_400.0,
+    )
+    stall_kill_seconds: float = setting(
+        0.0, "seconds a stalled command (or handler's agent) may stay silent before it is killed and its task retried (an attempt); 0: at once", min=0.0, max=86_400.0
+    )
+    max_tasks: int = setting(
+        0, "tasks an agent process runs before it is replaced by a fresh one under its id (recycling); 0: no limit", min=0, max=1 << 30
+    )
+    max_rss_mb: int = setting(
+        0, "resident memory (MiB) above which an agent process is replaced after its current task; 0: no limit", min=0, max=1 << 30
+    )
+    command_max_rss_mb: int = setting(
+        0, "address-space cap of each command, MiB (RLIMIT_AS); exceeding it fails the task as 'out of memory'; 0: off", min=0, max=1 << 30
     )
     seed: int = setting(0, "seed for the mesh peer choice (same seed, same traffic)", min=0, max=2**31 - 1)
     default_role: str = setting(
@@ -311,6 +349,8 @@ def _default(fld: attrs.Attribute):
 
 def _item_type(fld: attrs.Attribute) -> type:
     """The item type of a list key: int when the default's items are ints, else str."""
+    if fld.metadata.get("item") is not None:
+        return fld.metadata["item"]
     d = _default(fld)
     return int if d and isinstance(d[0], int) and not isinstance(d[0], bool) else str
 
@@ -553,6 +593,7 @@ def load_config(
     sections = {name: _build_section(name, cls, tables[name]) for name, cls in all_schemas.items()}
     roles = _build_roles(role_tables)
     _apply_roles(sections, roles, tables["workload"])
+    _check_failure_policy(sections["workload"], tables["workload"])
     enabled = [p for p in dict.fromkeys(plugins) if not p.startswith("no:") and p not in blocked]
     return Config(
         plugins=tuple(enabled + [f"no:{p}" for p in dict.fromkeys(blocked)]), sections=sections, path=cfg_path, roles=roles,
@@ -644,6 +685,36 @@ def _apply_roles(sections: dict, roles: Mapping[str, RoleSettings], workload: Ma
         )
 
 
+def _check_failure_policy(w: WorkloadSettings, given: Mapping[str, tuple[Any, str, bool]]) -> None:
+    """The exit-code lists of ``[workload]`` name each code once, and the pattern compiles."""
+
+    def where(key: str) -> str:
+        return given[key][1] if key in given else "[workload]"
+
+    lists = ("retry_on_exit", "fatal_on_exit", "rate_limit_exit")
+    for i, a in enumerate(lists):
+        for b in lists[i + 1 :]:
+            both = sorted(set(getattr(w, a)) & set(getattr(w, b)))
+            if both:
+                raise ConfigError(
+                    f"{where(b)}: [workload] {b} = {list(getattr(w, b))!r}: exit code(s) {', '.join(map(str, both))} "
+                    f"also in {a}; a code may be in one of {', '.join(lists)}"
+                )
+    if w.rate_limit_pattern:
+        try:
+            re.compile(w.rate_limit_pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{where('rate_limit_pattern')}: [workload] rate_limit_pattern = {w.rate_limit_pattern!r}: "
+                f"not a regular expression ({exc})"
+            ) from None
+    if w.retry_backoff_max < w.retry_backoff:
+        raise ConfigError(
+            f"{where('retry_backoff_max')}: [workload] retry_backoff_max = {w.retry_backoff_max:g} is below "
+            f"retry_backoff = {w.retry_backoff:g}"
+        )
+
+
 def _blocks(plugins: list[str]) -> list[str]:
     """The names a plugin list blocks (its ``no:name`` entries)."""
     return [p[3:] for p in plugins if p.startswith("no:")]
@@ -729,6 +800,7 @@ def config_from_dict(data: Mapping, *, source: str = "<dict>", path: str | None 
         sections[name] = _build_section(name, cls, {k: (v, source, False) for k, v in raw.items()})
     roles = _build_roles(_role_tables(data.get("agents", {}), source))
     _apply_roles(sections, roles, {k: (v, source, False) for k, v in data.get("workload", {}).items()})
+    _check_failure_policy(sections["workload"], {k: (v, source, False) for k, v in data.get("workload", {}).items()})
     tasks = workflow_tasks(data.get("tasks", []), source, roles)
     return Config(plugins=tuple(plugins), sections=sections, path=path, roles=roles, tasks=tasks)
 

@@ -19,6 +19,7 @@ else here is bookkeeping that keeps the guarantees:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -44,7 +45,8 @@ from .messages import COORDINATOR_ID, Message, MessageFactory, Task, TaskResult,
 from .metrics import PHASES, Metrics
 from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
-from .report import CoordinationResult, RoundResult, percentile
+from .report import NOT_STARTED, CoordinationResult, RoundResult, percentile
+from .usage import Usage, check_usage
 from .roles import by_role, check_role, counts, default_role, directory_document, role_of, roles_of, share_out
 
 log = logging.getLogger("cfn")
@@ -124,6 +126,12 @@ class _Round:
         self.distributing = False  # tasks may still wait for an agent of the round
         self.peers_sent = 0
         self.peers_received = 0
+        self.agent_ids: list[str] = []  # the round's ready agents
+        # the failure policy's state (Coordinator._retry_failed): tasks waiting out a backoff,
+        # what each earlier attempt ended with, re-queues for rate limits (not attempts)
+        self.requeue: list[tuple[float, str]] = []  # heap of (due, task id)
+        self.history: dict[str, list[str]] = defaultdict(list)
+        self.rate_limited: Counter[str] = Counter()
 
     @property
     def done(self) -> bool:
@@ -175,7 +183,18 @@ def result_problem(msg: Message) -> str | None:
         return "result field 'counters' is not an object"
     if not isinstance(body.get("fallbacks", []), list):
         return "result field 'fallbacks' is not a list"
+    if body.get("failure") is not None and body["failure"] not in FAILURES:
+        return f"result field 'failure' = {str(body['failure'])[:40]!r} is not one of {', '.join(FAILURES)}"
+    after = body.get("retry_after")
+    if after is not None and (type(after) not in (int, float) or not 0 <= after < 86_400 * 7):
+        return f"result field 'retry_after' = {str(after)[:40]} is not a number of seconds >= 0"
+    if body.get("usage") is not None and check_usage(body["usage"]) is None:
+        return "result field 'usage' is not an object of numbers >= 0"
     return None
+
+
+#: failure classes a result may carry (cfn_core.agent.CommandFailed, RateLimited)
+FAILURES = ("error", "retry", "fatal", "rate_limited", "timeout", "stalled", "oom")
 
 
 class CoordinatorContext:
@@ -222,6 +241,8 @@ class CoordinatorContext:
         #: the event log (docs/EVENTS.md); one that writes nothing unless the Coordinator got ``events``
         self.events: EventLog = open_event_log(None)
         self.live = Live()  # the snapshot `cfn top` reads and the stop request of `cfn stop`
+        #: what the session's tasks spent (an accounting plugin adds to it, a budget reads it)
+        self.usage = Usage()
 
     # ------------------------------------------------------------------ helpers for plugins
 
@@ -269,6 +290,22 @@ class CoordinatorContext:
         status = handle.info.get("status")
         text, fields = (status.get("text"), status.get("fields")) if isinstance(status, dict) else (status, None)
         self.events.emit("agent_status", agent=handle.id, text=text, fields=fields)
+
+    def not_started(self, task: Task, reason: str) -> None:
+        """Report a task of the round as never started (a budget ran out), instead of sending it.
+
+        It fails with the error ``not started: <reason>`` and 0 attempts; the dispatch
+        moves on to the next task.  A run whose only failures are such tasks exits with
+        status 4 (:attr:`cfn_core.CoordinationResult.exit_code`).  Call it from
+        ``cfn_assign`` and return ``False``.
+        """
+        r = self._round
+        if r is None or task.id not in r.tasks or task.id in r.results:
+            return
+        error = f"{NOT_STARTED}{reason}"
+        r.settle(task.id, TaskResult(task=task.id, ok=False, error=error, attempts=r.attempts.get(task.id, 0), answered=False))
+        self.metrics.task_failures.inc()
+        self.events.emit("task_failed", task=task.id, round=r.number, agent=None, attempt=r.attempts.get(task.id, 0), seconds=None, latency=None, error=error)
 
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
@@ -436,6 +473,7 @@ class CoordinatorContext:
             self._next_tick = now + _TICK
             self.write_directory()  # agents ready or gone since the last tick
             self._watchdog(now)
+            self._requeue_due(now)
             self.live.tick(self, now)  # event log flush, messages per interval, snapshot, stop request
             self.hook.cfn_tick(ctx=self, now=now)
 
@@ -460,6 +498,8 @@ class CoordinatorContext:
                 handle.info["pong_at"] = now
             elif kind == "status" and handle is not None:
                 self._on_status(msg, handle, now)
+            elif kind == "retiring" and handle is not None:
+                self._on_retiring(msg, handle)
             else:
                 self.counters["unexpected"] += 1
         self.bus.ack(COORDINATOR_ID, [m.receipt for m in messages])
@@ -554,7 +594,11 @@ class CoordinatorContext:
                 r.result.duplicates += 1
             return
         task = r.tasks[msg.task]
+        if not body["ok"] and self._retry_failed(r, task, msg.src, body, now):
+            return
         error = body.get("error")
+        if not body["ok"] and r.history.get(msg.task):  # the summary says what every attempt ended with
+            error = f"{error} [earlier attempts: " + "; ".join(r.history[msg.task]) + "]"
         r.settle(msg.task, TaskResult(
             task=msg.task,
             ok=body["ok"],
@@ -582,6 +626,106 @@ class CoordinatorContext:
         # its agent sent; delivered: the task (its result proves it), the result, its peers received
         self.metrics.messages_sent.inc(1 + peers_sent)
         self.metrics.messages_delivered.inc(2 + r.results[msg.task].peers_received)
+        self.hook.cfn_task_result(ctx=self, task=task, agent_id=msg.src, outcome="done" if body["ok"] else "failed", body=body)
+
+    # ------------------------------------------------------------------ failure policy
+
+    def _on_retiring(self, msg: Message, handle: AgentHandle) -> None:
+        """An agent leaves for a fresh process (``[workload] max_tasks`` / ``max_rss_mb``): expect its exit."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if handle.state != "ready" or body.get("pid") not in (None, handle.pid):
+            return
+        handle.state = "stopping"  # its exit is a stop, not a death: no attempt is charged
+        handle.info["recycling"] = str(body.get("why"))[:200]
+        self.counters["recycled"] += 1
+
+    def _replace_recycled(self, handle: AgentHandle) -> None:
+        """Start the successor of a recycled agent under its id: it re-reads what its predecessor left queued."""
+        if self._round is None and not handle.outstanding:
+            return  # between rounds: a pool refills as it does for any agent that left
+        try:
+            self.launch(handle.id)
+        except Exception as exc:
+            log.warning("recycled agent %s could not be replaced: %s", handle.id, exc)
+            if handle.outstanding and self._round is not None:
+                for task_id in list(handle.outstanding):
+                    self._give_up(handle, task_id, f"agent {handle.id} was recycled and could not be replaced: {exc}")
+
+    def _retry_failed(self, r: _Round, task: Task, agent_id: str, body: dict, now: float) -> bool:
+        """A failed result: re-queue its task with backoff if the failure policy says so.
+
+        ``rate_limited`` is re-queued without charging an attempt (up to ``[workload]
+        max_rate_limited`` times), after ``retry_after`` or the backoff; ``retry`` and
+        ``stalled`` are charged an attempt and re-queued until ``max_attempts``.
+        Returns True when the task was re-queued (no result is recorded).
+        """
+        failure = body.get("failure")
+        w = self.config.workload
+        error = body.get("error") or failure
+        if failure == "rate_limited":
+            r.rate_limited[task.id] += 1
+            n = r.rate_limited[task.id]
+            if n > w.max_rate_limited:
+                r.history[task.id].append(f"rate limited {n - 1} times (max_rate_limited = {w.max_rate_limited})")
+                return False
+            after = body.get("retry_after")
+            delay = float(after) if after is not None else self._backoff(n)
+            reason = f"rate limited (not charged as an attempt; #{n}): {error}"
+        elif failure in ("retry", "stalled"):
+            attempts = r.attempts[task.id] + 1  # the attempt that just failed
+            if attempts >= role_of(self.config, agent_id).max_attempts:
+                return False  # its result is the last attempt's: recorded with the earlier ones' reasons
+            r.attempts[task.id] = attempts
+            r.history[task.id].append(f"{attempts}: {error}")
+            delay = self._backoff(attempts)
+            reason = f"attempt {attempts} failed ({failure}): {error}"
+            r.result.retries += 1
+            self.metrics.task_retries.inc()
+        else:
+            return False
+        heapq.heappush(r.requeue, (now + delay, task.id))
+        self.events.emit("task_retried", task=task.id, round=r.number, agent=agent_id, attempt=r.attempts[task.id] + 1, reason=f"{reason}; again in {delay:.3g}s")
+        self.hook.cfn_task_result(ctx=self, task=task, agent_id=agent_id, outcome="requeued", body=body)
+        return True
+
+    def _backoff(self, n: int) -> float:
+        """Seconds before the ``n``-th retry: exponential from ``retry_backoff``, capped, full jitter over its upper half."""
+        w = self.config.workload
+        ceiling = min(w.retry_backoff_max, w.retry_backoff * 2 ** min(n - 1, 30))
+        return ceiling * (0.5 + 0.5 * random.random())
+
+    def _requeue_due(self, now: float) -> None:
+        """Send the re-queued tasks whose backoff is over (the assign hook may still say "not now")."""
+        r = self._round
+        if r is None or not r.requeue or r.requeue[0][0] > now:
+            return
+        groups = by_role(self.config, [a for a in r.agent_ids if a in self.agents and self.agents[a].alive])
+        batch = []
+        while r.requeue and r.requeue[0][0] <= now:
+            task = r.tasks[r.requeue[0][1]]
+            if task.id in r.results:  # reported not started meanwhile (a budget)
+                heapq.heappop(r.requeue)
+                continue
+            if not groups.get(task.role):  # every agent of its role is gone for good: it cannot run again
+                heapq.heappop(r.requeue)
+                r.settle(task.id, TaskResult(
+                    task=task.id, ok=False, error=f"re-queued, but no agent of role {task.role!r} is left: " + "; ".join(r.history[task.id]),
+                    attempts=r.attempts[task.id], answered=False,
+                ))
+                self.metrics.task_failures.inc()
+                self.events.emit("task_failed", task=task.id, round=r.number, agent=None, attempt=r.attempts[task.id], seconds=None, latency=None, error=r.results[task.id].error)
+                continue
+            agent_id = self.hook.cfn_assign(ctx=self, task=task, agent_ids=groups[task.role])
+            if not agent_id:
+                break  # not now (a limit, every agent busy): the next tick asks again
+            heapq.heappop(r.requeue)
+            handle = self.agents[agent_id]
+            handle.outstanding[task.id] = now
+            r.assigned[task.id] = agent_id
+            r.sent_at[task.id] = now
+            self.events.emit("task_assigned", task=task.id, round=r.number, agent=agent_id, attempt=r.attempts[task.id] + 1)
+            batch.append(self.factory.make(agent_id, "task", round=r.number, task=task.id, body=task.body()))
+        self.send(batch)
 
     def _reject_result(self, msg: Message, reason: str) -> None:
         """Dead-letter a result record that cannot be accepted (counted in ``dead_lettered``)."""
@@ -615,6 +759,8 @@ class CoordinatorContext:
         self.hook.cfn_agent_exited(ctx=self, agent=handle, reason=reason)
         if reason != "stopped" and handle.outstanding and self._round is not None:
             self._recover(handle)
+        elif handle.info.pop("recycling", None) is not None and reason == "stopped":
+            self._replace_recycled(handle)
 
     def _recover(self, handle: AgentHandle) -> None:
         """An agent died with work outstanding: charge the task it was running, relaunch it."""
@@ -707,6 +853,26 @@ class CoordinatorContext:
             started = max(sent, handle.last_seen, handle.ready_at or 0.0)
             if now - started > limit + grace:
                 self.kill(handle, f"task {oldest_task} exceeded the {limit:g}s timeout")
+            elif self.config.workload.stall_seconds and not role.command:  # a command's agent watches its output itself
+                self._check_stall(handle, oldest_task, now - started)
+
+    def _check_stall(self, handle: AgentHandle, task_id: str, silent: float) -> None:
+        """A handler's agent silent (no status, no message to the coordinator) for ``stall_seconds``:
+        marked stalled, then killed ``stall_kill_seconds`` later (its task is retried, an attempt)."""
+        w = self.config.workload
+        if silent < w.stall_seconds:
+            handle.info.pop("stalled", None)
+            return
+        if handle.info.get("stalled") != task_id:
+            handle.info["stalled"] = task_id
+            handle.info["status"] = {"text": "stalled", "fields": {"task": task_id, "silent_seconds": round(silent, 3)}}
+            self.note_status(handle)
+        if silent >= w.stall_seconds + w.stall_kill_seconds:
+            self.kill(
+                handle,
+                f"task {task_id} stalled: no status or message from its agent for {silent:.3g}s "
+                f"(stall_seconds = {w.stall_seconds:g}, stall_kill_seconds = {w.stall_kill_seconds:g})",
+            )
 
 
 def _check_task(task: Task) -> None:
@@ -1260,6 +1426,7 @@ class Coordinator:
                 ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
             agent_ids = [a for a in agent_ids if ctx.agents[a].state == "ready"]
             ctx.write_directory()  # before any task: a handler's agent.peers() sees the whole round
+            r.agent_ids = agent_ids  # where re-queued tasks go (_requeue_due)
             res.agents = len(agent_ids)
             res.spawn_failures = dict(ctx.spawn_failures)
             # 3. distribute
@@ -1336,6 +1503,9 @@ class Coordinator:
         pending = deque(tasks)
         while pending:
             task = pending[0]
+            if task.id in r.results:  # reported not started (ctx.not_started) by the assign hook
+                pending.popleft()
+                continue
             agent_id = preassigned.get(task.id) or self.pm.hook.cfn_assign(ctx=ctx, task=task, agent_ids=groups[task.role])
             if not agent_id:
                 ctx.send(batch)

@@ -251,6 +251,7 @@ class Feed:
         agent_ids = list(coord.pm.hook.cfn_acquire_agents(ctx=ctx, count=w.agents) or [])
         ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
         self.agents = [a for a in agent_ids if ctx.agents[a].state == "ready"]
+        r.agent_ids = self.agents  # where the failure policy's re-queued tasks go (Coordinator._requeue_due)
         ctx.write_directory()
         r.result.agents = len(self.agents)
         r.result.spawn_failures = dict(ctx.spawn_failures)
@@ -384,8 +385,12 @@ class Feed:
             limit = prefetch * len(agent_ids)
             flying = self.in_flight.get(role, 0)
             futures, tos = self.futures, self.to
+            results = r.results
             while queue:
                 task = queue[0]
+                if task.id in results:  # settled unsent: a limit reported it not started (a budget)
+                    queue.popleft()
+                    continue
                 future = futures.get(task.id)
                 if future is None:  # Future.cancel() while it was queued
                     queue.popleft()

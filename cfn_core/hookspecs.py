@@ -329,8 +329,12 @@ def cfn_assign(ctx: CoordinatorContext, task: Task, agent_ids: list[str]) -> str
     (every task is queued at once).  A pooling plugin: an agent with room,
     ``ctx.has_room(handle)`` (fewer than ``[workload] prefetch`` tasks outstanding;
     1: an idle agent).  ``Coordinator.submit``'s feed calls it too, once per task,
-    and on ``False`` asks again after the next result, submission or tick: a
-    plugin that limits a rate or a concurrency returns ``False`` to make a task wait.
+    and on ``False`` asks again after the next result, submission or tick.  A limit
+    (of a rate, a concurrency) implements it ``tryfirst``: ``False`` holds the task
+    back, ``None`` lets the next implementation choose; to drop a task for good (a
+    budget) call ``ctx.not_started(task, reason)`` and return ``False``.  Also called
+    for tasks the failure policy re-queues (``cfn_task_result`` outcome
+    ``"requeued"``), once their backoff is over.
     """
 
 
@@ -365,6 +369,24 @@ def cfn_agent_exited(ctx: CoordinatorContext, agent: AgentHandle, reason: str) -
     The kernel replaces an agent that died with work outstanding; plugins
     handle the rest (a pooling plugin refills its idle agents).  Called on:
     the coordinator.
+    """
+
+
+@hookspec
+def cfn_task_result(ctx: CoordinatorContext, task: Task, agent_id: str, outcome: str, body: dict[str, Any]) -> None:
+    """A result of a task arrived and was accepted (what accounting and rate limits watch).
+
+    :param task: the :class:`~cfn_core.Task`.
+    :param agent_id: the agent that ran it.
+    :param outcome: ``"done"``, ``"failed"`` (final), or ``"requeued"`` (the failure
+        policy retries it: ``body["failure"]`` says why, e.g. ``"rate_limited"``).
+    :param body: the result record's body as the agent sent it (already checked):
+        ``ok``, ``value``, ``error``, ``seconds``, and when present ``failure``
+        (``rate_limited``, ``retry``, ``fatal``, ``timeout``, ``stalled``, ``oom``),
+        ``retry_after`` and ``usage`` (``{"tokens_in", "tokens_out", "cost_usd",
+        "turns"}``, see :mod:`cfn_core.usage`).  Do not change it.
+
+    Called on: the coordinator, once per result, in arrival order.
     """
 
 

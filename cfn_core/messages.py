@@ -42,9 +42,10 @@ COORDINATOR_ID = "_coordinator"
 #: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks,
 #: ``user`` is a message user code sent to another agent (``agent.send``; its body is
 #: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
-#: "t": topic or null}``), ``status`` an agent's ``agent.status`` for the coordinator and
-#: ``cancel`` asks an agent to stop the task it names (``Coordinator.cancel``).
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "cancel"})
+#: "t": topic or null}``), ``status`` an agent's ``agent.status`` for the coordinator,
+#: ``cancel`` asks an agent to stop the task it names (``Coordinator.cancel``) and
+#: ``retiring`` tells the coordinator an agent is being recycled ([workload] max_tasks / max_rss_mb).
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "cancel", "retiring"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -11,6 +11,9 @@ from attrs import define, field
 from .messages import TaskResult
 from .metrics import PHASES
 
+#: the error of a task a limit never let start (``CoordinatorContext.not_started``)
+NOT_STARTED = "not started: "
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0-100) by linear interpolation, None for no values."""
@@ -176,13 +179,22 @@ class CoordinationResult:
         return not self.interrupted and self.error is None and self.failed == 0 and self.delivered == self.planned
 
     @property
+    def not_started(self) -> int:
+        """Tasks never started because a limit said so (a budget: ``ctx.not_started``)."""
+        return sum(1 for x in self.results.values() if not x.ok and (x.error or "").startswith(NOT_STARTED))
+
+    @property
     def exit_code(self) -> int:
-        """0 all delivered, 1 something failed or was lost, 3 stopped on an error, 130 interrupted."""
+        """0 all delivered, 1 something failed or was lost, 3 stopped on an error,
+        4 every failure is a task not started (a budget ran out), 130 interrupted."""
         if self.interrupted:
             return 130
         if self.error is not None:
             return 3
-        return 0 if self.ok else 1
+        if self.ok:
+            return 0
+        not_started = self.not_started
+        return 4 if not_started and not_started == self.failed else 1
 
     def phases(self) -> dict[str, float]:
         """Per-phase seconds summed over rounds."""
@@ -207,6 +219,7 @@ class CoordinationResult:
             "failed": self.failed,
             "cancelled": self.cancelled,
             "skipped": self.skipped,
+            "not_started": self.not_started,
             "dead_lettered": sum(r.dead_lettered for r in self.rounds),
             "retries": sum(r.retries for r in self.rounds),
             "seconds": self.seconds,
@@ -239,6 +252,7 @@ def render_summary(result: CoordinationResult) -> str:
         f"({result.delivery_rate:.2%})  failed {result.failed}"
         + (f"  cancelled {result.cancelled}" if result.cancelled else "")
         + (f"  skipped {result.skipped} (a task they need failed)" if result.skipped else "")
+        + (f" (not started: {result.not_started}, exit status 4)" if result.not_started else "")
     )
     for r in result.rounds:
         phases = "  ".join(f"{p} {_ms(r.phases.get(p, 0.0))}" for p in PHASES)

@@ -47,6 +47,9 @@ class Role:
     max_attempts: int
     directory: str
     declared: bool = True
+    #: the ``[workload]`` settings whose failure policy its commands follow (``retry_on_exit``,
+    #: ``stall_seconds``, ``command_max_rss_mb``...; docs/LLM_SWARMS.md)
+    policy: Any = None
 
     @property
     def label(self) -> str:
@@ -83,6 +86,7 @@ def roles_of(config) -> dict[str, Role]:
                 max_attempts=w.max_attempts,
                 directory=w.directory,
                 declared=False,
+                policy=w,
             )
         }
     else:
@@ -97,6 +101,7 @@ def roles_of(config) -> dict[str, Role]:
                 timeout=r.timeout or w.timeout,
                 max_attempts=r.max_attempts or w.max_attempts,
                 directory=w.directory,
+                policy=w,
             )
     for stale in [k for k, (ref, _) in _cache.items() if ref() is None]:
         del _cache[stale]

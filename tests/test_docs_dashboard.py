@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
 
 #: the bundled plugins whose metrics the dashboard shows, with settings that keep the run small
-PLUGINS = {"pool": {"pool": {"size": 2}}, "batch": {}, "parallel": {}, "shard": {}}
+PLUGINS = {"pool": {"pool": {"size": 2}}, "batch": {}, "parallel": {}, "shard": {}, "llm": {}, "limits": {}}
 
 #: the plan's panels, each with a metric it must query
 REQUIRED_PANELS = {

@@ -39,7 +39,7 @@ def architecture_rows() -> dict[str, set[str]]:
 def test_architecture_names_the_hooks_each_bundled_plugin_implements():
     rows = architecture_rows()
     checked = 0
-    for name in ("pool", "parallel", "batch", "shard", "redis"):
+    for name in ("pool", "parallel", "batch", "shard", "redis", "limits", "llm"):
         if name not in installed():
             continue
         plugin = load_plugin(name)
@@ -62,7 +62,7 @@ def test_exit_codes_match_the_cli():
 
     text = (ROOT / "docs" / "USER_GUIDE.md").read_text()
     table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", text, flags=re.M))
-    assert set(table) == {"0", "1", "2", "3", "130", "143"}
+    assert set(table) == {"0", "1", "2", "3", "4", "130", "143"}
     doc = cli.__doc__
     for code in table:
         assert code in doc

@@ -11,5 +11,8 @@ case "$prompt" in
     echo "fake-llm: thinking about '$prompt' forever..." >&2
     sleep 600 ;;  # [workload] timeout kills it (and everything it started)
 esac
+# what the call cost, in the convention cfn-llm reads (claude -p --output-format json
+# reports it in its result document instead)
+echo '{"cfn_usage": {"tokens_in": 12, "tokens_out": 8, "cost_usd": 0.001}}' >&2
 words=$(printf '%s' "$prompt" | wc -w)
 printf 'answer to a %s-word prompt: %s\n' "$words" "$(printf '%s' "$prompt" | tr 'a-z' 'A-Z')"
