@@ -115,7 +115,7 @@ def build_snapshot(ctx, live: Live, now: float) -> dict[str, Any]:
     """The snapshot ``cfn top`` reads (docs/USER_GUIDE.md, "Watching a run").
 
     ``agents``: one entry per agent alive: ``id``, ``role``, ``state``, ``pid``,
-    ``incarnation``, ``task`` (the oldest task sent to it and not answered, or null),
+    ``host`` (the host process of a hosted agent, docs/HOSTING.md, else null), ``incarnation``, ``task`` (the oldest task sent to it and not answered, or null),
     ``elapsed`` (seconds since that task was sent or the agent relaunched for it),
     ``quiet`` (seconds since the later of that and the agent's last message: what a stall
     is judged by), ``status`` (its last status line, or null), ``messages_in`` /
@@ -150,6 +150,7 @@ def build_snapshot(ctx, live: Live, now: float) -> dict[str, Any]:
                 "role": role,
                 "state": state,
                 "pid": handle.pid,
+                "host": handle.info.get("host"),
                 "incarnation": handle.incarnation,
                 "task": task,
                 "elapsed": elapsed,

@@ -42,8 +42,10 @@ COORDINATOR_ID = "_coordinator"
 #: started, ``stop`` asks an agent to exit, ``ping``/``pong`` are health checks,
 #: ``user`` is a message user code sent to another agent (``agent.send``; its body is
 #: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
-#: "t": topic or null}``) and ``status`` an agent's ``agent.status`` for the coordinator.
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status"})
+#: "t": topic or null}``), ``status`` an agent's ``agent.status`` for the coordinator and
+#: ``host`` the coordinator's orders to a host process and its reports back (body
+#: ``{"op": ...}``, cfn_core.host).
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "host"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

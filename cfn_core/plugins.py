@@ -29,7 +29,7 @@ log = logging.getLogger("cfn")
 ENTRY_POINT_GROUP = "cfn"
 
 #: builtin plugins, registered in this order in every process
-BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback")
+BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback", "cfn_core.hosting")
 
 #: the kernel's own command modules: they add their subcommands through
 #: ``cfn_add_commands`` like any installed plugin, and are never part of a run
