@@ -41,8 +41,10 @@ log = logging.getLogger("cfn.host")
 
 #: the inbox of the coordinator's host manager (cfn_core.hosting)
 HOSTS_INBOX = "_hosts"
-#: agents a host serves before it closes idle agents' reader descriptors (two per inbox)
+#: descriptors a host keeps besides its agents' readers (two per inbox; idle agents give theirs back beyond)
 _KEEP_READERS = 256
+#: agents started between two turns of the event loop
+_ADD_SLICE = 100
 #: how often the loop-lag monitor wakes
 _LAG_INTERVAL = 0.05
 #: how often the host's directory cache is re-read at most (agents' role look-ups)
@@ -216,8 +218,10 @@ class HostedLoop(AgentLoop):
     def __init__(self, host: "Host", agent_id: str, handler: Any, incarnation: int):
         super().__init__(host.config, host.pm, agent_id, host.run_ref, handler, bus=host.bus)
         self.host = host
-        if incarnation > 1:  # a restart inside the same host: new message ids (pid + restart)
-            self.ctx.factory.pid = f"{os.getpid()}r{incarnation}"
+        if incarnation > 1:
+            # a restart inside the same host must not reuse its predecessor's message ids
+            # (``<id>.<pid>.<seq>``, de-duplicated by receivers): beyond any pid (pid_max <= 2**22)
+            self.ctx.factory.pid = (incarnation - 1) * 10_000_000 + os.getpid()
         self.talk = HostedTalk(self)
         self.agent = self.talk.agent
         self.to_run: deque[_Work] = deque()
@@ -342,7 +346,7 @@ class HostedLoop(AgentLoop):
                 break
             self.settle()
             if not self.rung and self.host.forget_idle:
-                self.bus.forget(self.agent_id)  # its reader descriptors, until it is rung again
+                self.bus.forget(self.agent_id, idle=True)  # its reader descriptors, until it is rung again
             await self.wait_woken()
         if self.user.on_stop is not None and self.user.started:
             try:
@@ -394,6 +398,9 @@ class Host:
         self.incarnations: dict[str, int] = {}
         self.handlers: dict[str, Any] = {}  # role -> handler
         self.pending_adds: deque[str] = deque()
+        self.adding: deque[str] = deque()  # ids of add orders not started yet
+        self.adder: asyncio.Task | None = None
+        self.exits: list[list] = []  # [agent id, exit code, why] not reported yet
         self.pool = ThreadPoolExecutor(max_workers=max(4, min(32, (os.cpu_count() or 1) * 4)), thread_name_prefix="cfn-host")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
@@ -404,6 +411,9 @@ class Host:
         self.lags = 0
         self.worst_lag = 0.0
         self.forget_idle = False
+        import resource
+
+        self.fd_budget = int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 0.8)
 
     # -------------------------------------------------------------- shared by the agents
 
@@ -430,6 +440,7 @@ class Host:
         self.read_orders()
         try:
             await self.done
+            self.send_exits()
         finally:
             lag.cancel()
             self.loop.remove_reader(self.bus.wake_fd(self.id))
@@ -462,17 +473,25 @@ class Host:
             if msg.src != COORDINATOR_ID or msg.kind != "host":
                 log.warning("host %s: %s record from %s ignored", self.id, msg.kind, msg.src[:80])
             elif op == "add":
-                for agent_id in body.get("agents") or ():
-                    if isinstance(agent_id, str):
-                        self.add(agent_id)
+                ids = [a for a in body.get("agents") or () if isinstance(a, str)]
+                self.adding.extend(ids)
+                if self.adder is None or self.adder.done():
+                    self.adder = self.loop.create_task(self.add_all())
             elif op == "kill":
                 self.cancel(body.get("agent"), str(body.get("reason") or "killed"))
             elif op == "stop":
                 self.stopping = True
         if messages:
             self.bus.ack(self.id, [m.receipt for m in messages])
-        if self.stopping and not self.agents and not self.done.done():
+        if self.stopping and not self.agents and not self.adding and not self.done.done():
             self.done.set_result(None)
+
+    async def add_all(self) -> None:
+        """Start the agents of add orders, a slice at a time: the loop serves the started ones meanwhile."""
+        while self.adding:
+            for _ in range(min(_ADD_SLICE, len(self.adding))):
+                self.add(self.adding.popleft())
+            await asyncio.sleep(0)
 
     def add(self, agent_id: str) -> None:
         from .roles import role_of
@@ -494,10 +513,11 @@ class Host:
                 fd = self.bus.wake_fd(agent_id)
                 self.loop.add_reader(fd, self._wake_one, agent_id)
         except CfnError as exc:
-            self.report("exited", agent=agent_id, code=3, why=f"could not start: {exc}")
+            self.report_exit(agent_id, 3, f"could not start: {exc}")
             return
         self.agents[agent_id] = hosted
-        self.forget_idle = len(self.agents) > _KEEP_READERS
+        # two reader descriptors per inbox: an idle agent gives its back when they would run out
+        self.forget_idle = 2 * len(self.agents) + _KEEP_READERS > self.fd_budget
         hosted.task = task = self.loop.create_task(hosted.run(), name=agent_id)
         task.add_done_callback(lambda t, a=agent_id: self.ended(a, t))
 
@@ -528,13 +548,24 @@ class Host:
                 self.loop.remove_reader(self.bus.wake_fd(agent_id))
             except (OSError, ValueError):
                 pass
-        self.bus.forget(agent_id)
-        self.report("exited", agent=agent_id, code=code, why=why)
+        self.bus.forget(agent_id)  # a restart here reads again what this one had not settled
+        self.report_exit(agent_id, code, why)
         if agent_id in self.pending_adds:
             self.pending_adds.remove(agent_id)
             self.add(agent_id)
         if self.stopping and not self.agents and not self.done.done():
             self.done.set_result(None)
+
+    def report_exit(self, agent_id: str, code: int, why: str | None) -> None:
+        """Queue an ``exited`` report; those of one turn of the loop travel in one record."""
+        if not self.exits:
+            self.loop.call_soon(self.send_exits)
+        self.exits.append([agent_id, code, why])
+
+    def send_exits(self) -> None:
+        exits, self.exits = self.exits, []
+        if exits:
+            self.report("exited", agents=exits, pid=os.getpid())
 
     def report(self, op: str, **body: Any) -> None:
         """Tell the coordinator's host manager (inbox ``_hosts``); a full bus is logged, not raised."""

@@ -173,8 +173,10 @@ class HostManager:
             if host is None or msg.kind != "host":
                 ctx.counters["unexpected"] += 1
                 continue
-            if body.get("op") == "exited":
-                self.agent_ended(host, body)
+            if body.get("op") == "exited" and body.get("pid") == host.pid and isinstance(body.get("agents"), list):
+                for entry in body["agents"]:
+                    if isinstance(entry, list) and len(entry) == 3:
+                        self.agent_ended(host, *entry)
             elif body.get("op") == "lag":
                 seconds = body.get("seconds") if isinstance(body.get("seconds"), (int, float)) else None
                 host.lags += 1
@@ -184,15 +186,15 @@ class HostManager:
         if messages:
             ctx.bus.ack(HOSTS_INBOX, [m.receipt for m in messages])
 
-    def agent_ended(self, host: HostProcess, body: dict) -> None:
-        agent_id = body.get("agent")
+    def agent_ended(self, host: HostProcess, agent_id: Any, code: Any, why: Any) -> None:
+        """A hosted agent's task ended (its host said so): reaped like a process agent that exited."""
         handle = self.ctx.agents.get(agent_id) if isinstance(agent_id, str) else None
-        code = body.get("code") if isinstance(body.get("code"), int) else None
+        code = code if isinstance(code, int) else None
         host.kills.pop(agent_id, None)
         if handle is None or not handle.alive or handle.pid != host.pid or handle.info.get("host") != host.id:
             return  # a report about an earlier incarnation
-        if code not in (0, None) and not handle.killed_reason and body.get("why"):
-            handle.info["crash"] = str(body["why"])[:500]
+        if code not in (0, None) and not handle.killed_reason and why:
+            handle.info["crash"] = str(why)[:500]
         self.ctx.reap(handle, exit_code=code)
 
     def host_died(self, host: HostProcess) -> None:

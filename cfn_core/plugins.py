@@ -213,12 +213,21 @@ def direct_caller(pm: pluggy.PluginManager, name: str):
     baseline's value is then the same as pluggy's); call it after every plugin
     is registered.
     """
+    # a host asks for each of its agents; a plugin registered later (cfn-batch's wrapper) starts afresh
+    cache = pm.__dict__.setdefault("_cfn_direct_callers", {})
+    key = (name, len(pm._name2plugin))
+    found = cache.get(key)
+    if found is not None:
+        return found
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     if any(pm.get_name(impl.plugin) not in ("builtin", "fallback") for impl in impls):
-        return caller
-    base = [impl.function for impl in impls if pm.get_name(impl.plugin) == "builtin"]
-    return base[0] if base else _no_result
+        found = caller
+    else:
+        base = [impl.function for impl in impls if pm.get_name(impl.plugin) == "builtin"]
+        found = base[0] if base else _no_result
+    cache[key] = found
+    return found
 
 
 def hook_call_order(pm: CfnPluginManager) -> dict[str, list[str]]:

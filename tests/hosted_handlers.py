@@ -60,14 +60,46 @@ class Talker:
                 await asyncio.sleep(3600)
             return "second attempt"
         if op == "die_once":  # the host is SIGKILLed by the test while this task runs
-            marker = payload["marker"]
-            if not os.path.exists(marker):
+            marker = payload.get("marker")
+            if marker and not os.path.exists(marker):
                 with open(marker, "w") as f:
                     f.write(str(os.getpid()))
                 await asyncio.sleep(3600)
+            log_run(payload)
             return {"pid": os.getpid()}
         return payload
 
     async def on_message(self, message, agent):
         if message.wants_reply:
             agent.reply(message, {"echo": message.body, "by": agent.id, "pid": os.getpid()})
+
+
+class SyncTalker:
+    """The same flows for a process agent (a sync class agent)."""
+
+    def on_task(self, payload, agent):
+        op = payload.get("op") if isinstance(payload, dict) else None
+        if op == "ask":
+            answer = agent.request(payload["to"], {"q": payload.get("q")}, timeout=60)
+            return {"answer": answer, "by": agent.id}
+        if op == "gather":
+            got = []
+            while len(got) < payload["n"]:
+                m = agent.receive(timeout=60)
+                got.append([m.sender, m.body])
+            return got
+        if op == "burst":
+            for i in range(payload["n"]):
+                agent.send(payload["to"], i)
+            return payload["n"]
+        return payload
+
+    def on_message(self, message, agent):
+        if message.wants_reply:
+            agent.reply(message, {"echo": message.body, "by": agent.id, "pid": os.getpid()})
+
+
+def log_run(payload):
+    """Append a line per completed run of a task (the exactly-once check counts them)."""
+    with open(payload["log"], "a") as f:
+        f.write(f"{payload['task']} {os.getpid()}\n")

@@ -216,8 +216,10 @@ class SharedWakeups(Protocol):
         every inbox it serves.
         """
 
-    def forget(self, agent_id: str) -> None:
-        """Release this process's resources for reading inbox ``agent_id`` when nothing read is unsettled.
+    def forget(self, agent_id: str, *, idle: bool = False) -> None:
+        """Drop this process's reader state of inbox ``agent_id`` (its descriptors, its position).
 
-        The next read starts again at the settled position, so nothing is lost or read twice.
+        The next read starts again at the settled position: records read and not acked
+        are returned again, as to a replacement process (a hosted agent restarted in its
+        host).  With ``idle``, only when nothing read is unsettled (nothing is read twice).
         """

@@ -347,14 +347,15 @@ class ShmBus(InboxReader):
         """Inbox ids rung on ``bell_id``'s doorbell since the last call, or None: read them all."""
         return self._bells.woken(bell_id)
 
-    def forget(self, agent_id: str) -> None:
-        """Close this process's reader descriptors of inbox ``agent_id`` once all it read is settled.
+    def forget(self, agent_id: str, *, idle: bool = False) -> None:
+        """Drop this process's reader state of inbox ``agent_id`` (and close its descriptors).
 
-        The next :meth:`read` reopens it at the settled cursor.  Does nothing while
-        records read are unsettled (they would be returned again).
+        The next :meth:`read` starts again at the settled cursor: what was read and
+        not acked is returned again, as to a replacement process.  With ``idle``,
+        only when nothing read is unsettled (a reader giving back its descriptors).
         """
         inbox = self._inboxes.get(agent_id)
-        if inbox is None or inbox.pending or inbox.acked_to != inbox.pos:
+        if inbox is None or (idle and (inbox.pending or inbox.acked_to != inbox.pos)):
             return
         del self._inboxes[agent_id]
         close_fd(inbox.fd)
