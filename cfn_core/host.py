@@ -345,8 +345,8 @@ class HostedLoop(AgentLoop):
             if self.stopping and not self.waiting:
                 break
             self.settle()
-            if not self.rung and self.host.forget_idle:
-                self.bus.forget(self.agent_id, idle=True)  # its reader descriptors, until it is rung again
+            if not self.rung and self.host.forget_idle and self.host.wakeups is not None:
+                self.host.wakeups.forget(self.agent_id, idle=True)  # its reader descriptors, until it is rung again
             await self.wait_woken()
         if self.user.on_stop is not None and self.user.started:
             try:
@@ -390,7 +390,10 @@ class Host:
         self.run_ref = run_ref
         self.ctx = HostContext(config, pm, host_id, run_ref)
         self.ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
-        self.shared = isinstance(self.bus, SharedWakeups)
+        #: the bus again, as the optional SharedWakeups protocol (None when the transport lacks it:
+        #: then every agent listens on a doorbell of its own, and a restart cannot re-read in place)
+        self.wakeups: SharedWakeups | None = self.bus if isinstance(self.bus, SharedWakeups) else None
+        self.shared = self.wakeups is not None
         self.bus.listen(host_id)
         self._read = direct_caller(pm, "cfn_read")
         self._flush = direct_caller(pm, "cfn_flush")
@@ -451,7 +454,7 @@ class Host:
             self.bus.drain_wakeups(self.id)
             self.read_orders()
             return
-        ids = self.bus.woken(self.id)
+        ids = self.wakeups.woken(self.id)
         if ids is None:  # rings may have been dropped: every inbox is read once
             self.read_orders()
             for hosted in self.agents.values():
@@ -507,7 +510,7 @@ class Host:
         n = self.incarnations[agent_id] = self.incarnations.get(agent_id, 0) + 1
         try:
             if self.shared:
-                self.bus.listen_shared(agent_id, self.id)  # before its first read: no wake-up is lost
+                self.wakeups.listen_shared(agent_id, self.id)  # before its first read: no wake-up is lost
             hosted = HostedLoop(self, agent_id, handler, n)
             if not self.shared:
                 fd = self.bus.wake_fd(agent_id)
@@ -548,7 +551,8 @@ class Host:
                 self.loop.remove_reader(self.bus.wake_fd(agent_id))
             except (OSError, ValueError):
                 pass
-        self.bus.forget(agent_id)  # a restart here reads again what this one had not settled
+        if self.wakeups is not None:
+            self.wakeups.forget(agent_id)  # a restart here reads again what this one had not settled
         self.report_exit(agent_id, code, why)
         if agent_id in self.pending_adds:
             self.pending_adds.remove(agent_id)

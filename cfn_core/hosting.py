@@ -310,9 +310,3 @@ def hosted_report(ctx) -> dict[str, Any] | None:
         "loop_lags": sum(h.lags for h in mgr.hosts.values()),
         "worst_lag_seconds": max((h.worst_lag for h in mgr.hosts.values()), default=0.0),
     }
-
-
-@hookimpl
-def cfn_report(ctx):
-    figures = hosted_report(ctx)
-    return {"hosting": figures} if figures else None

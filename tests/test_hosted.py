@@ -55,7 +55,9 @@ def test_async_agents_run_in_host_processes_with_their_own_ids(make_config, no_l
         assert directory["agents"]["agent-0002"]["host"] == "_host.worker.2"
         # no pidfd per hosted agent: the coordinator watches the hosts only
         assert all(h.pidfd is None and h.remote is not None for h in coord.ctx.agents.values())
-        assert result.plugin_figures["hosting"]["hosts"] == 2
+        from cfn_core.hosting import hosted_report
+
+        assert hosted_report(coord.ctx)["hosts"] == 2
 
 
 def test_sync_handlers_run_in_the_hosts_thread_pool(make_config, no_leaks):
@@ -143,8 +145,9 @@ def test_event_loop_lag_is_measured_reported_and_counted(make_config, no_leaks, 
         result = coord.run([{"op": "block", "seconds": 0.8}, "x", "y"])
         assert result.ok
         wait_for(lambda: coord.ctx.counters["host_lags"] >= 1 or coord.ctx.pump(0.05), "the host's lag report")
-        figures = coord.ctx.hook.cfn_report(ctx=coord.ctx)
-        hosting = next(f["hosting"] for f in figures if f and "hosting" in f)
+        from cfn_core.hosting import hosted_report
+
+        hosting = hosted_report(coord.ctx)
         assert hosting["loop_lags"] >= 1 and hosting["worst_lag_seconds"] >= 0.5
     lags = [json.loads(line) for line in events.read_text().splitlines() if '"host_lag"' in line]
     assert lags and lags[0]["host"] == "_host.worker.1" and lags[0]["seconds"] >= 0.5
