@@ -236,3 +236,55 @@ def test_bad_host_setting_names_the_key_and_the_allowed_values(make_config):
         make_config(workload={"host": "thread"})
     text = str(info.value)
     assert "host" in text and "'thread'" in text and "process" in text and "async" in text
+
+
+ROOT = Path(HERE).parent
+
+
+def documented_host_events() -> dict[str, set[str]]:
+    import re
+
+    text = (ROOT / "docs" / "HOSTING.md").read_text().partition("\n## Events\n")[2]
+    row = re.compile(r"^\| `(\w+)` \|", re.M)
+    return {s.partition("\n")[0].strip(): set(row.findall(s)) for s in re.split(r"^### ", text, flags=re.M)[1:]}
+
+
+def test_docs_list_exactly_the_host_events_and_their_fields(make_config, no_leaks, tmp_path):
+    events = tmp_path / "events.jsonl"
+    config = make_config(
+        workload={"agents": 2, "handler": "hosted_handlers:Talker", "directory": HERE, "host": "async", "hosts": 1, "loop_lag": 0.2}
+    )
+    with Coordinator(config, events=str(events)) as coord:
+        assert coord.run([{"op": "block", "seconds": 0.8}, "x"]).ok
+        wait_for(lambda: coord.ctx.counters["host_lags"] >= 1 or coord.ctx.pump(0.05), "the host's lag report")
+    emitted: dict[str, set[str]] = {}
+    for line in events.read_text().splitlines():
+        event = json.loads(line)
+        if event["type"].startswith("host_"):
+            emitted.setdefault(event["type"], set()).update(set(event) - {"v", "ts", "type"})
+    assert emitted == documented_host_events()
+
+
+def test_the_hosting_page_snippets_run(make_config, no_leaks, tmp_path):
+    import re
+    import tomllib
+
+    from cfn_core.config import config_from_dict
+
+    text = (ROOT / "docs" / "HOSTING.md").read_text()
+    [toml_block] = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    data = tomllib.loads(toml_block)
+    config = config_from_dict(data)
+    from cfn_core.roles import roles_of
+
+    roles = roles_of(config)
+    assert roles["researcher"].host == "async" and roles["reviewer"].host == "process"
+    [python_block] = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (tmp_path / "snippet_research.py").write_text(python_block)
+    n = 20
+    config = make_config(workload={"agents": n, "handler": "snippet_research:research", "directory": str(tmp_path),
+                                   "host": "async", "hosts": 2})
+    ids = [f"agent-{i:04d}" for i in range(1, n + 1)]
+    with Coordinator(config) as coord:
+        result = coord.run([{"topic": i, "next": ids[(i + 1) % n]} for i in range(n)])
+    assert result.ok and sorted(r.value["theirs"] for r in result.results.values()) == list(range(n))
