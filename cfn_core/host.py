@@ -43,6 +43,8 @@ log = logging.getLogger("cfn.host")
 HOSTS_INBOX = "_hosts"
 #: descriptors a host keeps besides its agents' readers (two per inbox; idle agents give theirs back beyond)
 _KEEP_READERS = 256
+#: shortest interval between two sweeps of every inbox (after rings were dropped; see Host.sweep_soon)
+_SWEEP_SECONDS = 0.02
 #: agents started between two turns of the event loop
 _ADD_SLICE = 100
 #: how often the loop-lag monitor wakes
@@ -404,6 +406,8 @@ class Host:
         self.adding: deque[str] = deque()  # ids of add orders not started yet
         self.adder: asyncio.Task | None = None
         self.exits: list[list] = []  # [agent id, exit code, why] not reported yet
+        self.sweep_at: asyncio.TimerHandle | None = None
+        self.last_sweep = 0.0
         self.pool = ThreadPoolExecutor(max_workers=max(4, min(32, (os.cpu_count() or 1) * 4)), thread_name_prefix="cfn-host")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
@@ -455,10 +459,8 @@ class Host:
             self.read_orders()
             return
         ids = self.wakeups.woken(self.id)
-        if ids is None:  # rings may have been dropped: every inbox is read once
-            self.read_orders()
-            for hosted in self.agents.values():
-                hosted.wake()
+        if ids is None:  # rings may have been dropped: every inbox is read once, soon
+            self.sweep_soon()
             return
         agents = self.agents
         for agent_id in ids:
@@ -467,6 +469,27 @@ class Host:
                 hosted.wake()
             elif agent_id == self.id:
                 self.read_orders()
+
+    def sweep_soon(self) -> None:
+        """Wake every agent (each reads its inbox once), at most every ``_SWEEP_SECONDS``.
+
+        After a full doorbell queue some rings were dropped, so every inbox may hold
+        unread records; in a burst the queue overflows again and again, and a sweep per
+        overflow would wake every agent for every few records (quadratic).  One sweep
+        after the last overflow of each interval reads everything that arrived before it.
+        """
+        if self.sweep_at is not None:
+            return  # one is scheduled: it runs after this overflow
+        now = self.loop.time()
+        delay = max(0.0, self.last_sweep + _SWEEP_SECONDS - now)
+        self.sweep_at = self.loop.call_later(delay, self.sweep)
+
+    def sweep(self) -> None:
+        self.sweep_at = None
+        self.last_sweep = self.loop.time()
+        self.read_orders()
+        for hosted in list(self.agents.values()):
+            hosted.wake()
 
     def read_orders(self) -> None:
         messages = self._read(ctx=self.ctx, agent_id=self.id)

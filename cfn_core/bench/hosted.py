@@ -123,6 +123,8 @@ def sleep_round(n: int, hosts: int, seconds: float, root: str) -> float:
         took = time.perf_counter() - t0
     if not result.ok or result.delivery_rate != 1.0:
         raise RuntimeError(f"sleep round failed: delivery {result.delivery_rate}")
+    phases = result.rounds[0].phases
+    print(f"  sleep round phases: {', '.join(f'{k} {v:.2f}s' for k, v in phases.items())}")
     return took
 
 
