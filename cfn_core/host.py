@@ -538,6 +538,8 @@ class Host:
         try:
             if self.shared:
                 self.wakeups.listen_shared(agent_id, self.id)  # before its first read: no wake-up is lost
+            else:
+                self.bus.listen(agent_id)
             hosted = HostedLoop(self, agent_id, handler, n)
             if not self.shared:
                 fd = self.bus.wake_fd(agent_id)

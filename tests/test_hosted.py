@@ -68,8 +68,9 @@ def test_sync_handlers_run_in_the_hosts_thread_pool(make_config, no_leaks):
         assert all(r.value["peers"] == 7 for r in result.results.values())  # agent.peers() from a thread
 
 
-def mixed(make_config, **extra):
+def mixed(make_config, plugins=(), **extra):
     return make_config(
+        plugins=plugins,
         workload={"directory": HERE, "timeout": 60},
         agents={
             "h": {"count": 4, "handler": "hosted_handlers:Talker", "host": "async", "hosts": 2},
@@ -79,8 +80,9 @@ def mixed(make_config, **extra):
     )
 
 
-def test_hosted_and_process_agents_request_and_reply_both_ways(make_config, no_leaks):
-    with Coordinator(mixed(make_config)) as coord:
+@pytest.mark.parametrize("plugins", [(), ("batch", "shard")], ids=["baseline", "batch+shard"])
+def test_hosted_and_process_agents_request_and_reply_both_ways(make_config, no_leaks, plugins):
+    with Coordinator(mixed(make_config, plugins=plugins)) as coord:
         tasks = [
             {"role": "h", "payload": {"op": "ask", "to": "h-0003", "q": "same host"}},
             {"role": "h", "payload": {"op": "ask", "to": "h-0001", "q": "other host"}},

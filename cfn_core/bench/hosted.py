@@ -107,6 +107,9 @@ def _config(data: dict, root: str):
     from cfn_core.config import config_from_dict
 
     data.setdefault("bus", {})["root"] = root
+    agents = data["workload"].get("agents", 0)
+    if agents > 10_000:  # [run] max_agents' default guards against a typo; here it is meant
+        data.setdefault("run", {})["max_agents"] = agents
     return config_from_dict(data, source="bench")
 
 
