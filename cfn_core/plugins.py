@@ -215,7 +215,7 @@ def direct_caller(pm: pluggy.PluginManager, name: str):
     """
     # a host asks for each of its agents; a plugin registered later (cfn-batch's wrapper) starts afresh
     cache = pm.__dict__.setdefault("_cfn_direct_callers", {})
-    key = (name, len(pm._name2plugin))
+    key = (name, len(pm.get_plugins()))
     found = cache.get(key)
     if found is not None:
         return found
