@@ -486,14 +486,17 @@ class AgentLoop:
     for the loop, never run inside the handler that is waiting.
     """
 
-    def __init__(self, config, pm, agent_id: str, run_ref: str, handler: Callable | None = None):
+    def __init__(self, config, pm, agent_id: str, run_ref: str, handler: Callable | None = None, bus=None):
         check_agent_id(agent_id)
         self.config = config
         self.pm = pm
         self.agent_id = agent_id
         self.ctx = ctx = AgentContext(config, pm, agent_id, run_ref)
-        ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
-        self.bus.listen(agent_id)  # bind the doorbell before the first read
+        if bus is None:
+            ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
+            self.bus.listen(agent_id)  # bind the doorbell before the first read
+        else:  # a host's shared bus (cfn_core.host): the host arranged the wake-ups
+            ctx.bus = self.bus = bus
         if handler is None:
             from .roles import role_of
 
@@ -818,8 +821,32 @@ class AgentLoop:
 
     def finish(self, work: _Work) -> None:
         """Run the task's handler (or its gather), send its result, settle what it used."""
-        ctx = self.ctx
-        msg = work.msg
+        body, t0 = self.begin_task(work)
+        try:
+            if body["ok"]:
+                body["value"] = self.call_handler(work)
+        except Exception as exc:  # a handler that raises fails its task, not the agent
+            self.handler_failed(body, exc)
+        finally:
+            self.current = None
+            self.cancel_requested = False
+        self.end_task(work, body, t0)
+
+    def handler_failed(self, body: dict[str, Any], exc: Exception) -> None:
+        """What a handler's exception makes of the task's result body (shared with hosted agents)."""
+        if isinstance(exc, CommandFailed):
+            body.update(ok=False, error=str(exc), stderr=exc.stderr)
+            if exc.failure != "error":
+                body["failure"] = exc.failure
+        elif isinstance(exc, RateLimited):  # re-queued by the coordinator, not charged as an attempt
+            body.update(ok=False, error=describe_exception(exc), failure="rate_limited", retry_after=exc.retry_after)
+        elif self.cancel_requested:  # Cancelled at an agent call (or whatever the handler made of it)
+            body.update(ok=False, error="cancelled", cancelled=True)
+        else:
+            body.update(ok=False, error=describe_exception(exc))
+
+    def begin_task(self, work: _Work) -> tuple[dict[str, Any], float]:
+        """Before a task's handler: the result body so far and the start time (:meth:`finish`'s first half)."""
         if self.unflushed:
             # The previous task's result goes on the bus before this handler runs: if this
             # task kills the agent, the coordinator sees that result and charges the attempt
@@ -827,34 +854,30 @@ class AgentLoop:
             self.flush()
         t0 = time.perf_counter()
         body: dict[str, Any] = {"ok": True, "value": None, "error": None}
-        self.current = msg
+        self.current = work.msg
         self.cancel_requested = False
-        self.talk.task_started(msg)
-        try:
-            if work.error is not None:  # it cannot run: fail it with the reason, nobody waits for it
-                body.update(ok=False, error=work.error)
-            elif self.user.gather is not None:
-                body["value"] = self.user.gather(work.payload, list(self.peers_seen.get(msg.round, {}).values()))
-            else:
-                body["value"] = self.user.task(work.payload, self.agent)
-        except CommandFailed as exc:
-            body.update(ok=False, error=str(exc), stderr=exc.stderr)
-            if exc.failure != "error":
-                body["failure"] = exc.failure
-        except RateLimited as exc:  # re-queued by the coordinator, not charged as an attempt
-            body.update(ok=False, error=describe_exception(exc), failure="rate_limited", retry_after=exc.retry_after)
-        except Exception as exc:  # a handler that raises fails its task, not the agent
-            if self.cancel_requested:  # Cancelled at an agent call (or whatever the handler made of it)
-                body.update(ok=False, error="cancelled", cancelled=True)
-            else:
-                body.update(ok=False, error=describe_exception(exc))
-        finally:
-            self.current = None
-            self.cancel_requested = False
+        self.talk.task_started(work.msg)
+        if work.error is not None:  # it cannot run: fail it with the reason, nobody waits for it
+            body.update(ok=False, error=work.error)
+        return body, t0
+
+    def call_handler(self, work: _Work) -> Any:
+        if self.user.gather is not None:
+            return self.user.gather(work.payload, list(self.peers_seen.get(work.msg.round, {}).values()))
+        return self.user.task(work.payload, self.agent)
+
+    def kill_leftovers(self) -> int:
+        """Kill what the task left running (its processes); the number killed."""
+        return kill_leftovers(self.helpers)
+
+    def end_task(self, work: _Work, body: dict[str, Any], t0: float) -> None:
+        """After a task's handler: send its result, settle what it used (:meth:`finish`'s second half)."""
+        ctx = self.ctx
+        msg = work.msg
         if self.talk.usage_in_task:  # agent.usage() calls, a command's cfn_usage stderr lines
             body["usage"] = self.talk.usage_in_task
         held_user = self.talk.task_finished()
-        ctx.counters["leftovers_killed"] += kill_leftovers(self.helpers)  # what the task left running dies with it
+        ctx.counters["leftovers_killed"] += self.kill_leftovers()  # what the task left running dies with it
         if body["ok"]:
             try:  # checked here: a send (or a batching plugin's later flush) must not crash the agent
                 orjson.dumps(body["value"])

@@ -161,7 +161,7 @@ class UserCode:
         else:
             target = handler
             self._task = handler
-            self.wants_agent = takes_agent(handler)
+            self.wants_agent = _takes_agent_cached(handler)
         self.on_start = getattr(target, "on_start", None) if self.instance is not None else None
         self.on_stop = getattr(target, "on_stop", None) if self.instance is not None else None
         self.on_message = getattr(target, "on_message", None) if self.instance is not None else None
@@ -199,6 +199,20 @@ class UserCode:
                 self.on_stop(loop.agent)
             except Exception as exc:
                 log.warning("on_stop failed: %s", describe_exception(exc))
+
+
+_TAKES_AGENT: dict[Any, bool] = {}
+
+
+def _takes_agent_cached(handler: Callable) -> bool:
+    """:func:`takes_agent`, computed once per handler (a host builds thousands of agents from one)."""
+    try:
+        return _TAKES_AGENT[handler]
+    except TypeError:  # unhashable
+        return takes_agent(handler)
+    except KeyError:
+        found = _TAKES_AGENT[handler] = takes_agent(handler)
+        return found
 
 
 def takes_agent(handler: Callable) -> bool:

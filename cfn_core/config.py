@@ -149,6 +149,15 @@ class WorkloadSettings:
         "empty: the directory of the cfn.toml (the current directory without one)",
         path=True,
     )
+    host: str = setting(
+        "process",
+        "how agents run: process (one OS process each) or async (asyncio tasks inside host processes; docs/HOSTING.md)",
+        choices=("process", "async"),
+    )
+    hosts: int = setting(0, "host processes for async agents; 0: one per core", min=0, max=1024)
+    loop_lag: float = setting(
+        0.25, "seconds a host's event loop may lag (a handler blocking it) before it is reported and counted", min=0.001, max=3600.0
+    )
 
 
 @define(frozen=True)
@@ -162,6 +171,8 @@ class RoleSettings:
     command: str = setting("", "shell command its agents run per task (payload on stdin, stdout is the result); not with handler")
     timeout: float = setting(0.0, "seconds one task of this role may take (see [workload] timeout); 0: [workload] timeout", min=0.0, max=86_400.0)
     max_attempts: int = setting(0, "agent incarnations a task of this role may use up; 0: [workload] max_attempts", min=0, max=100)
+    host: str = setting("", "process or async (see [workload] host); empty: [workload] host", choices=("", "process", "async"))
+    hosts: int = setting(0, "host processes for this role's async agents; 0: [workload] hosts", min=0, max=1024)
 
 
 #: ``[agents.<role>]`` role names: an identifier (an agent id is ``<role>-0001``, which

@@ -47,7 +47,7 @@ from .plugins import make_plugin_manager
 from .process import Janitor, ensure_fds_for_agents, interrupts_deferred, pidfd_open
 from .report import NOT_STARTED, CoordinationResult, RoundResult, percentile
 from .usage import Usage, check_usage
-from .roles import by_role, check_role, counts, default_role, directory_document, role_of, roles_of, share_out
+from .roles import by_role, check_role, counts, default_role, directory_document, process_agents, role_of, roles_of, share_out
 
 log = logging.getLogger("cfn")
 
@@ -1024,7 +1024,7 @@ class Coordinator:
         ctx.events = self.events
         ctx.on_spawn_progress = self._spawn_progress
         self._spawn_window = (0, 0, 0, time.monotonic())  # a plugin's pre-spawn (pool): no known total
-        ensure_fds_for_agents(self.config.workload.agents, f"{self.config.workload.agents} agents")
+        ensure_fds_for_agents(process_agents(self.config), f"{self.config.workload.agents} agents")
         try:
             with interrupts_deferred():  # a run directory made but not recorded would never be removed
                 ctx.bus = self.pm.hook.cfn_bus(config=self.config, run_ref=None)

@@ -51,7 +51,7 @@ def _culprit(ctx, exc: BaseException) -> str | None:
     """The enabled plugin whose code raised: the innermost traceback frame in its package."""
     owners = {}
     for name, plugin in ctx.pm.list_name_plugin():
-        if name in KERNEL_PLUGIN_NAMES:
+        if name in KERNEL_PLUGIN_NAMES:  # the kernel's own: every cfn_core frame is theirs
             continue
         module = getattr(plugin, "__name__", None) or type(plugin).__module__
         owners[module.split(".")[0]] = name

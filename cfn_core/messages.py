@@ -43,9 +43,11 @@ COORDINATOR_ID = "_coordinator"
 #: ``user`` is a message user code sent to another agent (``agent.send``; its body is
 #: ``{"k": user kind, "b": user body, "re": id answered or null, "rq": reply awaited,
 #: "t": topic or null}``), ``status`` an agent's ``agent.status`` for the coordinator,
-#: ``cancel`` asks an agent to stop the task it names (``Coordinator.cancel``) and
-#: ``retiring`` tells the coordinator an agent is being recycled ([workload] max_tasks / max_rss_mb).
-KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "cancel", "retiring"})
+#: ``cancel`` asks an agent to stop the task it names (``Coordinator.cancel``),
+#: ``retiring`` tells the coordinator an agent is being recycled ([workload] max_tasks /
+#: max_rss_mb) and ``host`` carries the coordinator's orders to a host process and its
+#: reports back (body ``{"op": ...}``, cfn_core.host).
+KINDS = frozenset({"task", "result", "peer", "ready", "stop", "ping", "pong", "user", "status", "cancel", "retiring", "host"})
 
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -29,9 +29,11 @@ log = logging.getLogger("cfn")
 ENTRY_POINT_GROUP = "cfn"
 
 #: builtin plugins, registered in this order in every process
-BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback")
+BUILTIN_PLUGINS = ("cfn_core.builtin", "cfn_core.fallback", "cfn_core.hosting")
 #: the names the builtins are registered under (never a plugin a user enabled)
 KERNEL_PLUGIN_NAMES = frozenset(modname.rsplit(".", 1)[1] for modname in BUILTIN_PLUGINS)
+#: the baseline and its fallback wrapper: with nothing else on a hook, direct_caller calls the baseline
+_DIRECT = ("builtin", "fallback")
 
 #: the kernel's own command modules: they add their subcommands through
 #: ``cfn_add_commands`` like any installed plugin, and are never part of a run
@@ -231,11 +233,21 @@ def direct_caller(pm: pluggy.PluginManager, name: str):
     baseline's value is then the same as pluggy's); call it after every plugin
     is registered.
     """
+    # a host asks for each of its agents; a plugin registered later (cfn-batch's wrapper) starts afresh
+    cache = pm.__dict__.setdefault("_cfn_direct_callers", {})
+    key = (name, len(pm.get_plugins()))
+    found = cache.get(key)
+    if found is not None:
+        return found
     caller = getattr(pm.hook, name)
-    if plugin_implementations(pm, name):
-        return caller
-    base = [impl.function for impl in caller.get_hookimpls() if pm.get_name(impl.plugin) == "builtin"]
-    return base[0] if base else _no_result
+    impls = caller.get_hookimpls()
+    if any(pm.get_name(impl.plugin) not in _DIRECT for impl in impls):
+        found = caller
+    else:
+        base = [impl.function for impl in impls if pm.get_name(impl.plugin) == "builtin"]
+        found = base[0] if base else _no_result
+    cache[key] = found
+    return found
 
 
 def hook_call_order(pm: CfnPluginManager) -> dict[str, list[str]]:

@@ -21,6 +21,7 @@ are :class:`Role` objects: what :func:`cfn_core.agent.load_handler` takes.
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any, Iterable, Mapping
 
@@ -50,6 +51,10 @@ class Role:
     #: the ``[workload]`` settings whose failure policy its commands follow (``retry_on_exit``,
     #: ``stall_seconds``, ``command_max_rss_mb``...; docs/LLM_SWARMS.md)
     policy: Any = None
+    #: ``process`` (an OS process per agent) or ``async`` (asyncio tasks in host processes)
+    host: str = "process"
+    #: host processes of an async role (resolved: at least 1)
+    hosts: int = 1
 
     @property
     def label(self) -> str:
@@ -87,6 +92,8 @@ def roles_of(config) -> dict[str, Role]:
                 directory=w.directory,
                 declared=False,
                 policy=w,
+                host=w.host,
+                hosts=_hosts(w.hosts),
             )
         }
     else:
@@ -102,11 +109,33 @@ def roles_of(config) -> dict[str, Role]:
                 max_attempts=r.max_attempts or w.max_attempts,
                 directory=w.directory,
                 policy=w,
+                host=r.host or w.host,
+                hosts=_hosts(r.hosts or w.hosts),
             )
     for stale in [k for k, (ref, _) in _cache.items() if ref() is None]:
         del _cache[stale]
     _cache[key] = (weakref.ref(config), roles)
     return roles
+
+
+def _hosts(setting: int) -> int:
+    """Host processes for ``hosts = setting`` (0: one per core this process may run on)."""
+    if setting:
+        return setting
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def process_agents(config) -> int:
+    """Agents of the run that are OS processes (``host = "process"``): what the coordinator needs descriptors for.
+
+    Hosted agents cost the coordinator none (their hosts: one pidfd each).
+    """
+    roles = roles_of(config).values()
+    hosts = sum(r.hosts for r in roles if r.host == "async")
+    return hosts + sum(r.count for r in roles if r.host != "async")
 
 
 def default_role(config) -> str:
@@ -175,6 +204,14 @@ def by_role(config, ids: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
+def _entry(config, handle) -> dict:
+    entry = {"role": role_of(config, handle.id).name}
+    host = handle.info.get("host")
+    if host is not None:  # a hosted agent (docs/HOSTING.md): the host process that runs it
+        entry["host"] = host
+    return entry
+
+
 def directory_document(ctx) -> dict:
     """The run's directory (bus state ``directory``, docs/USER_GUIDE.md "Roles"): who is in the run.
 
@@ -193,6 +230,6 @@ def directory_document(ctx) -> dict:
     )
     return {
         "v": 1,
-        "agents": {agent_id: {"role": role_of(config, agent_id).name} for agent_id in ready},
+        "agents": {agent_id: _entry(config, ctx.agents[agent_id]) for agent_id in ready},
         "roles": list(roles_of(config)),
     }

@@ -43,7 +43,7 @@ to raise from :meth:`Bus.read`: the kernel decodes them and dead-letters them.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 
 class Bus(Protocol):
@@ -196,3 +196,37 @@ class Bus(Protocol):
 
     def destroy(self) -> None:
         """Close and remove the whole run (coordinator only, at the end): nothing of it is left."""
+
+
+@runtime_checkable
+class SharedWakeups(Protocol):
+    """Optional: many inboxes woken through one doorbell (hosted agents, docs/HOSTING.md).
+
+    A host process serves thousands of agents; with a doorbell per inbox it would hold
+    a socket and a descriptor per agent.  A transport that implements these members lets
+    it listen once: the kernel checks ``isinstance(bus, SharedWakeups)`` and otherwise
+    falls back to :meth:`Bus.listen` / :meth:`Bus.wake_fd` per agent.
+    """
+
+    def listen_shared(self, agent_id: str, bell_id: str) -> None:
+        """From now on every wake-up of inbox ``agent_id`` wakes ``bell_id`` (which this process listens on).
+
+        The same promise as :meth:`Bus.listen` (every record delivered after it returns
+        wakes ``bell_id``), and :meth:`woken` tells which inbox was rung.
+        """
+
+    def woken(self, bell_id: str) -> list[str] | None:
+        """The inbox ids whose wake-ups reached ``bell_id`` since the last call (never blocks).
+
+        Also makes ``bell_id``'s :meth:`Bus.wake_fd` unreadable, like
+        :meth:`Bus.drain_wakeups`.  None means "some may be missing": the caller reads
+        every inbox it serves.
+        """
+
+    def forget(self, agent_id: str, *, idle: bool = False) -> None:
+        """Drop this process's reader state of inbox ``agent_id`` (its descriptors, its position).
+
+        The next read starts again at the settled position: records read and not acked
+        are returned again, as to a replacement process (a hosted agent restarted in its
+        host).  With ``idle``, only when nothing read is unsettled (nothing is read twice).
+        """

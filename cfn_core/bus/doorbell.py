@@ -1,6 +1,6 @@
 """The shm bus's wake-ups: one unix datagram socket per reader (``bell/<id>``), rung by senders.
 
-After appending, a sender sends one byte to the receiver's doorbell
+After appending, a sender sends one datagram (the receiver's id) to the receiver's doorbell
 (non-blocking; a full queue means a wake-up is already pending).  The
 receiver binds its doorbell *before* its first read, so no wake-up can be
 lost, and sleeps in ``recv`` on it without polling.  Every record appended
@@ -88,10 +88,62 @@ class Doorbells:
         self.drain(agent_id)
         return True
 
+    def share(self, agent_id: str, bell_id: str) -> None:
+        """Make rings to ``agent_id`` reach ``bell_id``'s doorbell (bound here) instead of a socket of its own.
+
+        ``bell/<agent_id>`` becomes a symbolic link to ``bell_id``'s socket (replaced
+        atomically, a dead predecessor's socket too): a sender's ``sendto`` follows it,
+        and the ring's datagram names ``agent_id`` (see :meth:`Ringer.ring`).  One
+        socket and one descriptor per listening process, however many inboxes it serves.
+        """
+        self.bell(bell_id)
+        path = os.path.join(self.bell_dir, bell_name(agent_id))
+        tmp = f"{path}.{os.getpid()}.lnk"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(bell_name(bell_id), tmp)  # relative: a replacement's socket at the same name is found
+        os.replace(tmp, path)
+
+    def woken(self, bell_id: str) -> list[str] | None:
+        """The inbox ids whose rings reached ``bell_id``'s doorbell since the last call; never blocks.
+
+        None when rings may have been dropped (the queue was full, so some senders
+        found a wake-up pending and rang no more): the caller then reads every inbox
+        it serves.  A drain that took at least the queue's capacity in datagrams is
+        the sign (``net.unix.max_dgram_qlen``): a ring is only dropped at a full queue,
+        and this drain read everything that queue held.
+        """
+        recv = self.bell(bell_id).recv
+        ids: list[str] = []
+        try:
+            while True:
+                ids.append(recv(256, socket.MSG_DONTWAIT).decode("utf-8", "replace"))
+        except BlockingIOError:
+            pass
+        if len(ids) >= _dgram_qlen():
+            return None
+        return ids
+
     def close(self) -> None:
         for sock in self._bells.values():
             sock.close()
         self._bells = {}
+
+
+_QLEN: list[int] = []
+
+
+def _dgram_qlen() -> int:
+    """The kernel's queue length of a unix datagram socket (``net.unix.max_dgram_qlen``)."""
+    if not _QLEN:
+        try:
+            with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+                _QLEN.append(max(1, int(f.read())))
+        except (OSError, ValueError):
+            _QLEN.append(1)  # cannot tell: every drain counts as one that may have dropped rings
+    return _QLEN[0]
 
 
 class Ringer:
@@ -102,6 +154,7 @@ class Ringer:
         self._sock: socket.socket | None = None
         self._sndbuf = 0
         self.addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
+        self._names: dict[str, bytes] = {}  # receiver id -> the ring's datagram (its id: a shared doorbell tells whom)
         #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
         self.retried = 0
 
@@ -113,6 +166,8 @@ class Ringer:
                 raise BusError(f"destination {dst!r:.200} is not an inbox id (letters, digits, '_', '.', '-', up to 128)")
             if len(self.addrs) >= _MAX_CACHED_ADDRS:
                 self.addrs.clear()
+                self._names.clear()
+            self._names[dst] = dst.encode()
             addr = self.addrs[dst] = self._prefix + bell_name(dst)
         return addr
 
@@ -132,6 +187,7 @@ class Ringer:
         busy receiver), and the ring is done.
         """
         addr = self.addrs.get(dst) or self.addr(dst)
+        name = self._names.get(dst) or dst.encode()
         for fresh in (False, True):
             if self._sock is None or fresh:
                 if self._sock is not None:
@@ -141,7 +197,7 @@ class Ringer:
                 self._sock.setblocking(False)
                 self._sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             try:
-                self._sock.sendto(b"!", addr)
+                self._sock.sendto(name, addr)
                 return
             except (FileNotFoundError, ConnectionRefusedError):
                 return  # not bound (yet): the reader reads after it binds

@@ -336,6 +336,32 @@ class ShmBus(InboxReader):
     def wake_fd(self, agent_id: str) -> int:
         return self._bells.bell(agent_id).fileno()
 
+    # ------------------------------------------------------------------ shared doorbells (cfn_core.bus.SharedWakeups)
+
+    def listen_shared(self, agent_id: str, bell_id: str) -> None:
+        """Wake-ups of inbox ``agent_id`` reach ``bell_id``'s doorbell, naming ``agent_id`` (see :class:`SharedWakeups`)."""
+        if not plain_name(agent_id) or not plain_name(bell_id):
+            raise BusError(f"inbox ids {agent_id!r:.100} / {bell_id!r:.100} are not plain names")
+        self._bells.share(agent_id, bell_id)
+
+    def woken(self, bell_id: str) -> list[str] | None:
+        """Inbox ids rung on ``bell_id``'s doorbell since the last call, or None: read them all."""
+        return self._bells.woken(bell_id)
+
+    def forget(self, agent_id: str, *, idle: bool = False) -> None:
+        """Drop this process's reader state of inbox ``agent_id`` (and close its descriptors).
+
+        The next :meth:`read` starts again at the settled cursor: what was read and
+        not acked is returned again, as to a replacement process.  With ``idle``,
+        only when nothing read is unsettled (a reader giving back its descriptors).
+        """
+        inbox = self._inboxes.get(agent_id)
+        if inbox is None or (idle and (inbox.pending or inbox.acked_to != inbox.pos)):
+            return
+        del self._inboxes[agent_id]
+        close_fd(inbox.fd)
+        close_fd(inbox.cursor_fd)
+
     def drain_wakeups(self, agent_id: str) -> None:
         """Discard pending doorbell bytes (call before reading, after a wake-up)."""
         self._bells.drain(agent_id)

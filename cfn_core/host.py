@@ -1,0 +1,663 @@
+"""The host process: thousands of agents as asyncio tasks in one OS process (docs/HOSTING.md).
+
+Started by the coordinator (:mod:`cfn_core.hosting`) as ``python -m cfn_core.host
+--run RUN --id _host.<role>.<k> --parent PID``.  Each hosted agent keeps everything an
+agent is on the bus: its own id, inbox, settled cursor, message ids and
+de-duplication, so hosted and process agents exchange messages with the same
+guarantees.  What the agents of one host share is the process: one bus object, one
+doorbell (the agents' doorbells are links to it: a ring names the inbox it is for,
+:class:`cfn_core.bus.SharedWakeups`), one event loop and one thread pool for
+synchronous handlers.
+
+The host's own inbox (its id) carries the coordinator's orders, records of kind
+``host`` with ``{"op": ...}``: ``add`` (start agents), ``kill`` (cancel one agent's
+task: a task timeout, the watchdog) and ``stop``.  The host reports to the coordinator's host manager
+(inbox ``_hosts``): ``exited`` for every agent task that ended (stopped,
+cancelled or crashed), ``lag`` when its event loop lagged over ``[workload]
+loop_lag`` (a handler that blocks the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from .agent import AgentContext, AgentLoop, _Work, bootstrap_shm, describe_exception, load_handler
+from .agent_api import Agent, AgentMessage, Talk
+from .bus import SharedWakeups
+from .errors import CfnError, PeerGone, ReceiveTimeout, RequestTimeout
+from .messages import COORDINATOR_ID
+
+log = logging.getLogger("cfn.host")
+
+#: the inbox of the coordinator's host manager (cfn_core.hosting)
+HOSTS_INBOX = "_hosts"
+#: descriptors a host keeps besides its agents' readers (two per inbox; idle agents give theirs back beyond)
+_KEEP_READERS = 256
+#: shortest interval between two sweeps of every inbox (after rings were dropped; see Host.sweep_soon)
+_SWEEP_SECONDS = 0.02
+#: agents started between two turns of the event loop
+_ADD_SLICE = 100
+#: how often the loop-lag monitor wakes
+_LAG_INTERVAL = 0.05
+#: the host's copy of the run's directory (10,000 agents: ~40 ms to parse) is re-read after
+#: this long, or when an agent asks for a name it does not know (or checks that a peer it
+#: waits for is still there) and the copy is older than _DIRECTORY_REFRESH
+_DIRECTORY_TTL = 2.0
+_DIRECTORY_REFRESH = 0.25
+
+
+def host_id(role: str, number: int) -> str:
+    """The id (inbox, doorbell) of a role's ``number``-th host process: ``_host.<role>.<number>``.
+
+    It starts with ``_``, which no agent id does, so a host can never be mistaken for an agent.
+    """
+    return f"_host.{role}.{number}"
+
+
+# ---------------------------------------------------------------------- one hosted agent
+
+
+class HostedTalk(Talk):
+    """A hosted agent's messages: :class:`Talk`, with the directory shared by the host and async waits."""
+
+    def __init__(self, loop: "HostedLoop"):
+        super().__init__(loop)
+        self.agent = AsyncAgent(self)
+
+    def read_directory(self) -> dict[str, str]:
+        self.directory = self.loop.host.directory()
+        return self.directory
+
+    def known(self, refresh: bool = False) -> dict[str, str]:
+        if self.directory is None or refresh:
+            self.directory = self.loop.host.directory(refresh)
+        return self.directory
+
+    async def wait_for_async(self, timeout: float | None, kind=None, sender=None, reply_to=None,
+                             check: Callable[[], None] | None = None) -> AgentMessage | None:
+        """:meth:`Talk.wait_for` for the event loop: waits by awaiting the agent's wake-up."""
+        from .agent_api import _PEER_CHECK_SECONDS
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        loop = self.loop
+        while True:
+            found = self.take(kind, sender, reply_to)
+            if found is not None:
+                return found
+            loop.settle()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            remaining = None if deadline is None else deadline - now
+            if check is not None:
+                check()
+                remaining = _PEER_CHECK_SECONDS if remaining is None else min(remaining, _PEER_CHECK_SECONDS)
+            await loop.wait_woken(remaining)
+            loop.read_inbox()
+
+
+class AsyncAgent(Agent):
+    """What an ``async def handle(payload, agent)`` gets: :class:`cfn_core.Agent` with awaitable waits.
+
+    ``send``, ``broadcast``, ``publish``, ``reply``, ``status`` and ``peers`` are the
+    same (they never wait for a peer); ``receive``, ``request`` and ``messages`` are
+    coroutines (``await agent.receive()``, ``async for m in agent.messages(5)``).
+    """
+
+    async def receive(self, timeout: float | None = None, kind: str | None = None, sender: str | None = None) -> AgentMessage:
+        message = await self._talk.wait_for_async(timeout, kind=kind, sender=sender)
+        if message is None:
+            wanted = "".join([f" of kind {kind!r}" if kind else "", f" from {sender}" if sender else ""])
+            raise ReceiveTimeout(f"agent {self.id}: no message{wanted} within {timeout:g}s")
+        return message
+
+    async def messages(self, timeout: float | None = None, kind: str | None = None, sender: str | None = None):
+        while True:
+            message = await self._talk.wait_for_async(timeout, kind=kind, sender=sender)
+            if message is None:
+                return
+            yield message
+
+    async def request(self, to: str, body: Any, timeout: float, kind: str = "request") -> Any:
+        talk = self._talk
+        dst = talk.resolve(to)
+        msg_id = talk.send_many([dst], body, kind, rq=True)[0]
+
+        def peer_still_there() -> None:
+            if dst not in talk.known(refresh=True):
+                raise PeerGone(f"agent {self.id}: {dst} left the run before it replied to request {msg_id}")
+
+        answer = await talk.wait_for_async(timeout, reply_to=msg_id, sender=dst, check=peer_still_there)
+        if answer is None:
+            raise RequestTimeout(f"agent {self.id}: no reply from {dst} to request {msg_id} within {timeout:g}s")
+        return answer.body
+
+
+class ThreadAgent:
+    """The ``agent`` of a synchronous handler running in the host's thread pool.
+
+    Every call runs on the event loop (the one reader of the agent's inbox and the
+    one user of the shared bus) and the thread waits for it: the same methods as
+    :class:`cfn_core.Agent`, blocking as they do in a process agent.
+    """
+
+    def __init__(self, agent: AsyncAgent, loop: asyncio.AbstractEventLoop):
+        self._agent = agent
+        self._loop = loop
+        self.id = agent.id
+
+    def __repr__(self) -> str:
+        return f"<cfn agent {self.id} (hosted, in a thread)>"
+
+    @property
+    def role(self) -> str:
+        return self._call(lambda: self._agent.role)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        async def run():
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def _await(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def peers(self, role=None):
+        return self._call(lambda: self._agent.peers(role))
+
+    def send(self, to, body, kind="msg"):
+        return self._call(lambda: self._agent.send(to, body, kind))
+
+    def broadcast(self, body, kind="msg", role=None):
+        return self._call(lambda: self._agent.broadcast(body, kind, role))
+
+    def publish(self, topic, body):
+        return self._call(lambda: self._agent.publish(topic, body))
+
+    def subscribe(self, topic):
+        return self._call(lambda: self._agent.subscribe(topic))
+
+    def reply(self, message, body):
+        return self._call(lambda: self._agent.reply(message, body))
+
+    def status(self, text, **fields):
+        return self._call(lambda: self._agent.status(text, **fields))
+
+    def receive(self, timeout=None, kind=None, sender=None):
+        return self._await(self._agent.receive(timeout, kind, sender))
+
+    def request(self, to, body, timeout, kind="request"):
+        return self._await(self._agent.request(to, body, timeout, kind))
+
+    def messages(self, timeout=None, kind=None, sender=None):
+        while True:
+            message = self._await(self._agent._talk.wait_for_async(timeout, kind=kind, sender=sender))
+            if message is None:
+                return
+            yield message
+
+
+def is_async(func: Any) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+class HostedLoop(AgentLoop):
+    """One hosted agent: :class:`cfn_core.agent.AgentLoop`'s rules, driven by a coroutine.
+
+    The records, their order, de-duplication and settling are the process agent's
+    (the same code); what differs is waiting (an asyncio future the host resolves
+    when the agent's inbox is rung) and running the handler (awaited, or in the
+    host's thread pool when it is synchronous).
+    """
+
+    def __init__(self, host: "Host", agent_id: str, handler: Any, incarnation: int):
+        super().__init__(host.config, host.pm, agent_id, host.run_ref, handler, bus=host.bus)
+        self.host = host
+        if incarnation > 1:
+            # a restart inside the same host must not reuse its predecessor's message ids
+            # (``<id>.<pid>.<seq>``, de-duplicated by receivers): beyond any pid (pid_max <= 2**22)
+            self.ctx.factory.pid = (incarnation - 1) * 10_000_000 + os.getpid()
+        self.talk = HostedTalk(self)
+        self.agent = self.talk.agent
+        self.to_run: deque[_Work] = deque()
+        self.rung = True
+        self._waiter: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
+        self.why_cancelled: str | None = None
+
+    # -------------------------------------------------------------- waking
+
+    def wake(self) -> None:
+        self.rung = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_woken(self, timeout: float | None = None) -> bool:
+        if not self.rung:
+            self._waiter = waiter = self.host.loop.create_future()
+            try:
+                if timeout is None:
+                    await waiter
+                else:
+                    await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                return False
+            finally:
+                self._waiter = None
+        self.rung = False
+        return True
+
+    def sleep(self, timeout: float | None = None) -> bool:  # pragma: no cover - a bug if reached
+        raise RuntimeError("a hosted agent waits with wait_woken, never in the bus")
+
+    # -------------------------------------------------------------- tasks
+
+    def finish(self, work: _Work) -> None:
+        self.to_run.append(work)  # run by the coroutine (run), which can await the handler
+
+    def kill_leftovers(self) -> int:
+        return 0  # the host's processes are shared: nothing of one task can be told apart
+
+    async def finish_async(self, work: _Work) -> None:
+        body, t0 = self.begin_task(work)
+        try:
+            if body["ok"]:
+                body["value"] = await self.call_handler_async(work)
+        except asyncio.CancelledError:
+            self.current = None
+            raise  # the coordinator cancelled it (timeout): the task is re-run by a restart
+        except Exception as exc:  # a handler that raises fails its task, not the agent, not its host
+            self.handler_failed(body, exc)
+        finally:
+            self.current = None
+            self.cancel_requested = False
+        self.end_task(work, body, t0)
+
+    async def call_handler_async(self, work: _Work) -> Any:
+        user = self.user
+        if user.gather is not None:
+            return self.call_handler(work)
+        if self.host.async_task(user):
+            await self.start_user()
+            if user.start_error is not None:
+                raise RuntimeError(user.start_error)
+            return await (user._task(work.payload, self.agent) if user.wants_agent else user._task(work.payload))
+        agent = ThreadAgent(self.agent, self.host.loop)
+        return await self.host.loop.run_in_executor(self.host.pool, user.task, work.payload, agent)
+
+    async def start_user(self) -> None:
+        user = self.user
+        if user.started:
+            return
+        if not is_async(user.on_start):
+            user.ensure_started(self.agent)
+            return
+        user.started = True
+        try:
+            await user.on_start(self.agent)
+        except Exception as exc:
+            user.start_error = f"on_start failed: {describe_exception(exc)}"
+            log.warning("%s", user.start_error)
+
+    async def deliver_messages_async(self) -> None:
+        user = self.user
+        if user.on_message is None:
+            return
+        while not self.queued:
+            message = self.talk.next_for_handler()
+            if message is None:
+                return
+            if not is_async(user.on_message):
+                self.talk.handle_message(message)
+                continue
+            await self.start_user()
+            try:
+                await user.on_message(message, self.agent)
+            except Exception as exc:
+                why = f"on_message failed for message {message.id} from {message.sender}: {describe_exception(exc)}"
+                log.warning("%s", why)
+                self.ctx.counters["on_message_errors"] += 1
+                self.talk._dead_letter(message, why)
+            self.settled.append(message.receipt)
+
+    # -------------------------------------------------------------- life
+
+    async def run(self) -> int:
+        self.pm.hook.cfn_agent_init(ctx=self.ctx)
+        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid(), "host": self.host.id})])
+        self._flush(ctx=self.ctx, reason="explicit")
+        while True:
+            self.read_inbox()
+            self.run_tasks()
+            self.finish_waiting()
+            if self.to_run:
+                while self.to_run:
+                    await self.finish_async(self.to_run.popleft())
+                continue  # what arrived while they ran
+            await self.deliver_messages_async()
+            if self.queued:
+                continue
+            if self.stopping and not self.waiting:
+                break
+            self.settle()
+            if not self.rung and self.host.forget_idle and self.host.wakeups is not None:
+                self.host.wakeups.forget(self.agent_id, idle=True)  # its reader descriptors, until it is rung again
+            await self.wait_woken()
+        if self.user.on_stop is not None and self.user.started:
+            try:
+                result = self.user.on_stop(self.agent)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.warning("on_stop failed: %s", describe_exception(exc))
+        self.pm.hook.cfn_flush(ctx=self.ctx, reason="shutdown")
+        if self.settled:
+            self.bus.ack(self.agent_id, self.settled)
+            self.settled = []
+        self.pm.hook.cfn_agent_exit(ctx=self.ctx)
+        return 0
+
+
+# ---------------------------------------------------------------------- the host
+
+
+class HostContext(AgentContext):
+    """The host's own ``ctx`` (its orders and reports): its id and ``_hosts`` are inboxes no agent has."""
+
+    def route(self, agent_id: str) -> str:
+        if agent_id in (self.agent_id, HOSTS_INBOX):
+            loc = self._routes.get(agent_id)
+            if loc is None:
+                loc = self._routes[agent_id] = self.hook.cfn_route(agent_id=agent_id, config=self.config)
+            return loc
+        return super().route(agent_id)
+
+
+class Host:
+    """One host process: its agents, its doorbell, its event loop, its thread pool."""
+
+    def __init__(self, config, pm, host_id: str, run_ref: str):
+        from .plugins import direct_caller
+
+        self.config = config
+        self.pm = pm
+        self.id = host_id
+        self.run_ref = run_ref
+        self.ctx = HostContext(config, pm, host_id, run_ref)
+        self.ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
+        #: the bus again, as the optional SharedWakeups protocol (None when the transport lacks it:
+        #: then every agent listens on a doorbell of its own, and a restart cannot re-read in place)
+        self.wakeups: SharedWakeups | None = self.bus if isinstance(self.bus, SharedWakeups) else None
+        self.shared = self.wakeups is not None
+        self.bus.listen(host_id)
+        self._read = direct_caller(pm, "cfn_read")
+        self._flush = direct_caller(pm, "cfn_flush")
+        self.agents: dict[str, HostedLoop] = {}
+        self.incarnations: dict[str, int] = {}
+        self.handlers: dict[str, Any] = {}  # role -> handler
+        self.pending_adds: deque[str] = deque()
+        self.adding: deque[str] = deque()  # ids of add orders not started yet
+        self.adder: asyncio.Task | None = None
+        self.exits: list[list] = []  # [agent id, exit code, why] not reported yet
+        self.sweep_at: asyncio.TimerHandle | None = None
+        self.last_sweep = 0.0
+        self.pool = ThreadPoolExecutor(max_workers=max(4, min(32, (os.cpu_count() or 1) * 4)), thread_name_prefix="cfn-host")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.done: asyncio.Future | None = None
+        self._directory: dict[str, str] | None = None
+        self._directory_at = 0.0
+        self.lag_threshold = config.workload.loop_lag
+        self.lags = 0
+        self.worst_lag = 0.0
+        self.forget_idle = False
+        import resource
+
+        self.fd_budget = int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 0.8)
+
+    # -------------------------------------------------------------- shared by the agents
+
+    def directory(self, refresh: bool = False) -> dict[str, str]:
+        """The run's directory (agent id -> role), read once for all the host's agents."""
+        now = time.monotonic()
+        age = now - self._directory_at
+        if self._directory is None or (refresh and age > _DIRECTORY_REFRESH) or age > _DIRECTORY_TTL:
+            talk = Talk.__new__(Talk)  # the parsing of Talk.read_directory, without an agent
+            talk.bus = self.bus
+            self._directory = Talk.read_directory(talk)
+            self._directory_at = now
+        return self._directory
+
+    def async_task(self, user) -> bool:
+        return is_async(user._task)
+
+    # -------------------------------------------------------------- serving
+
+    async def serve(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.loop.add_reader(self.bus.wake_fd(self.id), self.on_wake)
+        lag = asyncio.ensure_future(self.watch_lag())
+        self.read_orders()
+        try:
+            await self.done
+            self.send_exits()
+        finally:
+            lag.cancel()
+            self.loop.remove_reader(self.bus.wake_fd(self.id))
+        return 0
+
+    def on_wake(self) -> None:
+        if not self.shared:
+            self.bus.drain_wakeups(self.id)
+            self.read_orders()
+            return
+        ids = self.wakeups.woken(self.id)
+        if ids is None:  # rings may have been dropped: every inbox is read once, soon
+            self.sweep_soon()
+            return
+        agents = self.agents
+        for agent_id in ids:
+            hosted = agents.get(agent_id)
+            if hosted is not None:
+                hosted.wake()
+            elif agent_id == self.id:
+                self.read_orders()
+
+    def sweep_soon(self) -> None:
+        """Wake every agent (each reads its inbox once), at most every ``_SWEEP_SECONDS``.
+
+        After a full doorbell queue some rings were dropped, so every inbox may hold
+        unread records; in a burst the queue overflows again and again, and a sweep per
+        overflow would wake every agent for every few records (quadratic).  One sweep
+        after the last overflow of each interval reads everything that arrived before it.
+        """
+        if self.sweep_at is not None:
+            return  # one is scheduled: it runs after this overflow
+        now = self.loop.time()
+        delay = max(0.0, self.last_sweep + _SWEEP_SECONDS - now)
+        self.sweep_at = self.loop.call_later(delay, self.sweep)
+
+    def sweep(self) -> None:
+        self.sweep_at = None
+        self.last_sweep = self.loop.time()
+        self.read_orders()
+        for hosted in list(self.agents.values()):
+            hosted.wake()
+
+    def read_orders(self) -> None:
+        messages = self._read(ctx=self.ctx, agent_id=self.id)
+        for msg in messages:
+            body = msg.body if isinstance(msg.body, dict) else {}
+            op = body.get("op")
+            if msg.src != COORDINATOR_ID or msg.kind != "host":
+                log.warning("host %s: %s record from %s ignored", self.id, msg.kind, msg.src[:80])
+            elif op == "add":
+                ids = [a for a in body.get("agents") or () if isinstance(a, str)]
+                self.adding.extend(ids)
+                if self.adder is None or self.adder.done():
+                    self.adder = self.loop.create_task(self.add_all())
+            elif op == "kill":
+                self.cancel(body.get("agent"), str(body.get("reason") or "killed"))
+            elif op == "stop":
+                self.stopping = True
+        if messages:
+            self.bus.ack(self.id, [m.receipt for m in messages])
+        if self.stopping and not self.agents and not self.adding and not self.done.done():
+            self.done.set_result(None)
+
+    async def add_all(self) -> None:
+        """Start the agents of add orders, a slice at a time: the loop serves the started ones meanwhile."""
+        while self.adding:
+            for _ in range(min(_ADD_SLICE, len(self.adding))):
+                self.add(self.adding.popleft())
+            await asyncio.sleep(0)
+
+    def add(self, agent_id: str) -> None:
+        from .roles import role_of
+
+        existing = self.agents.get(agent_id)
+        if existing is not None:  # its previous task is ending (a kill): start it after that
+            self.pending_adds.append(agent_id)
+            return
+        role = role_of(self.config, agent_id)
+        handler = self.handlers.get(role.name)
+        if handler is None:
+            handler = self.handlers[role.name] = load_handler(role)
+        n = self.incarnations[agent_id] = self.incarnations.get(agent_id, 0) + 1
+        try:
+            if self.shared:
+                self.wakeups.listen_shared(agent_id, self.id)  # before its first read: no wake-up is lost
+            else:
+                self.bus.listen(agent_id)
+            hosted = HostedLoop(self, agent_id, handler, n)
+            if not self.shared:
+                fd = self.bus.wake_fd(agent_id)
+                self.loop.add_reader(fd, self._wake_one, agent_id)
+        except CfnError as exc:
+            self.report_exit(agent_id, 3, f"could not start: {exc}")
+            return
+        self.agents[agent_id] = hosted
+        # two reader descriptors per inbox: an idle agent gives its back when they would run out
+        self.forget_idle = 2 * len(self.agents) + _KEEP_READERS > self.fd_budget
+        hosted.task = task = self.loop.create_task(hosted.run(), name=agent_id)
+        task.add_done_callback(lambda t, a=agent_id: self.ended(a, t))
+
+    def _wake_one(self, agent_id: str) -> None:
+        self.bus.drain_wakeups(agent_id)
+        hosted = self.agents.get(agent_id)
+        if hosted is not None:
+            hosted.wake()
+
+    def cancel(self, agent_id: Any, reason: str) -> None:
+        hosted = self.agents.get(agent_id) if isinstance(agent_id, str) else None
+        if hosted is not None and hosted.task is not None and not hosted.task.done():
+            hosted.why_cancelled = reason
+            hosted.task.cancel()
+
+    def ended(self, agent_id: str, task: asyncio.Task) -> None:
+        """An agent's task ended: stopped (0), cancelled by the coordinator (-9) or crashed (1)."""
+        hosted = self.agents.pop(agent_id, None)
+        if task.cancelled():
+            code, why = -signal.SIGKILL, hosted.why_cancelled if hosted is not None else "cancelled"
+        elif task.exception() is not None:
+            code, why = 1, describe_exception(task.exception())
+            log.warning("hosted agent %s crashed: %s", agent_id, why)
+        else:
+            code, why = 0, None
+        if not self.shared:
+            try:
+                self.loop.remove_reader(self.bus.wake_fd(agent_id))
+            except (OSError, ValueError):
+                pass
+        if self.wakeups is not None:
+            self.wakeups.forget(agent_id)  # a restart here reads again what this one had not settled
+        self.report_exit(agent_id, code, why)
+        if agent_id in self.pending_adds:
+            self.pending_adds.remove(agent_id)
+            self.add(agent_id)
+        if self.stopping and not self.agents and not self.done.done():
+            self.done.set_result(None)
+
+    def report_exit(self, agent_id: str, code: int, why: str | None) -> None:
+        """Queue an ``exited`` report; those of one turn of the loop travel in one record."""
+        if not self.exits:
+            self.loop.call_soon(self.send_exits)
+        self.exits.append([agent_id, code, why])
+
+    def send_exits(self) -> None:
+        exits, self.exits = self.exits, []
+        if exits:
+            self.report("exited", agents=exits, pid=os.getpid())
+
+    def report(self, op: str, **body: Any) -> None:
+        """Tell the coordinator's host manager (inbox ``_hosts``); a full bus is logged, not raised."""
+        body.update(op=op, host=self.id)
+        try:
+            self.ctx.send([self.ctx.factory.make(HOSTS_INBOX, "host", body=body)])
+            self._flush(ctx=self.ctx, reason="explicit")
+        except (CfnError, OSError) as exc:
+            log.warning("host %s could not report %s: %s", self.id, op, exc)
+
+    async def watch_lag(self) -> None:
+        """Measure how late the loop wakes: a handler that blocks it delays every agent of the host."""
+        loop = self.loop
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(_LAG_INTERVAL)
+            lag = loop.time() - t0 - _LAG_INTERVAL
+            if lag > self.lag_threshold:
+                self.lags += 1
+                self.worst_lag = max(self.worst_lag, lag)
+                log.warning("host %s: event loop blocked for %.3fs (a handler that does not await?)", self.id, lag)
+                self.report("lag", seconds=round(lag, 6), agents=len(self.agents), count=self.lags)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.bus.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cfn_core.host", description="one cfn host process (hosted agents)")
+    parser.add_argument("--run", required=True, help="run reference (the shm run directory)")
+    parser.add_argument("--id", required=True, help="host id (_host.<role>.<k>)")
+    parser.add_argument("--parent", type=int, required=True, help="pid of the coordinator; the host dies with it")
+    args = parser.parse_args(argv)
+    from .plugins import make_plugin_manager
+    from .process import die_with_parent, ensure_fd_limit
+
+    die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's (see cfn_core.agent.main)
+    logging.basicConfig(level=logging.WARNING, format=f"cfn host {args.id}: %(message)s")
+    try:
+        import resource
+
+        ensure_fd_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[1], "a host process")
+    except (CfnError, ValueError, OSError):
+        pass
+    try:
+        config = bootstrap_shm(args.run)
+        pm = make_plugin_manager(config)
+        host = Host(config, pm, args.id, args.run)
+        try:
+            return asyncio.run(host.serve())
+        finally:
+            host.close()
+    except CfnError as exc:
+        print(f"cfn host {args.id}: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
