@@ -295,11 +295,11 @@ def describe_plugins(config) -> list[dict]:
             if not pm.is_registered(plugin):
                 pm.register(plugin, name=name)
     order = hook_call_order(pm)
-    for modname in BUILTIN_PLUGINS:
+    for position, modname in enumerate(BUILTIN_PLUGINS):
         short = modname.rsplit(".", 1)[1]
         module = __import__(modname, fromlist=["_"])
         rows.insert(
-            0 if short == "builtin" else 1,
+            position,  # the kernel's first, in BUILTIN_PLUGINS order
             {
                 "name": short,
                 "module": modname,

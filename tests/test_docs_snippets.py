@@ -240,7 +240,7 @@ def test_the_user_guide_cfn_plugins_sample_is_what_it_prints(tmp_path, bus_root)
     """The guide shows `cfn plugins` in the repository (its cfn.toml enables nothing), abridged."""
     from cfn_core.plugins import installed
 
-    if set(installed()) != {"batch", "parallel", "pool", "redis", "shard"}:
+    if set(installed()) != {"batch", "limits", "llm", "parallel", "pool", "redis", "shard"}:
         pytest.skip("the sample lists the bundled plugins and no others (pip install -r requirements.txt)")
     (sample,) = [s for s in snippets(ROOT, "docs/USER_GUIDE.md") if s.lang == "output" and s.first_line.startswith("builtin ")]
     _matches_abridged(sample.text, _cfn_plugins(ROOT, _env(bus_root, tmp_path)))
