@@ -453,6 +453,21 @@ class Talk:
         ``check`` (raises to end the wait: a request's peer left) runs every
         ``_PEER_CHECK_SECONDS`` of waiting, the first time after that long.
         """
+        steps = self.waiting(timeout, kind, sender, reply_to, check)
+        while True:
+            try:
+                sleep = next(steps)
+            except StopIteration as done:
+                return done.value
+            self.loop.sleep(sleep)
+
+    def waiting(self, timeout: float | None, kind, sender, reply_to, check: Callable[[], None] | None):
+        """The wait of :meth:`wait_for` (and of a hosted agent's awaitable one) as a generator.
+
+        It yields how long to sleep (None: until woken) and returns the matching message,
+        or None after ``timeout``; the caller sleeps however it sleeps (a system call, an
+        ``await``) and resumes it.
+        """
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         next_check = start + _PEER_CHECK_SECONDS
@@ -474,7 +489,7 @@ class Talk:
                     next_check = now + _PEER_CHECK_SECONDS
                 wake = next_check - now
                 remaining = wake if remaining is None else min(remaining, wake)
-            loop.sleep(remaining)
+            yield remaining
             loop.read_inbox()
             loop.check_cancelled()
 
@@ -577,6 +592,12 @@ class Agent:
         :raises RequestTimeout: no reply within ``timeout`` seconds.
         :raises PeerGone: the peer left the run (died and was not replaced, or was stopped).
         """
+        dst, msg_id, peer_still_there = self._ask(to, body, kind)
+        answer = self._talk.wait_for(timeout, reply_to=msg_id, sender=dst, check=peer_still_there)
+        return self._answer(answer, dst, msg_id, timeout)
+
+    def _ask(self, to: str, body: Any, kind: str) -> tuple[str, str, Callable[[], None]]:
+        """A request's send: its destination, its message id and the check that the peer is still there."""
         talk = self._talk
         dst = talk.resolve(to)
         msg_id = talk.send_many([dst], body, kind, rq=True)[0]
@@ -585,7 +606,9 @@ class Agent:
             if dst not in talk.known(refresh=True):
                 raise PeerGone(f"agent {self.id}: {dst} left the run before it replied to request {msg_id}")
 
-        answer = talk.wait_for(timeout, reply_to=msg_id, sender=dst, check=peer_still_there)
+        return dst, msg_id, peer_still_there
+
+    def _answer(self, answer: AgentMessage | None, dst: str, msg_id: str, timeout: float) -> Any:
         if answer is None:
             raise RequestTimeout(f"agent {self.id}: no reply from {dst} to request {msg_id} within {timeout:g}s")
         return answer.body

@@ -179,16 +179,14 @@ def cmd_cancel(args) -> int:
     ``cancel`` and the coordinator's answer read from ``cancel-answers`` (cfn_core.feed).
     """
     from .feed import CANCEL_ANSWERS_KEY, CANCEL_KEY
-    from .top import RunGone, _root, choose_run, read_snapshot
+    from .top import RunGone, find_live_run
 
-    root = _root(args)
-    run_dir = choose_run(args.run, root, "cancel")
-    if isinstance(run_dir, int):
-        return run_dir
     try:
-        read_snapshot(run_dir)  # raises when the run has ended or its coordinator is gone
+        run_dir = find_live_run(args, "cancel")
     except RunGone as gone:
         raise CfnError(f"cfn cancel: {gone}") from None
+    if isinstance(run_dir, int):
+        return run_dir
     state = run_dir / "state"
     request_id = f"{os.getpid()}-{time.time_ns()}"
     try:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from .agent import AgentContext, AgentLoop, _Work, bootstrap_shm, describe_exception, load_handler
 from .agent_api import Agent, AgentMessage, Talk
 from .bus import SharedWakeups
-from .errors import CfnError, PeerGone, ReceiveTimeout, RequestTimeout
+from .errors import CfnError, ReceiveTimeout
 from .messages import COORDINATOR_ID
 
 log = logging.getLogger("cfn.host")
@@ -86,24 +86,13 @@ class HostedTalk(Talk):
     async def wait_for_async(self, timeout: float | None, kind=None, sender=None, reply_to=None,
                              check: Callable[[], None] | None = None) -> AgentMessage | None:
         """:meth:`Talk.wait_for` for the event loop: waits by awaiting the agent's wake-up."""
-        from .agent_api import _PEER_CHECK_SECONDS
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        loop = self.loop
+        steps = self.waiting(timeout, kind, sender, reply_to, check)
         while True:
-            found = self.take(kind, sender, reply_to)
-            if found is not None:
-                return found
-            loop.settle()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return None
-            remaining = None if deadline is None else deadline - now
-            if check is not None:
-                check()
-                remaining = _PEER_CHECK_SECONDS if remaining is None else min(remaining, _PEER_CHECK_SECONDS)
-            await loop.wait_woken(remaining)
-            loop.read_inbox()
+            try:
+                sleep = next(steps)
+            except StopIteration as done:
+                return done.value
+            await self.loop.wait_woken(sleep)
 
 
 class AsyncAgent(Agent):
@@ -129,18 +118,9 @@ class AsyncAgent(Agent):
             yield message
 
     async def request(self, to: str, body: Any, timeout: float, kind: str = "request") -> Any:
-        talk = self._talk
-        dst = talk.resolve(to)
-        msg_id = talk.send_many([dst], body, kind, rq=True)[0]
-
-        def peer_still_there() -> None:
-            if dst not in talk.known(refresh=True):
-                raise PeerGone(f"agent {self.id}: {dst} left the run before it replied to request {msg_id}")
-
-        answer = await talk.wait_for_async(timeout, reply_to=msg_id, sender=dst, check=peer_still_there)
-        if answer is None:
-            raise RequestTimeout(f"agent {self.id}: no reply from {dst} to request {msg_id} within {timeout:g}s")
-        return answer.body
+        dst, msg_id, peer_still_there = self._ask(to, body, kind)
+        answer = await self._talk.wait_for_async(timeout, reply_to=msg_id, sender=dst, check=peer_still_there)
+        return self._answer(answer, dst, msg_id, timeout)
 
 
 class ThreadAgent:

@@ -258,17 +258,27 @@ def cmd_top(args) -> int:
         return 0
 
 
+def find_live_run(args, command: str) -> Path | int:
+    """The run ``cfn <command> [RUN]`` acts on, found like ``cfn clean`` finds runs.
+
+    Returns its directory, or the exit status :func:`choose_run` decided (none, several).
+    :raises RunGone: the run has ended or its coordinator is gone.
+    """
+    run_dir = choose_run(args.run, _root(args), command)
+    if not isinstance(run_dir, int):
+        read_snapshot(run_dir)  # raises when the run has ended or its coordinator is gone
+    return run_dir
+
+
 def cmd_stop(args) -> int:
     """``cfn stop [RUN]``: ask the run's coordinator to stop, wait for the run to end."""
-    root = _root(args)
-    run_dir = choose_run(args.run, root, "stop")
-    if isinstance(run_dir, int):
-        return run_dir
     try:
-        read_snapshot(run_dir)  # raises when the run has ended or its coordinator is gone
+        run_dir = find_live_run(args, "stop")
     except RunGone as gone:
         print(f"cfn stop: {gone}", file=sys.stderr)
         return 1
+    if isinstance(run_dir, int):
+        return run_dir
     state = run_dir / "state"
     tmp = state / f".stop.{os.getpid()}.tmp"
     try:
