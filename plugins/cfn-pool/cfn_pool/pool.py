@@ -374,7 +374,13 @@ class Pool:
         self.warming.discard(agent_id)
         self.retiring.discard(agent_id)
         self.pinged.pop(agent_id, None)
-        if self.draining or reason == "stopped":
+        if self.draining:
+            return
+        if reason == "stopped":
+            if "recycling" in agent.info:
+                # recycled ([workload] max_tasks / max_rss_mb): the kernel starts its successor
+                # under this id, which stays a member (else a refill added a second agent for it)
+                self.lost.add(agent_id)
             return
         if agent.outstanding:
             self.lost.add(agent_id)  # the kernel relaunches it under the same id
