@@ -81,13 +81,14 @@ def test_bad_bench_table_names_key_value_and_allowed(values, message):
 
 
 def test_transport_plugins_join_the_default_matrix_only_when_named():
-    from cfn_core.bench.matrix import installed_plugins, optimization_plugins
+    from cfn_core.bench.matrix import bundled_plugins, optimization_plugins
     from cfn_core.plugins import load_plugin
 
     default = optimization_plugins()
-    for name in installed_plugins():
+    for name in bundled_plugins():
         replaces_bus = callable(getattr(load_plugin(name), "cfn_bus", None))
         assert (name in default) is not replaces_bus
+    assert not {"limits", "llm"} & set(default)  # shipped, but they limit and account: named to join
     named = combinations(bench(combinations=["default", "redis"]), INSTALLED + ["redis"], default=INSTALLED)
     assert ("redis",) in named and ("batch", "parallel", "pool", "shard") in named
     assert not any("redis" in c and len(c) > 1 for c in named)

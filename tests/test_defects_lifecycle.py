@@ -144,7 +144,9 @@ def test_what_a_hung_handler_forked_dies_with_its_killed_agent(make_config, bus_
     monkeypatch.setenv("CFN_LIFECYCLE_HANG", "1")
     config = make_config(
         plugins=plugins,
-        workload={"agents": 1, "tasks": 1, "timeout": 2.0, "max_attempts": 1,
+        # the timeout gives the handler room to fork its three processes first (under CI's load
+        # with coverage 2 s was not enough: the agent was killed after the first)
+        workload={"agents": 1, "tasks": 1, "timeout": 10.0, "max_attempts": 1,
                   "handler": "lifecycle_handlers:leave_children"},
         pool={"size": 1},
     )

@@ -87,6 +87,7 @@ def test_self_killed_agents_every_task_exactly_once(make_config, fault_env, no_l
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the baseline starts 500 fresh interpreters one by one: 300 s is not enough in CI
 @pytest.mark.parametrize("plugins", [p for p in plugin_sets() if "pool" in p] + [()], ids=set_id)
 def test_500_agents_10_percent_self_killed(make_config, fault_env, no_leaks, plugins):
     result, killed = _self_kill_run(make_config, fault_env, plugins, agents=500, per_agent=2)
@@ -153,6 +154,7 @@ def test_agents_killed_from_outside_every_task_exactly_once(make_config, fault_e
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the baseline starts 500 fresh interpreters one by one: 300 s is not enough in CI
 @pytest.mark.parametrize("plugins", [p for p in plugin_sets() if "pool" in p] + [()], ids=set_id)
 def test_500_agents_10_percent_killed_from_outside(make_config, fault_env, no_leaks, plugins):
     result, killer = _external_kill_run(make_config, fault_env, plugins, agents=500, per_agent=2, work=0.5)

@@ -21,8 +21,9 @@ REFERENCES = {
     "floor": "fork floor (os.fork + one pipe message)",
 }
 
-#: the distributions shipped in this repository (plugins/): the only ones the keyword
-#: combinations take by default; a third-party plugin joins the matrix when it is named
+#: the distributions of this repository (plugins/) that the matrix measures: the only ones
+#: the keyword combinations take by default.  cfn-limits and cfn-llm are shipped too, but
+#: they limit and account, not speed up: like a third-party plugin, they join when named
 BUNDLED_DISTRIBUTIONS = ("cfn-batch", "cfn-parallel", "cfn-pool", "cfn-redis", "cfn-shard")
 
 #: words allowed in [bench] combinations besides explicit ones
