@@ -5,8 +5,8 @@ lost, 2 usage or configuration error, nothing was started (one line, no
 traceback), 3 the run started and stopped on an error (the bus filled, an inbox
 stayed full, a plugin failed under --strict): the summary or JSON of what ran,
 with the cause, 4 a budget stopped starting tasks (the only failures are tasks
-not started: docs/LLM_SWARMS.md), 130 interrupted (SIGINT), 143 terminated
-(SIGTERM, or `cfn stop`).
+not started: docs/LLM_SWARMS.md), 129 hung up (SIGHUP: its terminal closed),
+130 interrupted (SIGINT), 143 terminated (SIGTERM, or `cfn stop`).
 """
 
 from __future__ import annotations
@@ -44,17 +44,26 @@ _METAVARS = {"metrics_port": "PORT", "metrics_file": "PATH", "messages_per_agent
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived.  A KeyboardInterrupt, so every cleanup path treats it like Ctrl-C
-    (and no ``except Exception`` in a plugin or handler can swallow it)."""
+    """SIGTERM or SIGHUP arrived.  A KeyboardInterrupt, so every cleanup path treats it like
+    Ctrl-C (and no ``except Exception`` in a plugin or handler can swallow it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: what stops a run cleanly: Ctrl-C, SIGTERM, and SIGHUP (its terminal was closed: without
+#: a handler the process died at once and left its run directory behind)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _on_signal(signum, frame):
     # Only the first signal interrupts; later ones are ignored so that the shutdown it
     # starts (bounded by [run] shutdown_timeout, then SIGKILL) removes every agent and
     # the run directory instead of being cut short half way.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _overrides(args) -> dict:
@@ -107,7 +116,6 @@ class _StdoutForJson:
 def cmd_run(args) -> int:
     from .coordinator import Coordinator
     from .live import StopRequested
-    from .report import render_summary
 
     if args.events == "-" and args.json:
         raise CfnError("--events - and --json both write to stdout: give --events a file, e.g. --events events.jsonl")
@@ -124,7 +132,7 @@ def cmd_run(args) -> int:
             events_stream.close()
         raise
     progress.attach(lambda: coord.ctx.live.last if coord.ctx is not None else None)
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
     code = None
     asked_to_stop = False
     stopped: CfnError | None = None
@@ -135,8 +143,8 @@ def cmd_run(args) -> int:
         code = result.exit_code
     except StopRequested:
         code, asked_to_stop = 143, True
-    except Terminated:
-        code = 143
+    except Terminated as signalled:
+        code = 128 + signalled.signum  # 143 for SIGTERM, 129 for SIGHUP
     except KeyboardInterrupt:
         code = 130
     except CfnError as exc:
@@ -146,7 +154,10 @@ def cmd_run(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        progress.done()
+        try:
+            progress.done()
+        except OSError:  # the terminal is gone (SIGHUP): nothing to remove the view from
+            pass
         if stdout_guard is not None:
             stdout_guard.__exit__(None, None, None)
         if events_stream is not None:
@@ -154,22 +165,31 @@ def cmd_run(args) -> int:
     result = coord.partial
     if result is None:
         return code
-    if code in (130, 143):
+    if code in (129, 130, 143):
         result.interrupted = True
     if stopped is not None:
         result.error = str(stopped)
     result.open_seconds, result.close_seconds = coord.open_seconds, coord.close_seconds
+    try:
+        _print_outcome(args, result, code, events_stream is not None, stopped, asked_to_stop)
+    except OSError:  # stdout or stderr went with the terminal (SIGHUP): the run has ended all the same
+        pass
+    return code
+
+
+def _print_outcome(args, result, code: int, events_on_stdout: bool, stopped, asked_to_stop: bool) -> None:
+    from .report import render_summary
+
     if args.json:
         out = result.to_dict(with_tasks=args.results)
         out["exit_code"] = code
         print(json.dumps(out, indent=2, default=str))
     else:  # with the events on stdout, the summary goes to stderr
-        print(render_summary(result), file=sys.stderr if events_stream is not None else sys.stdout)
+        print(render_summary(result), file=sys.stderr if events_on_stdout else sys.stdout)
     if stopped is not None:
         print(f"cfn: error: {stopped}", file=sys.stderr)
     if asked_to_stop:
         print("cfn: stopped by `cfn stop`", file=sys.stderr)
-    return code
 
 
 def cmd_cancel(args) -> int:

@@ -1,6 +1,6 @@
 """Signals to the coordinator: `cfn run` as a real subprocess, real agents, real signals.
 
-* SIGINT / SIGTERM: clean shutdown, the partial result printed, exit 130 / 143,
+* SIGINT / SIGTERM / SIGHUP: clean shutdown, the partial result printed, exit 130 / 143 / 129,
   no run directory and no agent left.
 * SIGKILL (nothing can be cleaned up by the coordinator itself): every agent
   dies with it (PR_SET_PDEATHSIG), the run directory is detectably stale,
@@ -71,7 +71,8 @@ def _hang_tasks(scratch, count, hang):
 
 
 @pytest.mark.parametrize("plugins", plugin_sets(), ids=set_id)
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
 def test_interrupt_prints_partial_result_and_cleans_up(tmp_path, bus_root, no_leaks, plugins, sig, code):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -167,7 +168,8 @@ def test_clean_keeps_a_live_run(tmp_path, bus_root, no_leaks):
         bus.destroy()
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
 def test_interrupt_during_spawn_leaves_nothing(tmp_path, bus_root, no_leaks, sig, code):
     """The baseline starts agents one at a time: a signal in the middle of that is clean too."""
     config = _write_config(tmp_path / "cfn.toml", (), 40, bus_root)
