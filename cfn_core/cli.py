@@ -132,7 +132,8 @@ def cmd_run(args) -> int:
             events_stream.close()
         raise
     progress.attach(lambda: coord.ctx.live.last if coord.ctx is not None else None)
-    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    # a signal the caller ignores stays ignored (`nohup cfn run`, a background job's SIGINT)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     code = None
     asked_to_stop = False
     stopped: CfnError | None = None

@@ -251,3 +251,33 @@ def test_an_interrupt_inside_a_deferred_block_is_handled_when_it_ends(mode):
         assert proc.returncode == 1 and f"handled {int(signal.SIGTERM)}" in proc.stderr
     else:
         assert proc.returncode == -signal.SIGTERM  # SIG_DFL: the process ends as the signal's default says
+
+
+def test_a_sighup_the_caller_ignores_stays_ignored(tmp_path, bus_root, no_leaks):
+    """`nohup cfn run`: the run goes on when its terminal closes (SIGHUP ignored before exec)."""
+    go = tmp_path / "go"
+    marker = f"cfn-nohup-{os.getpid()}"
+    config = _write_config(
+        tmp_path / "cfn.toml", (), 2, bus_root,
+        command=f"cat >/dev/null; while [ ! -e {go} ]; do sleep 0.05; done # {marker}", timeout=600.0,
+    )
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        CFN + ["run", "--config", str(config)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    try:
+        me = psutil.Process(proc.pid)
+
+        def commands_running() -> int:
+            return sum(1 for p in me.children(recursive=True) if marker in " ".join(p.cmdline()))
+
+        wait_for(lambda: commands_running() >= 2, "both commands to run")
+        proc.send_signal(signal.SIGHUP)
+        go.touch()  # the commands finish: the run ends as if nothing had happened
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"cfn run: OK" in out
