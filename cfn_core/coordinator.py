@@ -1201,12 +1201,27 @@ class Coordinator:
         return results()
 
     def as_completed(self, futures: Iterable[Any] | None = None, timeout: float | None = None):
-        """``concurrent.futures.as_completed`` over ``futures`` (default: every unfinished submitted task)."""
+        """``concurrent.futures.as_completed`` over ``futures``.
+
+        The default is every submitted task whose outcome was not taken yet: neither its
+        ``result()`` nor its ``exception()`` was called and no earlier ``as_completed()``
+        yielded it, finished or not (a task that finished before this call is yielded
+        first, so nothing submitted is missed).
+        """
         from concurrent.futures import as_completed
 
-        if futures is None:
-            futures = self._feed.unfinished() if self._feed is not None else []
-        return as_completed(futures, timeout)
+        if futures is not None:
+            return as_completed(futures, timeout)
+        feed = self._feed
+
+        def not_taken():
+            if feed is None:
+                return
+            for f in as_completed(feed.not_taken(), timeout):
+                feed.untaken.pop(f.task_id, None)
+                yield f
+
+        return not_taken()
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a submitted task, queued or running (docs/USER_GUIDE.md "Cancelling a task").

@@ -70,8 +70,19 @@ class TaskFuture(Future):
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:  # the feed thread forgets it (and fails what waits for it) at once
+            self._feed.untaken.pop(self.task_id, None)
             self._feed.put(("forget", self.task_id))
         return cancelled
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)  # raises when it failed: taken all the same
+        self._feed.untaken.pop(self.task_id, None)
+        return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        self._feed.untaken.pop(self.task_id, None)
+        return error
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} {self._state.lower()}>"
@@ -90,6 +101,9 @@ class Feed:
         self._woken = False
         self._ids = itertools.count(1)
         self.futures: dict[str, TaskFuture] = {}  # every task submitted and not finished
+        # every task submitted whose outcome the caller has not taken yet (result(), exception(),
+        # or yielded by Coordinator.as_completed()): the default of Coordinator.as_completed
+        self.untaken: dict[str, TaskFuture] = {}
         self.known: set[str] = set()  # every task id this feed was given (unique per session)
         self.closing = False  # no more submissions
         self.draining = False  # end once nothing is unfinished
@@ -161,6 +175,7 @@ class Feed:
             self.known.add(task_id)
             future = TaskFuture(self, task_id)
             self.futures[task_id] = future
+            self.untaken[task_id] = future
             self.put(("submit", task_id, payload, role, to, after_ids))
         return future
 
@@ -170,6 +185,14 @@ class Feed:
             try:
                 return list(self.futures.values())
             except RuntimeError:  # the feed thread settled one meanwhile: take the copy again
+                continue
+
+    def not_taken(self) -> list[TaskFuture]:
+        """The futures of the submitted tasks whose outcome was not taken yet (from any thread)."""
+        while True:
+            try:
+                return list(self.untaken.values())
+            except RuntimeError:  # another thread took one meanwhile: take the copy again
                 continue
 
     def cancel(self, task_id: str, timeout: float = 60.0) -> bool:

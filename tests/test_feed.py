@@ -335,6 +335,23 @@ def test_waiting_on_everything(make_config, no_leaks):
         assert all(f.done() for f in more)
 
 
+def test_as_completed_yields_what_finished_before_it_was_called_and_each_task_once(make_config, no_leaks):
+    config = _config(make_config, ("pool",), agents=2)
+    with Coordinator(config) as coord:
+        early = coord.submit("early")
+        wait([early], timeout=60)  # finished, its result not taken
+        assert early.done()
+        taken = coord.submit("taken")
+        assert taken.result(60) == "taken"
+        late = [coord.submit(i) for i in range(3)]
+        yielded = list(coord.as_completed(timeout=60))
+        assert sorted(f.task_id for f in yielded) == sorted(f.task_id for f in [early, *late])
+        assert list(coord.as_completed(timeout=60)) == []  # each task once
+        again = coord.submit("again")
+        assert [f.result() for f in coord.as_completed(timeout=60)] == ["again"]
+        assert again.done()
+
+
 def test_the_docs_list_exactly_the_fields_of_the_feeds_events(make_config, no_leaks, tmp_path):
     sys.path.insert(0, str(HERE))
     from test_events import COMMON, FEED_ONLY, documented_fields
