@@ -38,9 +38,14 @@ def documented_fields() -> tuple[set[str], dict[str, set[str]]]:
 
 class Provoke:
     """Provokes the events a plain run does not: a fallback (cfn_flush raises), an agent
-    status (stored as the status-message handler stores it), a stop request in round 2."""
+    status (stored as the status-message handler stores it), a stop request in round 2,
+    whose tasks then wait for it (``hold``: a round 2 that finished before the coordinator
+    saw the stop would not be interrupted)."""
 
     name = "provoke"
+
+    def __init__(self, hold: Path):
+        self.hold = hold
 
     @hookimpl
     def cfn_flush(self, ctx, reason):
@@ -54,6 +59,7 @@ class Provoke:
     @hookimpl
     def cfn_coordination_start(self, ctx, round):
         if round == 2:  # what `cfn stop` writes
+            self.hold.touch()
             ctx.bus.put_state(live.STOP_KEY, json.dumps({"pid": os.getpid()}).encode())
 
 
@@ -66,10 +72,12 @@ def handlers_on_path(monkeypatch):
 def test_the_docs_list_exactly_the_fields_every_event_carries(make_config, no_leaks, tmp_path, handlers_on_path, monkeypatch):
     monkeypatch.setattr(live, "MESSAGES_SECONDS", 0.05)  # several `messages` events in a short run
     config = make_config(workload={"agents": 2, "handler": "watch_handlers:mixed", "rounds": 2, "max_attempts": 3})
+    hold = tmp_path / "hold"
     tasks = [{"do": "ok"}, {"do": "fail"}, {"do": "die", "marker": str(tmp_path / "died")}, {"do": "ok"}]
+    tasks = [dict(t, hold=str(hold)) for t in tasks]
     path = tmp_path / "events.jsonl"
     with pytest.raises(StopRequested):
-        with Coordinator(config, events=str(path), extra_plugins=[Provoke()]) as coord:
+        with Coordinator(config, events=str(path), extra_plugins=[Provoke(hold)]) as coord:
             coord.run(tasks)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     emitted: dict[str, set[str]] = {}

@@ -14,7 +14,10 @@ import time
 
 def mixed(payload):
     """``{"do": "ok"}`` returns, ``{"do": "fail"}`` raises, ``{"do": "die", "marker": path}``
-    SIGKILLs its own agent on the first attempt (the marker file says it was made)."""
+    SIGKILLs its own agent on the first attempt (the marker file says it was made).  Once
+    the file ``payload["hold"]`` exists, every task sleeps until its agent is stopped."""
+    if payload.get("hold") and os.path.exists(payload["hold"]):
+        time.sleep(3600)
     do = payload.get("do")
     if do == "fail":
         raise ValueError("asked to fail")
