@@ -196,10 +196,12 @@ def _print_outcome(args, result, code: int, events_on_stdout: bool, stopped, ask
 def cmd_cancel(args) -> int:
     """``cfn cancel RUN TASK``: cancel one task of a run fed with ``submit`` or ``[[tasks]]``.
 
-    Found like ``cfn stop`` finds a run; the request is appended to the run's state key
-    ``cancel`` and the coordinator's answer read from ``cancel-answers`` (cfn_core.feed).
+    Found like ``cfn stop`` finds a run.  The request is a file of its own in the run's
+    ``state/cancel/`` (so concurrent requests cannot overwrite each other), kept open here:
+    the coordinator appends its answer to that file (cfn_core.feed, ``_cancel_requests``),
+    which this process reads even if the run ends, and its directory goes, right after.
     """
-    from .feed import CANCEL_ANSWERS_KEY, CANCEL_KEY
+    from .feed import CANCEL_DIR
     from .top import RunGone, find_live_run
 
     try:
@@ -208,48 +210,71 @@ def cmd_cancel(args) -> int:
         raise CfnError(f"cfn cancel: {gone}") from None
     if isinstance(run_dir, int):
         return run_dir
-    state = run_dir / "state"
-    request_id = f"{os.getpid()}-{time.time_ns()}"
+    directory = run_dir / "state" / CANCEL_DIR
+    name = f"{os.getpid()}-{time.time_ns()}"
+    tmp, path = directory / f".{name}.tmp", directory / f"{name}.request"
     try:
-        try:
-            current = json.loads((state / CANCEL_KEY).read_bytes())
-        except FileNotFoundError:
-            current = {"requests": []}
-        requests = current.get("requests", []) if isinstance(current, dict) else []
-        requests.append({"id": request_id, "task": args.task})
-        tmp = state / f".cancel.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(json.dumps({"requests": requests}).encode())
-        os.replace(tmp, state / CANCEL_KEY)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:
         raise CfnError(f"cfn cancel: run {run_dir.name} has ended") from None
-    except (OSError, ValueError) as exc:
-        raise CfnError(f"cfn cancel: cannot write the cancel request in {state}: {exc}") from None
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
+    except OSError as exc:
+        raise CfnError(f"cfn cancel: cannot write the cancel request in {directory}: {exc.strerror}") from None
+    try:
         try:
-            answer = json.loads((state / CANCEL_ANSWERS_KEY).read_bytes()).get(request_id)
-        except FileNotFoundError:
-            answer = None
-            if not run_dir.exists():
-                raise CfnError(f"cfn cancel: run {run_dir.name} ended before it answered") from None
-        except ValueError:
-            answer = None
-        if answer is not None:
-            outcome = answer.get("outcome")
-            if outcome == "unknown":
-                raise CfnError(f"cfn cancel: run {run_dir.name} has no task {args.task!r}")
-            if outcome == "finished":
-                print(f"cfn cancel: task {args.task} of run {run_dir.name} had already finished", file=sys.stderr)
-                return 1
-            print(f"cfn cancel: cancelled task {args.task} of run {run_dir.name}", file=sys.stderr)
-            return 0
+            os.write(fd, json.dumps({"task": args.task}).encode() + b"\n")
+            os.rename(tmp, path)  # whole, or not there: the coordinator never reads half a request
+        except OSError as exc:
+            _remove(tmp)
+            raise CfnError(f"cfn cancel: cannot write the cancel request in {directory}: {exc.strerror}") from None
+        outcome = _wait_for_cancel_answer(fd, run_dir, args.wait)
+    finally:
+        os.close(fd)
+    if outcome is None:
+        _remove(path)  # not to take effect after this command said it did not
+        raise CfnError(
+            f"cfn cancel: run {run_dir.name} did not answer within {args.wait:g}s "
+            "(only a run fed with Coordinator.submit or [[tasks]] can cancel a task)"
+        )
+    if outcome == "gone":
+        raise CfnError(f"cfn cancel: run {run_dir.name} ended before it answered")
+    if outcome == "unknown":
+        raise CfnError(f"cfn cancel: run {run_dir.name} has no task {args.task!r}")
+    if outcome in ("finished", "ended"):
+        why = "had already finished" if outcome == "finished" else "did not finish: the run ended"
+        print(f"cfn cancel: task {args.task} of run {run_dir.name} {why}; nothing to cancel", file=sys.stderr)
+        return 1
+    if outcome != "cancelled":
+        raise CfnError(f"cfn cancel: run {run_dir.name} answered {outcome!r}")
+    print(f"cfn cancel: cancelled task {args.task} of run {run_dir.name}", file=sys.stderr)
+    return 0
+
+
+def _wait_for_cancel_answer(fd: int, run_dir, wait: float) -> str | None:
+    """The outcome the coordinator appended to the request file ``fd``; "gone" if the run
+    ended without answering; None if it did not answer within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        gone = not run_dir.exists()  # looked at before the answer: one written before it ended is read
+        lines = os.pread(fd, 65536, 0).split(b"\n")
+        if len(lines) > 1 and lines[1]:
+            try:
+                answer = json.loads(lines[1])
+            except ValueError:
+                answer = None
+            return str(answer.get("outcome")) if isinstance(answer, dict) else "invalid"
+        if gone:
+            return "gone"
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(0.05)  # polling a file another process writes: nothing to wait on
-    raise CfnError(
-        f"cfn cancel: run {run_dir.name} did not answer within {args.wait:g}s "
-        "(only a run fed with Coordinator.submit or [[tasks]] can cancel a task)"
-    )
+
+
+def _remove(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def cmd_init(args) -> int:

@@ -47,10 +47,10 @@ from .messages import Task, TaskResult, check_agent_id
 log = logging.getLogger("cfn")
 
 _TICK = 0.05
-#: seconds between two looks at the bus state key ``cancel`` that `cfn cancel` writes
+#: seconds between two looks at the requests `cfn cancel` writes
 REQUEST_SECONDS = 0.25
-CANCEL_KEY = "cancel"
-CANCEL_ANSWERS_KEY = "cancel-answers"
+#: the directory under the run directory's ``state/`` that holds `cfn cancel`'s requests
+CANCEL_DIR = "cancel"
 
 
 class TaskFuture(Future):
@@ -124,7 +124,6 @@ class Feed:
         self.counts = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "skipped": 0}
         self.ready = threading.Event()  # the round has its agents (or failed to get them)
         self._next_request_check = 0.0
-        self._answered: dict[str, dict] = {}  # `cfn cancel` request id -> its answer
         self.thread = threading.Thread(target=self._main, name="cfn-feed", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -289,6 +288,10 @@ class Feed:
         ctx, r = self.ctx, self.round
         if r is None:
             return
+        try:  # a `cfn cancel` waiting now gets an answer, not "the run ended before it answered"
+            self._cancel_requests(ending=True)
+        except Exception as exc:  # answering must not keep the round from ending
+            log.warning("could not answer the last cfn cancel requests: %s", exc)
         ctx._in_execute = False
         r.distributing = False
         try:
@@ -575,48 +578,65 @@ class Feed:
         r.settle(task_id, result)
         self.cancelling[task_id] = (agent_id, time.monotonic())
 
-    def _cancel_requests(self) -> None:
-        """`cfn cancel RUN TASK`: requests in state ``cancel``, answered in ``cancel-answers``.
+    def _cancel_requests(self, ending: bool = False) -> None:
+        """`cfn cancel RUN TASK`: one request file each in ``state/cancel/``, answered in place.
 
-        ``cancel`` is ``{"requests": [{"id": request id, "task": task id}, ...]}`` (the command
-        appends to it); each request is answered once, with ``"cancelled"``, ``"finished"``
-        (nothing left to cancel) or ``"unknown"`` (no such task in this run).
+        A request is the file ``<id>.request`` holding one JSON line ``{"task": task id}``;
+        the answer is a second line appended to that same file, ``{"outcome": ...}`` with
+        ``"cancelled"``, ``"finished"`` (nothing left to cancel), ``"unknown"`` (no such task
+        in this run), ``"ended"`` (the run ended before the task finished) or ``"invalid"``;
+        then the file is removed, so each request is answered once.  The requester keeps
+        the file open, so it reads the answer even when the run (and its directory) ends
+        right after answering.  Anything in the directory that is not a regular file of
+        this user is removed unread.
         """
         import json
+        import stat
 
+        directory = os.path.join(self.ctx.bus.run_ref, "state", CANCEL_DIR)
         try:
-            raw = self.ctx.bus.get_state(CANCEL_KEY)
-        except (CfnError, OSError):
+            names = [e.name for e in os.scandir(directory) if e.name.endswith(".request")]
+        except OSError:  # no request was ever made (or the run directory is going)
             return
-        if raw is None:
-            return
-        try:
-            requests = json.loads(raw).get("requests", [])
-        except (ValueError, AttributeError):
-            return
-        answered = False
-        for request in requests if isinstance(requests, list) else []:
-            if not isinstance(request, dict) or not isinstance(request.get("id"), str) or request["id"] in self._answered:
-                continue
-            task_id = request.get("task")
-            if not isinstance(task_id, str) or task_id not in self.known:
-                outcome = "unknown"
-            elif task_id in self.round.results:
-                outcome = "finished"
-            else:
-                future = self.futures.get(task_id)
-                if future is not None and future.cancel():
-                    self._cancelled_here(task_id)
-                else:
-                    self._cancel_running(task_id, Future())
-                outcome = "cancelled"
-            self._answered[request["id"]] = {"task": task_id, "outcome": outcome}
-            answered = True
-        if answered:
+        for name in names:
+            path = os.path.join(directory, name)
             try:
-                self.ctx.bus.put_state(CANCEL_ANSWERS_KEY, json.dumps(self._answered).encode())
-            except (CfnError, OSError) as exc:
-                log.warning("could not answer cfn cancel: %s", exc)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:  # a symlink, gone meanwhile, ...
+                _unlink(path)
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                    continue
+                task_id = None
+                try:
+                    request = json.loads(os.pread(fd, 4096, 0).partition(b"\n")[0])
+                    task_id = request.get("task") if isinstance(request, dict) else None
+                except ValueError:
+                    pass
+                if not isinstance(task_id, str):
+                    outcome = "invalid"
+                elif task_id not in self.known:
+                    outcome = "unknown"
+                elif task_id in self.round.results:
+                    outcome = "finished"
+                elif ending:
+                    outcome = "ended"
+                else:
+                    future = self.futures.get(task_id)
+                    if future is not None and future.cancel():
+                        self._cancelled_here(task_id)
+                    else:
+                        self._cancel_running(task_id, Future())
+                    outcome = "cancelled"
+                try:
+                    os.write(fd, b"\n" + json.dumps({"outcome": outcome}).encode() + b"\n")
+                except OSError as exc:
+                    log.warning("could not answer cfn cancel (%s): %s", path, exc)
+            finally:
+                os.close(fd)
+                _unlink(path)
 
     def _check_timers(self) -> None:
         """Tasks past their ``submit(timeout=...)`` are stopped; an agent that did not stop a
@@ -648,3 +668,10 @@ class Feed:
                 handle.info["cancelled_kill"] = task_id
                 ctx.kill(handle, f"task {task_id} was cancelled and did not stop within {grace:g}s")
                 del self.cancelling[task_id]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

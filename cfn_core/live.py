@@ -85,7 +85,7 @@ class Live:
         # with 10,000 agents (hosted ones) a snapshot takes ~0.3 s: at most a tenth of the time
         self.next_snapshot = now + max(SNAPSHOT_SECONDS, 10 * (time.perf_counter() - t0))
         if ctx._round is not None and not self.stop_seen:
-            request = ctx.bus.get_state(STOP_KEY)
+            request = ctx.bus.get_local_state(STOP_KEY)  # `cfn stop` writes the local run directory
             if request is not None:
                 self.stop_seen = True
                 try:

@@ -262,6 +262,8 @@ class DirBus:
         except FileNotFoundError:
             return None
 
+    get_local_state = get_state  # its state is the local run directory
+
     def free_bytes(self) -> int | None:
         try:
             st = os.statvfs(self.run_ref)

@@ -37,3 +37,42 @@ def test_submit_after_and_cancel_on_redis(make_config, no_leaks, tmp_path, plugi
         assert coord.cancel(slow.task_id)
         with pytest.raises(Cancelled):
             slow.result(60)
+
+
+CFN = [os.path.join(os.path.dirname(sys.executable), "cfn")]
+
+
+def _redis_or_skip():
+    if not _ping(REDIS_URL):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"no Redis at {REDIS_URL}")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+
+
+def test_cfn_cancel_and_cfn_stop_reach_a_run_on_redis(make_config, no_leaks, tmp_path):
+    """The commands write the local run directory; the Redis bus's state lives in Redis
+    (they were ignored there: the coordinator read the requests from Redis)."""
+    import subprocess
+
+    from cfn_core.live import StopRequested
+
+    _redis_or_skip()
+    config = make_config(plugins=("redis",), redis={"url": REDIS_URL},
+                         workload={"agents": 2, "directory": str(HERE), "handler": "feed_handlers:cooperative"})
+    started = tmp_path / "started"
+    with pytest.raises(StopRequested):
+        with Coordinator(config) as coord:
+            run_dir = coord.ctx.bus.run_ref
+            slow = coord.submit({"started": str(started)})
+            wait_for(started.exists, "the task to run")
+            cancel = subprocess.run(CFN + ["cancel", run_dir, slow.task_id, "--wait", "120"], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=150)
+            assert cancel.returncode == 0, cancel.stderr
+            with pytest.raises(Cancelled):
+                slow.result(60)
+            stop = subprocess.Popen(CFN + ["stop", run_dir, "--wait", "120"], cwd=tmp_path,
+                                    stderr=subprocess.PIPE, text=True)
+            coord.run([{"started": str(tmp_path / f"r{i}")} for i in range(2)])  # runs until stopped
+    _, err = stop.communicate(timeout=150)
+    assert stop.returncode == 0 and "has stopped" in err, err
+    assert not os.path.exists(run_dir)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,65 @@ def test_cfn_cancel_stops_a_running_workflow_task(bus_root, tmp_path, no_leaks):
     assert (doc["failed"], doc["cancelled"], doc["skipped"]) == (0, 1, 3)
     assert doc["rounds"][0]["results"]["split"]["cancelled"] is True
     assert not list(bus_root.iterdir())
+
+
+def test_concurrent_cfn_cancels_each_get_their_answer(make_config, no_leaks, tmp_path):
+    config = _config(make_config, agents=4, handler="feed_handlers:cooperative")
+    with Coordinator(config) as coord:
+        started = [tmp_path / f"started-{i}" for i in range(4)]
+        futures = [coord.submit({"started": str(m)}, id=f"job-{i}") for i, m in enumerate(started)]
+        wait_for(lambda: all(m.exists() for m in started), "the four tasks to run")
+        run_dir = coord.ctx.bus.run_ref
+        cancels = [subprocess.Popen(CFN + ["cancel", run_dir, f.task_id, "--wait", "120"], cwd=tmp_path,
+                                    stderr=subprocess.PIPE, text=True) for f in futures]
+        answers = [(c.wait(timeout=150), c.stderr.read()) for c in cancels]
+        for c in cancels:
+            c.stderr.close()
+        assert [rc for rc, _ in answers] == [0, 0, 0, 0], answers  # none overwrote another's request
+        for f in futures:
+            with pytest.raises(Cancelled):
+                f.result(60)
+        assert not os.listdir(os.path.join(run_dir, "state", "cancel"))  # every request answered and removed
+
+
+def test_a_cancel_pending_when_the_run_ends_is_answered(make_config, no_leaks, tmp_path, monkeypatch):
+    from cfn_core import feed
+
+    config = _config(make_config, agents=1)
+    with Coordinator(config) as coord:
+        assert coord.submit("done", id="done").result(60) == "done"
+        monkeypatch.setattr(feed, "REQUEST_SECONDS", 3600.0)  # from now on only the end answers
+        run_dir = coord.ctx.bus.run_ref
+        requests = Path(run_dir) / "state" / "cancel"
+        wait_for(lambda: coord._feed._next_request_check - time.monotonic() > 60, "the next check to be an hour away")
+        cancel = subprocess.Popen(CFN + ["cancel", run_dir, "done", "--wait", "120"], cwd=tmp_path,
+                                  stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: requests.is_dir() and any(n.endswith(".request") for n in os.listdir(requests)), "the request")
+    _, err = cancel.communicate(timeout=150)
+    assert cancel.returncode == 1 and "task done of run" in err and "had already finished" in err, err
+    assert not os.path.exists(run_dir)
+
+
+def test_what_else_is_in_the_cancel_directory_is_removed_unread(make_config, no_leaks, tmp_path):
+    config = _config(make_config, agents=1)
+    outside = tmp_path / "outside"
+    outside.write_text("untouched")
+    with Coordinator(config) as coord:
+        assert coord.submit(1).result(60) == 1
+        requests = Path(coord.ctx.bus.run_ref) / "state" / "cancel"
+        requests.mkdir(mode=0o700)
+        os.symlink(outside, requests / "link.request")
+        os.mkfifo(requests / "fifo.request")
+        garbage = requests / "garbage.request"
+        garbage.write_bytes(b"\xff not json\n")
+        fd = os.open(garbage, os.O_RDONLY)
+        try:
+            wait_for(lambda: not os.listdir(requests), "the feed to remove every entry")
+            assert os.pread(fd, 4096, 0).split(b"\n")[1] == b'{"outcome": "invalid"}'
+        finally:
+            os.close(fd)
+        assert coord.submit(2).result(60) == 2  # the feed went on
+    assert outside.read_text() == "untouched"
 
 
 def test_cfn_cancel_names_a_run_that_does_not_exist(bus_root, tmp_path):

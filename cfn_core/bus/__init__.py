@@ -186,6 +186,15 @@ class Bus(Protocol):
     def get_state(self, key: str) -> bytes | None:
         """A value stored with :meth:`put_state` (by any process of the run), or None."""
 
+    def get_local_state(self, key: str) -> bytes | None:
+        """The file ``state/<key>`` of the local run directory (:attr:`run_ref`), or None.
+
+        What a command on the coordinator's machine writes there to ask something of the
+        run (``cfn stop`` writes ``state/stop``): the same as :meth:`get_state` for a bus
+        whose state is that directory; a bus whose state lives elsewhere (cfn-redis) still
+        reads this from its local spool.
+        """
+
     def free_bytes(self) -> int | None:
         """Bytes the transport can still store, or None if it cannot tell (named in errors on a full bus)."""
 
