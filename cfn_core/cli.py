@@ -256,10 +256,10 @@ def _wait_for_cancel_answer(fd: int, run_dir, wait: float) -> str | None:
     deadline = time.monotonic() + wait
     while True:
         gone = not run_dir.exists()  # looked at before the answer: one written before it ended is read
-        lines = os.pread(fd, 65536, 0).split(b"\n")
-        if len(lines) > 1 and lines[1]:
+        answer_line = os.pread(fd, 65536, 0).partition(b"\n")[2].lstrip(b"\n")  # after the request
+        if answer_line.endswith(b"\n"):  # whole: the coordinator ends its answer with a newline
             try:
-                answer = json.loads(lines[1])
+                answer = json.loads(answer_line)
             except ValueError:
                 answer = None
             return str(answer.get("outcome")) if isinstance(answer, dict) else "invalid"

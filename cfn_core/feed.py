@@ -601,7 +601,7 @@ class Feed:
         for name in names:
             path = os.path.join(directory, name)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # a symlink, gone meanwhile, ...
                 _unlink(path)
                 continue
