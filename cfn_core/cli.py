@@ -214,7 +214,10 @@ def cmd_cancel(args) -> int:
     name = f"{os.getpid()}-{time.time_ns()}"
     tmp, path = directory / f".{name}.tmp", directory / f"{name}.request"
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)  # not makedirs: a run that has ended must not be re-created
+        except FileExistsError:
+            pass
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:
         raise CfnError(f"cfn cancel: run {run_dir.name} has ended") from None
