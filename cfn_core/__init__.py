@@ -38,10 +38,10 @@ _EXPORTS = {
     "ResourceLimitError": "errors",
     "TaskFailed": "errors",
     # the coordinator and its results
-    "AgentHandle": "coordinator",
+    "AgentHandle": "context",
     "Coordinator": "coordinator",
-    "CoordinatorContext": "coordinator",
-    "SpawnReport": "coordinator",
+    "CoordinatorContext": "context",
+    "SpawnReport": "context",
     "CoordinationResult": "report",
     "RoundResult": "report",
     # messages

@@ -907,6 +907,77 @@ def _plugins_from(value: Any, source: str) -> list[str]:
     return [p for p in value if p not in ("baseline", "none")]
 
 
+# ---------------------------------------------------------------------- checks across tables
+
+
+def check_coordination(config: Config) -> None:
+    """Refuse a configuration whose settings are each allowed but do not work together.
+
+    Called when a :class:`~cfn_core.Coordinator` is made, before anything starts (so
+    that ``cfn run`` exits 2 before it spawns a single agent): agents over ``max_agents``,
+    a mesh that cannot be planned, a payload that cannot fit in a message, a mesh whose
+    peer messages cannot fit in the inboxes, and the paths the run will write or read.
+    """
+    w = config.workload
+    if w.agents > config.run.max_agents:
+        raise ConfigError(
+            f"[workload] agents = {w.agents} exceeds [run] max_agents = {config.run.max_agents}; "
+            "raise max_agents if you mean it"
+        )
+    if w.topology == "mesh" and w.tasks and w.tasks > w.agents:
+        raise ConfigError(
+            f"[workload] tasks = {w.tasks} with topology = 'mesh': a mesh needs every task on its own agent "
+            f"(tasks <= agents = {w.agents})"
+        )
+    if w.topology == "mesh" and w.messages_per_agent and w.agents < 2:
+        raise ConfigError("[workload] topology = 'mesh' with messages_per_agent > 0 needs agents >= 2")
+    if w.payload_bytes + 512 > config.bus.max_message_bytes:
+        raise ConfigError(
+            f"[workload] payload_bytes = {w.payload_bytes} does not fit in a message: "
+            f"[bus] max_message_bytes = {config.bus.max_message_bytes} (allow ~512 bytes of envelope)"
+        )
+    _check_mesh_fan_in(config)
+    # found now, not after the run when the file is written (or a task runs)
+    metrics_file = config.run.metrics_file
+    if metrics_file:
+        parent = os.path.dirname(os.path.abspath(metrics_file))
+        if os.path.isdir(metrics_file):
+            raise ConfigError(f"[run] metrics_file = {metrics_file!r} is a directory; name a file in it, e.g. {os.path.join(metrics_file, 'cfn.prom')!r}")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ConfigError(
+                f"[run] metrics_file = {metrics_file!r}: directory {parent} does not exist or is not writable"
+            )
+    if w.directory and not os.path.isdir(w.directory):
+        raise ConfigError(
+            f"[workload] directory = {w.directory!r}: no such directory (handler modules are imported "
+            "from it and commands run in it)"
+        )
+
+
+def _check_mesh_fan_in(config: Config) -> None:
+    """A mesh whose peer messages cannot fit in the inboxes.
+
+    The same figure is checked again per round (the tasks given to ``run`` may differ
+    from the configured ones); here it is the configured workload.
+    """
+    from .round import mesh_depth_message, mesh_peer_indices
+
+    w = config.workload
+    depth = config.bus.inbox_depth
+    n = w.tasks or w.agents
+    if w.topology != "mesh" or not w.messages_per_agent or not depth or n < 2:
+        return
+    if n * w.messages_per_agent * w.rounds > 5_000_000:
+        return  # too costly to plan ahead; each round still checks its own plan
+    for number in range(1, w.rounds + 1):
+        expect = [0] * n
+        for row in mesh_peer_indices(n, w.messages_per_agent, w.seed, number):
+            for j in row:
+                expect[j] += 1
+        if max(expect) + 1 > depth:
+            raise ConfigError(mesh_depth_message(number, max(expect), w.messages_per_agent, depth))
+
+
 # ---------------------------------------------------------------------- cfn init
 
 

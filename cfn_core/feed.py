@@ -41,12 +41,12 @@ from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Iterable
 
+from .context import TICK
 from .errors import Cancelled, CfnError, ConfigError, PluginError, TaskFailed
 from .messages import Task, TaskResult, check_agent_id
 
 log = logging.getLogger("cfn")
 
-_TICK = 0.05
 #: seconds between two looks at the requests `cfn cancel` writes
 REQUEST_SECONDS = 0.25
 #: the directory under the run directory's ``state/`` that holds `cfn cancel`'s requests
@@ -221,7 +221,7 @@ class Feed:
     def _main(self) -> None:
         ctx = self.ctx
         try:
-            ctx._selector.register(self._wake_r, 1, self)  # selectors.EVENT_READ
+            ctx.watch(self._wake_r, self)
             try:
                 self._begin()
                 self.ready.set()
@@ -230,7 +230,7 @@ class Feed:
                     if self.draining and not self.futures and not self._commands:
                         break
                     self._dispatch()
-                    ctx.pump(_TICK)
+                    ctx.pump(TICK)
                     self._check_timers()
                     now = time.monotonic()
                     if now >= self._next_request_check:
@@ -241,7 +241,7 @@ class Feed:
                 try:
                     self._end()
                 finally:
-                    ctx._selector.unregister(self._wake_r)
+                    ctx.unwatch(self._wake_r)
         except BaseException as exc:  # the bus failed, a plugin broke: every open future learns why
             self.error = exc
             log.error("cfn: the feed stopped: %s", exc)
@@ -256,35 +256,25 @@ class Feed:
             self.futures.clear()
 
     def _begin(self) -> None:
-        from .coordinator import _Round
-        from .roles import by_role
+        from .roles import by_role, default_role
+        from .round import begin_round, join_agents
 
         coord, ctx = self.coord, self.ctx
         w = self.config.workload
-        ctx.rounds_started += 1
-        r = self.round = _Round(ctx.rounds_started, ctx.rounds_started, [])
+        r = self.round = begin_round(ctx, None, [])
         r.on_settle = self._settled
-        ctx._round = r
-        ctx.round_state = {}
-        ctx.spawn_failures = {}
         self.t0 = time.perf_counter()
-        ctx.events.emit("round_started", round=r.number, tasks=0, agents=w.agents)
-        coord.pm.hook.cfn_coordination_start(ctx=ctx, round=r.number)
         agent_ids = list(coord.pm.hook.cfn_acquire_agents(ctx=ctx, count=w.agents) or [])
         ctx.wait_ready([a for a in agent_ids if ctx.agents[a].state == "starting"], self.config.run.spawn_timeout)
-        self.agents = [a for a in agent_ids if ctx.agents[a].state == "ready"]
-        r.agent_ids = self.agents  # where the failure policy's re-queued tasks go (Coordinator._requeue_due)
-        ctx.write_directory()
-        r.result.agents = len(self.agents)
-        r.result.spawn_failures = dict(ctx.spawn_failures)
+        self.agents = join_agents(ctx, r, agent_ids)  # also where the failure policy's re-queued tasks go
         self.groups = by_role(self.config, self.agents)
         r.distributing = True  # an agent that dies is replaced: the feed goes on with all of them
-        from .roles import default_role
-
         self.default_role = default_role(self.config)
-        ctx._in_execute = True
+        r.executing = True
 
     def _end(self) -> None:
+        from .round import finish_round
+
         ctx, r = self.ctx, self.round
         if r is None:
             return
@@ -292,24 +282,16 @@ class Feed:
             self._cancel_requests(ending=True)
         except Exception as exc:  # answering must not keep the round from ending
             log.warning("could not answer the last cfn cancel requests: %s", exc)
-        ctx._in_execute = False
+        r.executing = False
         r.distributing = False
         try:
             if self.agents:
                 self.coord.pm.hook.cfn_release_agents(ctx=ctx, agent_ids=self.agents)
         finally:
             r.result.tasks = len(r.tasks)
-            self.coord._account(r, self.t0)
-            res = r.result
-            ctx.events.emit(
-                "round_finished", round=r.number, seconds=round(res.seconds, 6),
-                done=sum(1 for x in r.results.values() if x.ok),
-                failed=sum(1 for x in r.results.values() if not x.ok and not x.cancelled and not x.skipped),
-                retries=res.retries, interrupted=res.interrupted, error=res.error,
-            )
-            ctx._round = None
-            self.coord.feed_rounds.append(res)
-        self.coord.pm.hook.cfn_coordination_finish(ctx=ctx, result=res)
+            finish_round(ctx, r, self.t0)
+            self.coord.feed_rounds.append(r.result)
+        self.coord.pm.hook.cfn_coordination_finish(ctx=ctx, result=r.result)
 
     def _take_commands(self) -> None:
         commands = self._commands
@@ -456,7 +438,7 @@ class Feed:
     # ------------------------------------------------------------------ results
 
     def _settled(self, task_id: str, result: TaskResult) -> None:
-        """``_Round.settle`` called back: resolve the future, release what waited for it."""
+        """``Round.settle`` called back: resolve the future, release what waited for it."""
         r = self.round
         if task_id in r.assigned:
             role = r.tasks[task_id].role

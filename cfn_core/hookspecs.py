@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # annotations only: agents import this module and must not pa
     from .agent import AgentContext
     from .bus import Bus
     from .config import Config
-    from .coordinator import AgentHandle, CoordinatorContext, SpawnReport
+    from .context import AgentHandle, CoordinatorContext, SpawnReport
     from .forker import AgentForker
     from .messages import Message, Task
     from .report import RoundResult

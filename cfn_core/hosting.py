@@ -109,7 +109,7 @@ class HostManager:
         ctx.counters["hosts_started"] += 1
 
     def launch(self, agent_id: str):
-        from .coordinator import AgentHandle
+        from .context import AgentHandle
 
         host = self.host_for(agent_id)
         if not host.alive:

@@ -1,6 +1,6 @@
 """What a running coordinator publishes for watchers, and the stop request it obeys.
 
-From its tick (:meth:`Live.tick`, called every ``_TICK`` by ``CoordinatorContext.pump``)
+From its tick (:meth:`Live.tick`, called every ``TICK`` by ``CoordinatorContext.pump``)
 the coordinator
 
 * rewrites the bus state key ``snapshot`` (on the shm bus the file
@@ -84,7 +84,7 @@ class Live:
                 self.snapshot_warned = True
         # with 10,000 agents (hosted ones) a snapshot takes ~0.3 s: at most a tenth of the time
         self.next_snapshot = now + max(SNAPSHOT_SECONDS, 10 * (time.perf_counter() - t0))
-        if ctx._round is not None and not self.stop_seen:
+        if ctx.current_round is not None and not self.stop_seen:
             request = ctx.bus.get_local_state(STOP_KEY)  # `cfn stop` writes the local run directory
             if request is not None:
                 self.stop_seen = True
@@ -167,7 +167,7 @@ def build_snapshot(ctx, live: Live, now: float) -> dict[str, Any]:
         )
     counts = ctx.events.counts
     finished = counts["task_done"] + counts["task_failed"]
-    r = ctx._round
+    r = ctx.current_round
     return {
         "v": VERSION,
         "written_at": time.time(),

@@ -264,4 +264,4 @@ def test_an_agent_imports_what_it_did_before_and_no_coordinator():
         "print(' '.join(sorted(m for m in sys.modules if m.startswith('cfn_core'))))\n"
     )
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout.split())
-    assert not loaded & {"cfn_core.coordinator", "cfn_core.report", "cfn_core.metrics", "cfn_core.cli", "cfn_core.forker"}, loaded
+    assert not loaded & {"cfn_core.coordinator", "cfn_core.context", "cfn_core.report", "cfn_core.metrics", "cfn_core.cli", "cfn_core.forker"}, loaded
