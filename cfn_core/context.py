@@ -123,6 +123,9 @@ class CoordinatorContext:
         self.spawn_failures: dict[str, str] = {}
         self._directory: dict[str, dict] | None = None  # what write_directory last wrote
         self._directory_warned = False
+        self._directory_seen: tuple[int, int, int] | None = None  # (launched, ready, exits) at the last write
+        self._directory_due = 0.0  # the periodic write waits until then (write_directory)
+        self.exits = 0  # agent exits handled (the directory's change check)
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: Round | None = None  # set and cleared by cfn_core.round alone
@@ -247,8 +250,17 @@ class CoordinatorContext:
         """
         ids = list(agent_ids)
         deadline = time.monotonic() + timeout
+        agents = self.agents
+
+        def starting(among: list[str]) -> list[str]:
+            return [a for a in among if a in agents and agents[a].state == "starting"]
+
+        pending = starting(ids)
         while True:
-            pending = [a for a in ids if a in self.agents and self.agents[a].state == "starting"]
+            # only those still starting are looked at again (10,000 ids on every pump were
+            # 11% of a cold 10,000-agent run); when none is left, all of them once more, for
+            # one that became ready, died and is being relaunched meanwhile
+            pending = starting(pending) or starting(ids)
             if not pending:
                 break
             remaining = deadline - time.monotonic()
@@ -393,20 +405,34 @@ class CoordinatorContext:
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
-            self.write_directory()  # agents ready or gone since the last tick
+            self.write_directory(now)  # agents ready or gone since the last tick
             self.supervisor.watchdog(now)
             self.intake.requeue_due(now)
             self.live.tick(self, now)  # event log flush, messages per interval, snapshot, stop request
             self.hook.cfn_tick(ctx=self, now=now)
 
-    def write_directory(self) -> None:
+    def write_directory(self, now: float | None = None) -> None:
         """Publish the run's agents (bus state ``directory``) when the set changed since the last write.
 
         The document is :func:`cfn_core.roles.directory_document`'s (every reachable agent
         with its role).  Agents read it lazily (``agent.peers()``, ``agent.send``).
+
+        The set changes only when an agent is launched, becomes ready or exits, so those
+        three counts tell whether to build the document at all.  ``now`` (the event loop's
+        periodic call) also spaces the writes out: the next one waits twenty times as long
+        as this one took, so that while thousands of agents start, rewriting their directory
+        on every tick cannot take more than about a twentieth of the coordinator's time (it
+        was 14% of a cold 10,000-agent run).  Called without ``now`` it writes at once (a
+        round's agents are published before its first task).
         """
         if self.bus is None:
             return
+        if now is not None and now < self._directory_due:
+            return
+        seen = (self.counters["launched"], self.counters["ready"], self.exits)
+        if seen == self._directory_seen:
+            return
+        t0 = time.monotonic()
         document = directory_document(self)
         agents = document["agents"]
         if agents != self._directory:
@@ -418,3 +444,6 @@ class CoordinatorContext:
                     self._directory_warned = True
                 return
             self._directory = agents
+        self._directory_seen = seen
+        done = time.monotonic()
+        self._directory_due = done + 20 * (done - t0)

@@ -228,8 +228,12 @@ def directory_document(ctx) -> dict:
         for h in ctx.agents.values()
         if h.state in ("ready", "stopping") or (h.state == "starting" and h.incarnation > 1)
     )
-    return {
-        "v": 1,
-        "agents": {agent_id: _entry(config, ctx.agents[agent_id]) for agent_id in ready},
-        "roles": list(roles_of(config)),
-    }
+    # an agent's entry depends only on its id and its host: kept between writes (10,000 agents)
+    cache = ctx.__dict__.setdefault("_directory_entries", {})
+    agents = {}
+    for agent_id in ready:
+        entry = cache.get(agent_id)
+        if entry is None or entry.get("host") != ctx.agents[agent_id].info.get("host"):
+            entry = cache[agent_id] = _entry(config, ctx.agents[agent_id])
+        agents[agent_id] = entry
+    return {"v": 1, "agents": agents, "roles": list(roles_of(config))}

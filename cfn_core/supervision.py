@@ -45,6 +45,7 @@ class Supervisor:
             handle.exit_code = handle.popen.wait()
         was = handle.state
         handle.state = "exited"
+        ctx.exits += 1
         reason = "stopped" if was == "stopping" and not handle.killed_reason else "killed" if handle.killed_reason else "died"
         ctx.metrics.agents.dec()
         ctx.metrics.agent_exits.labels(reason=reason).inc()

@@ -332,3 +332,29 @@ def test_assign_returning_an_unknown_agent_is_a_plugin_error(make_config, no_lea
     with Coordinator(config, extra_plugins=[AssignsAStranger()]) as coord:
         with pytest.raises(PluginError, match=r"cfn_assign returned 'agent-9999' for task r1-t000000, which is not an agent"):
             coord.run()
+
+
+def test_the_run_directory_drops_an_agent_that_died(make_config, no_leaks):
+    """The directory is rebuilt only when an agent is launched, becomes ready or exits
+    (CoordinatorContext.write_directory): an exit alone, with nothing started in its place, must be
+    enough for the dead agent to leave it."""
+    import json
+    import os
+    import signal
+
+    from cfn_core.testing import wait_for
+
+    config = make_config(plugins=["pool"], pool={"size": 2, "min_size": 0}, workload={"agents": 2})
+    with Coordinator(config) as coord:
+        ctx = coord.ctx
+
+        def listed() -> set[str]:
+            ctx.pump(0.05)  # no round runs: this thread drives the event loop
+            state = ctx.bus.get_state("directory")
+            return set(json.loads(state)["agents"]) if state else set()
+
+        wait_for(lambda: len(listed()) == 2, "both pooled agents in the directory")
+        victim = sorted(listed())[0]
+        os.kill(ctx.agents[victim].pid, signal.SIGKILL)
+        wait_for(lambda: victim not in listed(), f"{victim} to leave the directory")
+        assert not ctx.agents[victim].alive and len(listed()) == 1
