@@ -126,6 +126,8 @@ class CoordinatorContext:
         self._directory_seen: tuple[int, int, int] | None = None  # (launched, ready, exits) at the last write
         self._directory_due = 0.0  # the periodic write waits until then (write_directory)
         self.exits = 0  # agent exits handled (the directory's change check)
+        #: agent id -> its directory entry (role, host), kept between writes (roles.directory_document)
+        self.directory_entries: dict[str, dict] = {}
         self._routes: dict[str, str] = {}
         self._selector = selectors.DefaultSelector()
         self._round: Round | None = None  # set and cleared by cfn_core.round alone

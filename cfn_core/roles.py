@@ -229,7 +229,7 @@ def directory_document(ctx) -> dict:
         if h.state in ("ready", "stopping") or (h.state == "starting" and h.incarnation > 1)
     )
     # an agent's entry depends only on its id and its host: kept between writes (10,000 agents)
-    cache = ctx.__dict__.setdefault("_directory_entries", {})
+    cache = ctx.directory_entries
     agents = {}
     for agent_id in ready:
         entry = cache.get(agent_id)
