@@ -43,7 +43,7 @@ def reporting(payload, agent):
     """A slow call that says it is alive: never stalled."""
     import time
 
-    for i in range(12):
+    for i in range(30):
         agent.status("waiting for the model", step=i)
         time.sleep(0.1)
     return "done"

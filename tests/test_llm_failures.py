@@ -114,21 +114,26 @@ def test_a_silent_command_is_caught_by_stall_and_a_chatty_one_by_timeout(make_co
     log.mkdir()
     events = tmp_path / "events.jsonl"
     config = make_config(
-        workload={"agents": 2, "command": f"{sys.executable} {FAKE} $(head -c 6) {log}", "timeout": 4.0,
-                  "stall_seconds": 0.5, "stall_kill_seconds": 0.5, "max_attempts": 2, "retry_backoff": 0.01},
+        # stall_seconds is well above an interpreter's start on a loaded machine (CI once saw
+        # the chatty command silent for over 0.5 s before its first line) and timeout above
+        # stall_seconds + stall_kill_seconds, so which limit ends each command is not a race
+        workload={"agents": 2, "command": f"{sys.executable} {FAKE} $(head -c 6) {log}", "timeout": 8.0,
+                  "stall_seconds": 2.0, "stall_kill_seconds": 0.5, "max_attempts": 2, "retry_backoff": 0.01},
     )
     with Coordinator(config, events=str(events)) as coord:
         result = coord.run(["hang  ", "chatty"])
     hang, chatty = (result.results[t] for t in sorted(result.results))
     # the wedged CLI: marked stalled, killed after stall_kill_seconds, retried once, then given up
     assert not hang.ok and hang.attempts == 2
-    assert hang.error.startswith("command stalled: no output for 1s"), hang.error
+    assert hang.error.startswith("command stalled: no output for 2.5s"), hang.error
     assert "[earlier attempts: 1: command stalled" in hang.error
     # the one that prints forever is never stalled: the task timeout ends it, not retried
-    assert not chatty.ok and chatty.attempts == 1 and chatty.error == "command timed out after 4s"
+    assert not chatty.ok and chatty.attempts == 1 and chatty.error == "command timed out after 8s"
     lines = events_of(events)
     stalled = [e for e in lines if e["type"] == "agent_status" and e["text"] == "stalled"]
-    assert len(stalled) == 2 and stalled[0]["fields"]["silent_seconds"] >= 0.5  # once per attempt
+    hang_id = sorted(result.results)[0]
+    assert [e["fields"]["task"] for e in stalled] == [hang_id, hang_id]  # once per attempt, never the chatty one
+    assert all(e["fields"]["silent_seconds"] >= 2.0 for e in stalled)
     assert [c[1] for c in calls(log)].count("hang") == 2 and [c[1] for c in calls(log)].count("chatty") == 1
     assert fake_processes(log) == []  # killed with their process groups
 
@@ -147,7 +152,9 @@ def test_a_silent_python_handler_is_stalled_one_that_reports_is_not(make_config,
     events = tmp_path / "events.jsonl"
     config = make_config(
         agents={"slow": {"count": 1, "handler": "llm_handlers:reporting"}, "stuck": {"count": 1, "handler": "llm_handlers:silent"}},
-        workload={"stall_seconds": 0.6, "stall_kill_seconds": 0.4, "max_attempts": 2, "timeout": 120.0},
+        # the reporting handler runs 3 s, three times stall_seconds, with a status every 0.1 s:
+        # a gap of 1 s between two of them would take a far worse machine than CI's
+        workload={"stall_seconds": 1.0, "stall_kill_seconds": 0.4, "max_attempts": 2, "timeout": 120.0},
     )
     from cfn_core import Task
 
