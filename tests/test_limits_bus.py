@@ -102,6 +102,34 @@ def test_full_inbox_raises_inbox_full_and_sends_nothing(bus_root):
         bus.destroy()
 
 
+def test_more_inboxes_than_the_process_may_map_keep_their_depth(bus_root):
+    """A process appending to more inboxes than vm.max_map_count allows mappings (a coordinator
+    of 100,000 hosted agents): the counters beyond the mapped ones go through their files,
+    and the depth still holds there, against a reader that has them mapped."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        inboxes = int(f.read()) + 2_000
+    bus = ShmBus.create(str(bus_root), inbox_depth=2, full_timeout=0.2)
+    try:
+        for i in range(inboxes):  # the old code: BusError (mmap: Cannot allocate memory) near 65,000
+            bus.deliver(f"a{i}", f"inbox/a{i}", [b'{"n":0}\n'])
+        last = f"a{inboxes - 1}"
+        bus.deliver(last, f"inbox/{last}", [b'{"n":1}\n'])
+        with pytest.raises(InboxFull):
+            bus.deliver(last, f"inbox/{last}", [b'{"n":2}\n'])
+        reader = ShmBus.attach(bus.run_dir, inbox_depth=2, full_timeout=0.2)
+        try:
+            records = reader.read(last, f"inbox/{last}")
+            assert len(records) == 2
+            reader.ack(last, [records[0][1]])
+            bus.deliver(last, f"inbox/{last}", [b'{"n":2}\n'])  # one settled: exactly one more fits
+            with pytest.raises(InboxFull):
+                bus.deliver(last, f"inbox/{last}", [b'{"n":3}\n'])
+        finally:
+            reader.close()
+    finally:
+        bus.destroy()
+
+
 def test_coordinator_inbox_is_not_limited(bus_root):
     bus = ShmBus.create(str(bus_root), inbox_depth=3, full_timeout=0.1)
     try:
