@@ -76,6 +76,13 @@ class AgentContext:
         self.counters["sent"] += len(messages)
         self._send(ctx=self, messages=messages, flush=flush)
 
+    def leave_exit_counters(self) -> None:
+        """Leave this agent's final counters for the coordinator (:mod:`cfn_core.figures`), in the
+        run's shared state; a hosted agent's travel with its host's exit report instead."""
+        from .figures import publish_exit_counters
+
+        publish_exit_counters(self.bus, self.agent_id, os.getpid(), self.counters)
+
     def note_fallback(self, hook: str, plugin: str | None, exc: BaseException) -> None:
         from .fallback import record_fallback
 
@@ -486,12 +493,15 @@ class AgentLoop:
     for the loop, never run inside the handler that is waiting.
     """
 
+    #: the class of its ``ctx`` (a hosted agent's reports its final counters to its host)
+    context_class: type[AgentContext] = AgentContext
+
     def __init__(self, config, pm, agent_id: str, run_ref: str, handler: Callable | None = None, bus=None):
         check_agent_id(agent_id)
         self.config = config
         self.pm = pm
         self.agent_id = agent_id
-        self.ctx = ctx = AgentContext(config, pm, agent_id, run_ref)
+        self.ctx = ctx = self.context_class(config, pm, agent_id, run_ref)
         if bus is None:
             ctx.bus = self.bus = pm.hook.cfn_bus(config=config, run_ref=run_ref)
             self.bus.listen(agent_id)  # bind the doorbell before the first read

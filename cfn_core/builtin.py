@@ -136,6 +136,4 @@ def cfn_release_agents(ctx, agent_ids):
 @hookimpl(trylast=True)
 def cfn_agent_exit(ctx):
     # after every plugin's own cfn_agent_exit (trylast), so their final flushes are counted
-    from .figures import publish_exit_counters
-
-    publish_exit_counters(ctx.bus, ctx.agent_id, os.getpid(), ctx.counters)
+    ctx.leave_exit_counters()

@@ -35,9 +35,14 @@ def exit_state_key(agent_id: str, pid: int) -> str:
     return f"figures.{agent_id}.{pid}"
 
 
+def final_counters(counters: Mapping[str, Any]) -> dict[str, int]:
+    """What an exiting agent leaves of its counters: the non-zero integers."""
+    return {k: v for k, v in counters.items() if v and type(v) is int}
+
+
 def publish_exit_counters(bus, agent_id: str, pid: int, counters: Mapping[str, Any]) -> None:
     """Leave an exiting agent's non-zero integer counters in the run's shared state (never raises)."""
-    snapshot = {k: v for k, v in counters.items() if v and type(v) is int}
+    snapshot = final_counters(counters)
     if not snapshot:
         return
     try:
@@ -64,6 +69,11 @@ class AgentFigures:
         seen = self._latest.get((src, process))
         if seen is None or seq > seen[0]:
             self._latest[(src, process)] = (seq, counters)
+
+    def take_final(self, agent_id: str, pid: int, counters: Any) -> None:
+        """An exited agent's final counters, reported rather than left in the shared state (a hosted agent's)."""
+        if isinstance(counters, dict):
+            self._latest[(agent_id, f"{agent_id}.{pid}")] = (_FINAL, _integers(counters))
 
     def take_exit_states(self, bus, handles: Iterable) -> None:
         """Prefer the final counters of agents that have exited (:func:`publish_exit_counters`)."""

@@ -11,7 +11,8 @@ synchronous handlers.
 
 The host's own inbox (its id) carries the coordinator's orders, records of kind
 ``host`` with ``{"op": ...}``: ``add`` (start agents), ``kill`` (cancel one agent's
-task: a task timeout, the watchdog) and ``stop``.  The host reports to the coordinator's host manager
+task: a task timeout, the watchdog), ``stop_agents`` (those agents read their inboxes,
+then exit: one order instead of a stop record each) and ``stop``.  The host reports to the coordinator's host manager
 (inbox ``_hosts``): ``exited`` for every agent task that ended (stopped,
 cancelled or crashed), ``lag`` when its event loop lagged over ``[workload]
 loop_lag`` (a handler that blocks the loop).
@@ -47,6 +48,8 @@ _KEEP_READERS = 256
 _SWEEP_SECONDS = 0.02
 #: agents started between two turns of the event loop
 _ADD_SLICE = 100
+#: agents woken between two turns of the event loop (Host.wake_all)
+_WAKE_SLICE = 200
 #: how often the loop-lag monitor wakes
 _LAG_INTERVAL = 0.05
 #: the host's copy of the run's directory (10,000 agents: ~40 ms to parse) is re-read after
@@ -191,6 +194,18 @@ def is_async(func: Any) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
 
 
+class HostedAgentContext(AgentContext):
+    """A hosted agent's ``ctx``: its final counters go with its host's exit report, not into
+    a state file each (10,000 of them were 7% of a host's time in a cold 10,000-agent run)."""
+
+    final_counters: dict[str, int] | None = None
+
+    def leave_exit_counters(self) -> None:
+        from .figures import final_counters
+
+        self.final_counters = final_counters(self.counters)
+
+
 class HostedLoop(AgentLoop):
     """One hosted agent: :class:`cfn_core.agent.AgentLoop`'s rules, driven by a coroutine.
 
@@ -199,6 +214,8 @@ class HostedLoop(AgentLoop):
     when the agent's inbox is rung) and running the handler (awaited, or in the
     host's thread pool when it is synchronous).
     """
+
+    context_class = HostedAgentContext
 
     def __init__(self, host: "Host", agent_id: str, handler: Any, incarnation: int):
         super().__init__(host.config, host.pm, agent_id, host.run_ref, handler, bus=host.bus)
@@ -387,6 +404,7 @@ class Host:
         self.incarnations: dict[str, int] = {}
         self.handlers: dict[str, Any] = {}  # role -> handler
         self.pending_adds: deque[str] = deque()
+        self.to_wake: deque[HostedLoop] = deque()  # agents to wake in the next slices (wake_all)
         self.adding: deque[str] = deque()  # ids of add orders not started yet
         self.adder: asyncio.Task | None = None
         self.exits: list[list] = []  # [agent id, exit code, why] not reported yet
@@ -448,12 +466,37 @@ class Host:
             self.sweep_soon()
             return
         agents = self.agents
+        woken = []
         for agent_id in ids:
             hosted = agents.get(agent_id)
             if hosted is not None:
-                hosted.wake()
+                woken.append(hosted)
             elif agent_id == self.id:
                 self.read_orders()
+        self.wake_all(woken)
+
+    def wake_all(self, agents: list[HostedLoop]) -> None:
+        """Wake agents, at most ``_WAKE_SLICE`` per turn of the loop.
+
+        Woken at once, 5,000 agents that each read a task and answer ran in one turn of
+        the loop (asyncio runs every callback ready when a turn starts), 0.4 s in which no
+        timer fired and the lag watch blamed a handler.  In slices, the loop turns every
+        few milliseconds; the total work is the same.  A few agents are woken at once.
+        """
+        if not self.to_wake and len(agents) <= _WAKE_SLICE:
+            for hosted in agents:
+                hosted.wake()
+            return
+        if not self.to_wake:
+            self.loop.call_soon(self.wake_slice)
+        self.to_wake.extend(agents)
+
+    def wake_slice(self) -> None:
+        to_wake = self.to_wake
+        for _ in range(min(_WAKE_SLICE, len(to_wake))):
+            to_wake.popleft().wake()
+        if to_wake:
+            self.loop.call_soon(self.wake_slice)
 
     def sweep_soon(self) -> None:
         """Wake every agent (each reads its inbox once), at most every ``_SWEEP_SECONDS``.
@@ -473,8 +516,7 @@ class Host:
         self.sweep_at = None
         self.last_sweep = self.loop.time()
         self.read_orders()
-        for hosted in list(self.agents.values()):
-            hosted.wake()
+        self.wake_all(list(self.agents.values()))
 
     def read_orders(self) -> None:
         messages = self._read(ctx=self.ctx, agent_id=self.id)
@@ -490,6 +532,8 @@ class Host:
                     self.adder = self.loop.create_task(self.add_all())
             elif op == "kill":
                 self.cancel(body.get("agent"), str(body.get("reason") or "killed"))
+            elif op == "stop_agents":
+                self.stop_agents([a for a in body.get("agents") or () if isinstance(a, str)])
             elif op == "stop":
                 self.stopping = True
         if messages:
@@ -540,6 +584,21 @@ class Host:
         if hosted is not None:
             hosted.wake()
 
+    def stop_agents(self, agent_ids: list[str]) -> None:
+        """A ``stop_agents`` order: as if each agent had read a stop record (it reads its inbox, then exits)."""
+        stopping = []
+        for agent_id in agent_ids:
+            if agent_id in self.pending_adds:  # killed and waiting to restart: it stays stopped
+                self.pending_adds.remove(agent_id)
+            hosted = self.agents.get(agent_id)
+            if hosted is not None:
+                hosted.stopping = True
+                stopping.append(hosted)
+            elif agent_id in self.adding:  # not started yet: nothing to read, it ends here
+                self.adding.remove(agent_id)
+                self.report_exit(agent_id, 0, None)
+        self.wake_all(stopping)
+
     def cancel(self, agent_id: Any, reason: str) -> None:
         hosted = self.agents.get(agent_id) if isinstance(agent_id, str) else None
         if hosted is not None and hosted.task is not None and not hosted.task.done():
@@ -563,18 +622,19 @@ class Host:
                 pass
         if self.wakeups is not None:
             self.wakeups.forget(agent_id)  # a restart here reads again what this one had not settled
-        self.report_exit(agent_id, code, why)
+        self.report_exit(agent_id, code, why, hosted.ctx.final_counters if hosted is not None else None)
         if agent_id in self.pending_adds:
             self.pending_adds.remove(agent_id)
             self.add(agent_id)
         if self.stopping and not self.agents and not self.done.done():
             self.done.set_result(None)
 
-    def report_exit(self, agent_id: str, code: int, why: str | None) -> None:
-        """Queue an ``exited`` report; those of one turn of the loop travel in one record."""
+    def report_exit(self, agent_id: str, code: int, why: str | None, counters: dict[str, int] | None = None) -> None:
+        """Queue an ``exited`` report (with the agent's final counters when it ended normally);
+        those of one turn of the loop travel in one record."""
         if not self.exits:
             self.loop.call_soon(self.send_exits)
-        self.exits.append([agent_id, code, why])
+        self.exits.append([agent_id, code, why, counters])
 
     def send_exits(self) -> None:
         exits, self.exits = self.exits, []
@@ -600,7 +660,8 @@ class Host:
             if lag > self.lag_threshold:
                 self.lags += 1
                 self.worst_lag = max(self.worst_lag, lag)
-                log.warning("host %s: event loop blocked for %.3fs (a handler that does not await?)", self.id, lag)
+                log.warning("host %s: event loop blocked for %.3fs (a handler that does not await, or more agents "
+                            "ready at once than the host runs in loop_lag)", self.id, lag)
                 self.report("lag", seconds=round(lag, 6), agents=len(self.agents), count=self.lags)
 
     def close(self) -> None:

@@ -103,3 +103,23 @@ def log_run(payload):
     """Append a line per completed run of a task (the exactly-once check counts them)."""
     with open(payload["log"], "a") as f:
         f.write(f"{payload['task']} {os.getpid()}\n")
+
+
+class CountsMessages:
+    """A task sends ``n`` messages to ``to``; on_stop writes how many this agent received
+    to ``$CFN_HOSTED_DIR/<id>`` (what it read before it stopped)."""
+
+    def __init__(self):
+        self.got = 0
+
+    async def on_task(self, payload, agent):
+        for i in range(payload["n"]):
+            agent.send(payload["to"], i)
+        return payload["n"]
+
+    def on_message(self, message, agent):
+        self.got += 1
+
+    def on_stop(self, agent):
+        with open(os.path.join(os.environ["CFN_HOSTED_DIR"], agent.id), "w") as f:
+            f.write(str(self.got))

@@ -84,3 +84,21 @@ def test_counters_of_other_names_and_forged_shapes_are_left_out(make_config, no_
     assert set(counters) == {"probe.sends", "probe.results"}
     (agent_all,) = [c for key, c in everything.items() if key[0] == "agent-0001"]
     assert agent_all["received"] >= 2 and set(counters) <= set(agent_all)  # the kernel's own counters too
+
+
+def test_hosted_agents_final_counters_travel_with_their_hosts_exit_report(make_config, no_leaks, probe):
+    """A hosted agent leaves no state file per agent: its host reports its final counters."""
+    agents = 6
+    config = make_config(
+        plugins=("probe",),
+        workload={"agents": agents, "handler": "hosted_handlers:echo", "directory": os.path.dirname(os.path.abspath(__file__)),
+                  "host": "async", "hosts": 2},
+    )
+    with Coordinator(config) as coord:
+        result = coord.run(list(range(agents)))
+        exit_states = [k for k in os.listdir(os.path.join(coord.ctx.run_ref, "state")) if k.startswith("figures.")]
+    assert result.ok and exit_states == []
+    (report,) = probe.REPORTS
+    assert {agent for agent, _process in report} == {f"agent-{i:04d}" for i in range(1, agents + 1)}
+    for counters in report.values():
+        assert counters == {"probe.sends": 2, "probe.results": 1}  # to the last send: the result

@@ -233,6 +233,23 @@ def test_one_doorbell_per_host_and_no_descriptor_per_agent_in_the_coordinator(ma
         assert me.num_fds() - fds_before < agents + 20
 
 
+def test_hosted_agents_are_stopped_by_one_order_per_host_after_reading_their_inboxes(make_config, no_leaks, tmp_path, monkeypatch):
+    monkeypatch.setenv("CFN_HOSTED_DIR", str(tmp_path))
+    agents, hosts = 40, 2
+    with Coordinator(hosted(make_config, agents=agents, hosts=hosts, handler="hosted_handlers:CountsMessages")) as coord:
+        tasks = [{"n": 25, "to": f"agent-{i % agents + 1:04d}"} for i in range(agents)]  # each to the next agent
+        result = coord.run(tasks)
+        assert result.ok and result.delivery_rate == 1.0
+        ctx = coord.ctx
+    # the coordinator sent a task per agent and per host an add order, a stop_agents order
+    # (when the run released its agents) and a stop order (at close): no stop record per agent
+    assert ctx.counters["sent"] == agents + 3 * hosts
+    # and every agent read what its peer had sent it before it stopped
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.name.startswith("agent-")} == {
+        f"agent-{i:04d}": "25" for i in range(1, agents + 1)
+    }
+
+
 def test_bad_host_setting_names_the_key_and_the_allowed_values(make_config):
     with pytest.raises(ConfigError) as info:
         make_config(workload={"host": "thread"})
