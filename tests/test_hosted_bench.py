@@ -25,3 +25,18 @@ def test_hosted_benchmark_runs_every_arm_side_by_side(tmp_path, bus_root, no_lea
     assert 0 < figures["memory_bytes_per_agent"] < 1 << 20
     assert set(figures["rtt"]) == {"hosted-same-host", "hosted-two-hosts", "process"}
     assert all(v["n"] == 20 and v["p99"] >= v["p50"] > 0 for v in figures["rtt"].values())
+
+
+@pytest.mark.bench
+def test_hosted_scale_arm_reports_delivery_phases_and_memory(tmp_path, bus_root, no_leaks):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfn_core.bench.hosted", "--only", "scale", "--agents", "300", "--root", str(bus_root),
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scale: 300 hosted agents" in proc.stdout and "delivery 1," in proc.stdout
+    s = json.loads(out.read_text())["scale"]
+    assert s["ok"] and s["ready"] == 300 and s["delivery"] == 1.0
+    assert s["total"] >= s["spawn"] + s["round"] and 0 < s["hosts_uss_bytes"]

@@ -13,7 +13,10 @@ falls on both alike; what is printed first is the ratio:
   messages a peer: the round's seconds and the overhead over the 1 s;
 * ``memory``: the hosts' resident memory (USS) with N agents over that with a few, per agent;
 * ``rtt``: request/reply round trips, p50/p99, between two hosted agents in one host,
-  across two hosts, and between two process agents.
+  across two hosts, and between two process agents;
+* ``scale`` (only when asked for, ``--only scale --agents 100000``): one fresh ``python``
+  process runs a round of one task per agent with N hosted agents; its phases, delivery,
+  the hosts' USS per agent and the coordinator's peak RSS.
 
 The agents' handlers are in this module (:class:`BenchAgent`, :class:`SyncBenchAgent`).
 """
@@ -101,6 +104,38 @@ def cold(kind: str, n: int, root: str) -> float:
     if proc.returncode != 0 or not proc.stdout.startswith("OK"):
         raise RuntimeError(f"cold {kind} x{n} failed: {proc.stdout[-500:]} {proc.stderr[-2000:]}")
     return seconds
+
+
+#: what the scale arm's child process runs (argv: n, hosts, bus root); prints one JSON line
+_SCALE = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import psutil
+from cfn_core import Coordinator
+from cfn_core.config import config_from_dict
+n, hosts, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+data = {"workload": {"agents": n, "handler": "cfn_core.bench.hosted:echo", "host": "async", "hosts": hosts, "timeout": 600},
+        "run": {"max_agents": max(n, 10)}, "bus": {"root": root}}  # [run] spawn_timeout stays its default, 30 s
+with Coordinator(config_from_dict(data, source="bench")) as coord:
+    t1 = time.perf_counter()
+    ready = coord.ctx.hook.cfn_acquire_agents(ctx=coord.ctx, count=n)
+    t2 = time.perf_counter()
+    uss = sum(psutil.Process(h.pid).memory_full_info().uss for h in coord.ctx.state["cfn.hosting"].hosts.values() if h.alive)
+    result = coord.run(list(range(n)))
+    t3 = time.perf_counter()
+t4 = time.perf_counter()
+print(json.dumps({"agents": n, "ready": len(ready), "ok": result.ok, "delivery": result.delivery_rate,
+                  "open": t1 - t0, "spawn": t2 - t1, "round": t3 - t2, "close": t4 - t3, "total": t4 - t0,
+                  "hosts_uss_bytes": uss, "coordinator_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def scale(n: int, hosts: int, root: str) -> dict:
+    """One round of ``n`` hosted agents in a fresh process: its phases and memory (see ``_SCALE``)."""
+    proc = subprocess.run([sys.executable, "-c", _SCALE, str(n), str(hosts), root], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scale x{n} failed: {proc.stdout[-500:]} {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _config(data: dict, root: str):
@@ -225,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
             p50, p99 = _pct(lat[arm], 0.5), _pct(lat[arm], 0.99)
             print(f"request/reply {arm:17s} p50 {p50 * 1e6:7.0f} us  p99 {p99 * 1e6:7.0f} us  "
                   f"p50 vs process {p50 / base:.2f}x")
+    if "scale" in only:
+        s = out["scale"] = scale(args.agents, hosts, root)
+        print(f"scale: {s['agents']} hosted agents in {hosts} host(s), one task each: delivery {s['delivery']:g}, "
+              f"ok {s['ok']}; total {s['total']:.1f} s (open {s['open']:.2f}, spawn {s['spawn']:.1f}, round "
+              f"{s['round']:.1f}, close {s['close']:.1f}); hosts' USS {s['hosts_uss_bytes'] / s['agents'] / 1024:.1f} "
+              f"KiB per agent; coordinator peak RSS {s['coordinator_max_rss_bytes'] / 2**20:.0f} MiB")
     out["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
