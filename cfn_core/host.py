@@ -409,7 +409,7 @@ class Host:
         self.to_wake: deque[HostedLoop] = deque()  # agents to wake in the next slices (wake_all)
         self.adding: deque[str] = deque()  # ids of add orders not started yet
         self.adder: asyncio.Task | None = None
-        self.exits: list[list] = []  # [agent id, exit code, why] not reported yet
+        self.exits: list[list] = []  # [agent id, exit code, why, final counters] not reported yet
         self.sweep_at: asyncio.TimerHandle | None = None
         self.last_sweep = 0.0
         self.pool = ThreadPoolExecutor(max_workers=max(4, min(32, (os.cpu_count() or 1) * 4)), thread_name_prefix="cfn-host")

@@ -147,8 +147,8 @@ class HostManager:
     def stop(self, handles) -> None:
         """Ask hosted agents to exit: one ``stop_agents`` order per host, not a stop record per agent.
 
-        10,000 stop records (an inbox appended to and rung each) took about 1 s of a cold
-        10,000-agent run.  What the coordinator sent those agents is written first (the
+        10,000 stop records (an inbox appended to and rung each) took up to 1 s of a cold
+        10,000-agent run on a loaded machine.  What the coordinator sent those agents is written first (the
         flush), so each still reads all of it before it stops, as it would read what came
         before a stop record in its inbox.
         """
