@@ -6,7 +6,17 @@ import os
 import time
 
 
+def _mark(path: str) -> None:
+    """Write this process's pid to ``path`` whole: the test waits for the file to exist and
+    reads it at once (a file opened and not yet written was read empty once in CI)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
 def _started(payload) -> None:
+    # appended, one line per handler (tests count them): a test waits for whole lines
     if isinstance(payload, dict) and payload.get("started"):
         with open(payload["started"], "a") as fh:  # the test waits for it: the handler runs now
             fh.write(f"{os.getpid()}\n")
@@ -63,8 +73,7 @@ def step_agent(payload, agent):
     """:func:`step`, and a ``{"wait": path}`` payload reports a status until cancelled."""
     inner = payload.get("payload") if isinstance(payload, dict) and "after" in payload else payload
     if isinstance(inner, dict) and inner.get("wait"):
-        with open(inner["wait"], "w") as fh:
-            fh.write(str(os.getpid()))
+        _mark(inner["wait"])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             agent.status("waiting to be cancelled")

@@ -24,6 +24,12 @@ HERE = Path(__file__).resolve().parent
 PLUGIN_SETS = [(), ("pool", "parallel", "batch")]
 
 
+def _whole_line(path) -> bool:
+    """``path`` exists and holds a whole line: a handler's pid, appended (not just created;
+    CI once read a marker file empty between its creation and its write)."""
+    return path.exists() and path.read_text().endswith("\n")
+
+
 def _config(make_config, plugins=(), agents=2, **workload):
     tables = {"workload": {"agents": agents, "directory": str(HERE), **workload}}
     if "pool" in plugins:
@@ -70,7 +76,7 @@ def test_tasks_submitted_while_others_run_finish_first(make_config, no_leaks, tm
     gate, started = tmp_path / "gate", tmp_path / "started"
     with Coordinator(config) as coord:
         slow = coord.submit({"gate": str(gate), "started": str(started), "value": "slow"})
-        wait_for(started.exists, "the slow task to start")
+        wait_for(lambda: _whole_line(started), "the slow task to start")
         open_gate = tmp_path / "open"
         open_gate.touch()
         quick = [coord.submit({"gate": str(open_gate), "value": i}) for i in range(10)]
@@ -162,7 +168,7 @@ def test_a_signal_while_blocked_in_as_completed_stops_everything(bus_root, tmp_p
         script = "import signal\ndef _term(*a): raise KeyboardInterrupt\nsignal.signal(signal.SIGTERM, _term)\n" + script
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: started.exists() and len(started.read_text().split()) == 2, "both agents to run a task")
+        wait_for(lambda: started.exists() and started.read_text().count("\n") == 2, "both agents to run a task")
         agents = [int(p) for p in started.read_text().split()]
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -193,7 +199,7 @@ def test_ctrl_c_while_the_with_block_waits_for_its_tasks(bus_root, tmp_path, no_
     script = LEAVING.format(here=str(HERE), root=str(bus_root), started=str(started))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(started.exists, "the task to run while the block waits for it")
+        wait_for(lambda: _whole_line(started), "the task to run while the block waits for it")
         agent = int(started.read_text())
         proc.send_signal(signal.SIGINT)  # leaving the block waits for the task: Ctrl-C must still end it
         out, err = proc.communicate(timeout=60)
@@ -246,7 +252,7 @@ def test_cancel_a_running_python_handler_at_its_next_agent_call(make_config, no_
     started = tmp_path / "started"
     with Coordinator(config) as coord:
         f = coord.submit({"started": str(started)})
-        wait_for(started.exists, "the handler to start")
+        wait_for(lambda: _whole_line(started), "the handler to start")
         pid = int(started.read_text())
         assert coord.cancel(f.task_id) is True
         with pytest.raises(Cancelled):
@@ -255,7 +261,7 @@ def test_cancel_a_running_python_handler_at_its_next_agent_call(make_config, no_
         # the agent stopped the handler itself (no kill: same process) and takes the next task
         started.unlink()
         g = coord.submit({"started": str(started)})
-        wait_for(started.exists, "the next task to start")
+        wait_for(lambda: _whole_line(started), "the next task to start")
         assert int(started.read_text()) == pid
         assert coord.cancel(g.task_id)
         with pytest.raises(Cancelled):
@@ -289,7 +295,7 @@ def test_a_handler_that_ignores_cancel_is_killed_after_the_grace_period(make_con
     log = tmp_path / "events.jsonl"
     with Coordinator(config, events=str(log)) as coord:
         f = coord.submit({"started": str(started)})
-        wait_for(started.exists, "the handler to start")
+        wait_for(lambda: _whole_line(started), "the handler to start")
         pid = int(started.read_text())
         assert coord.cancel(f.task_id)
         with pytest.raises(Cancelled):
@@ -297,7 +303,7 @@ def test_a_handler_that_ignores_cancel_is_killed_after_the_grace_period(make_con
         wait_for(lambda: not _alive(pid), "the stubborn agent to be killed")
         started.unlink()
         g = coord.submit({"started": str(started)})  # its replacement runs the next task
-        wait_for(started.exists, "the replacement to run a task")
+        wait_for(lambda: _whole_line(started), "the replacement to run a task")
         assert int(started.read_text()) != pid
         coord.cancel(g.task_id)
     coord_events = _events(log)
