@@ -10,6 +10,7 @@ to sleep: it never needs to read again "in case".
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -22,7 +23,9 @@ from ..errors import BusError
 from .rundir import plain_name
 
 #: doorbell paths a sender keeps (a string each; cleared when full)
-_MAX_CACHED_ADDRS = 4096
+_MAX_CACHED_ADDRS = 65536
+#: receiver ids one datagram names at most (Ringer.ring_many); 128 ids of up to 128 bytes fit in 16 KiB
+_IDS_PER_RING = 128
 BELL_NAME_MAX = 32  # unix socket paths are limited to 107 bytes
 
 
@@ -99,11 +102,12 @@ class Doorbells:
         self.bell(bell_id)
         path = os.path.join(self.bell_dir, bell_name(agent_id))
         tmp = f"{path}.{os.getpid()}.lnk"
+        target = bell_name(bell_id)  # relative: a replacement's socket at the same name is found
         try:
+            os.symlink(target, tmp)
+        except FileExistsError:  # left by a process of this pid that died here (pids are reused)
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.symlink(bell_name(bell_id), tmp)  # relative: a replacement's socket at the same name is found
+            os.symlink(target, tmp)
         os.replace(tmp, path)
 
     def woken(self, bell_id: str) -> list[str] | None:
@@ -117,12 +121,15 @@ class Doorbells:
         """
         recv = self.bell(bell_id).recv
         ids: list[str] = []
+        datagrams = 0
         try:
             while True:
-                ids.append(recv(256, socket.MSG_DONTWAIT).decode("utf-8", "replace"))
+                # a datagram names one receiver, or several separated by newlines (Ringer.ring_many)
+                ids.extend(recv(65536, socket.MSG_DONTWAIT).decode("utf-8", "replace").split("\n"))
+                datagrams += 1
         except BlockingIOError:
             pass
-        if len(ids) >= _dgram_qlen():
+        if datagrams >= _dgram_qlen():
             return None
         return ids
 
@@ -155,6 +162,7 @@ class Ringer:
         self._sndbuf = 0
         self.addrs: dict[str, str] = {}  # receiver id -> its doorbell's path (built once)
         self._names: dict[str, bytes] = {}  # receiver id -> the ring's datagram (its id: a shared doorbell tells whom)
+        self._targets: dict[str, str] = {}  # receiver id -> the socket its doorbell is (a shared one: see ring_many)
         #: rings retried from a fresh socket because the old one's send buffer was full (see ring)
         self.retried = 0
 
@@ -168,8 +176,51 @@ class Ringer:
                 self.addrs.clear()
                 self._names.clear()
             self._names[dst] = dst.encode()
+            self._targets.pop(dst, None)
             addr = self.addrs[dst] = self._prefix + bell_name(dst)
         return addr
+
+    def target(self, dst: str) -> str:
+        """The socket a ring to ``dst`` reaches: its own doorbell, or the one its link names.
+
+        A shared doorbell (:meth:`Doorbells.share`) is a symbolic link to its listener's
+        socket; which socket is kept once known (a link stays a link to the same name: a
+        replacement listener binds that name again).  A doorbell not there yet is looked
+        at again next time.
+        """
+        found = self._targets.get(dst)
+        if found is None:
+            addr = self.addrs.get(dst) or self.addr(dst)
+            try:
+                link = os.readlink(addr)
+            except OSError as exc:  # EINVAL: a socket of its own; ENOENT: not listening yet
+                if exc.errno == errno.ENOENT:
+                    return addr
+                found = addr
+            else:
+                found = link if link.startswith("/") else self._prefix + link
+            self._targets[dst] = found
+        return found
+
+    def ring_many(self, dsts: list[str]) -> None:
+        """:meth:`ring` each of ``dsts``, one datagram per shared doorbell naming all its receivers.
+
+        The coordinator rings 10,000 hosted agents of two hosts after sending them their
+        tasks: one datagram each overflowed the hosts' sockets (a queue of
+        ``net.unix.max_dgram_qlen`` datagrams, often 10) at once, and every overflow made a
+        host read all its agents' inboxes.  Grouped, a slice of deliveries is one datagram
+        per host (at most ``_IDS_PER_RING`` ids each).
+        """
+        if len(dsts) == 1:
+            self.ring(dsts[0])
+            return
+        groups: dict[str, list[bytes]] = {}
+        for dst in dsts:
+            names = groups.setdefault(self.target(dst), [])
+            names.append(self._names.get(dst) or dst.encode())
+        for addr, names in groups.items():
+            for i in range(0, len(names), _IDS_PER_RING):
+                self._send(b"\n".join(names[i : i + _IDS_PER_RING]), addr)
 
     def ring(self, dst: str) -> None:
         """Wake ``dst`` if it sleeps.  Never blocks; a missing doorbell means it is not asleep yet.
@@ -187,7 +238,10 @@ class Ringer:
         busy receiver), and the ring is done.
         """
         addr = self.addrs.get(dst) or self.addr(dst)
-        name = self._names.get(dst) or dst.encode()
+        self._send(self._names.get(dst) or dst.encode(), addr)
+
+    def _send(self, name: bytes, addr: str) -> None:
+        """One ring's datagram to the socket at ``addr`` (see :meth:`ring`)."""
         for fresh in (False, True):
             if self._sock is None or fresh:
                 if self._sock is not None:

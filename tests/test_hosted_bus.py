@@ -1,0 +1,107 @@
+"""The bus scales with hosts, not agents (issue #19, docs/HOSTING.md "How it works").
+
+A host's agents share one doorbell; the coordinator's rings to them go out one datagram
+per host and slice of deliveries; a host writes what its agents send the coordinator in
+a turn of its loop together; with cfn-batch a host batches for all its agents; on
+cfn-redis hosted agents use their machine's one relay.  Real host processes, a real
+/dev/shm bus, a real Redis server where named.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfn_core.bus.doorbell import _dgram_qlen
+from cfn_core.bus.shm import ShmBus
+from cfn_core.errors import BusError
+
+HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, os.path.join(HERE, "..", "plugins", "cfn-redis", "tests"))
+from redis_servers import _ping  # noqa: E402
+
+REDIS_URL = os.environ.get("CFN_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def bus(bus_root):
+    bus = ShmBus.create(str(bus_root))
+    yield bus
+    bus.destroy()
+
+
+def test_deliveries_to_many_inboxes_of_one_shared_doorbell_ring_it_a_few_times_naming_all(bus):
+    # one datagram per delivery overflowed the host's queue (net.unix.max_dgram_qlen, often 10)
+    # and woken() returned None: the host then read every one of its agents' inboxes
+    ids = [f"agent-{i:04d}" for i in range(1, 301)]  # three slices of deliveries: three datagrams
+    for agent_id in ids:
+        bus.listen_shared(agent_id, "_host.w.1")
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        sender.deliver_many([(a, f"inbox/{a}", [b'{"x":1}\n']) for a in ids])
+        assert _dgram_qlen() > 3  # what the next line relies on (Linux's default is 10)
+        woken = bus.woken("_host.w.1")
+        assert woken is not None, "the queue overflowed: the rings were not grouped"
+        assert sorted(woken) == ids
+        for agent_id in ids[:3]:
+            assert [r for r, _ in bus.read(agent_id, f"inbox/{agent_id}")] == [b'{"x":1}\n']
+    finally:
+        sender.close()
+
+
+def test_grouped_rings_still_wake_readers_with_doorbells_of_their_own(bus):
+    bus.listen("solo-1")
+    bus.listen("solo-2")
+    bus.listen_shared("hosted-1", "_host.w.1")
+    bus.listen_shared("hosted-2", "_host.w.1")
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        sender.deliver_many([(a, f"inbox/{a}", [b"{}\n"]) for a in ("solo-1", "hosted-1", "solo-2", "hosted-2")])
+        assert bus.wait("solo-1", 0) and bus.wait("solo-2", 0)
+        assert sorted(bus.woken("_host.w.1")) == ["hosted-1", "hosted-2"]
+    finally:
+        sender.close()
+
+
+def test_what_was_delivered_before_a_failing_delivery_is_rung(bus):
+    bus.listen_shared("hosted-1", "_host.w.1")
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        with pytest.raises(BusError):
+            sender.deliver_many([("hosted-1", "inbox/hosted-1", [b"{}\n"]), ("../x", "inbox/../x", [b"{}\n"])])
+        assert bus.woken("_host.w.1") == ["hosted-1"]  # appended, so rung: no reader sleeps on it
+    finally:
+        sender.close()
+
+
+def test_a_slice_of_deliveries_that_fills_an_inbox_rings_it_before_waiting_for_room(bus_root):
+    # the rings of a slice go out after its appends: an inbox filled by the slice's own
+    # records, not rung yet, was never read, and the sender waited out its full_timeout
+    # (the coordinator handing 40 tasks to 2 agents with inbox_depth = 3)
+    import threading
+
+    owner = ShmBus.create(str(bus_root), inbox_depth=3, full_timeout=60.0)
+    reader = ShmBus.attach(owner.run_dir, inbox_depth=3)
+    sender = ShmBus.attach(owner.run_dir, inbox_depth=3, full_timeout=60.0)
+    got: list[bytes] = []
+    try:
+        reader.listen("slow")
+
+        def read_all() -> None:
+            while len(got) < 8 and reader.wait("slow", 120):
+                records = reader.read("slow", "inbox/slow")
+                got.extend(r for r, _ in records)
+                reader.ack("slow", [receipt for _, receipt in records])
+
+        thread = threading.Thread(target=read_all)
+        thread.start()
+        sender.deliver_many([("slow", "inbox/slow", [b'{"n":%d}\n' % i]) for i in range(8)])
+        thread.join(120)
+        assert got == [b'{"n":%d}\n' % i for i in range(8)]
+    finally:
+        sender.close()
+        reader.close()
+        owner.destroy()
