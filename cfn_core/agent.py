@@ -542,7 +542,7 @@ class AgentLoop:
         """Announce readiness, serve until told to stop, shut down.  Returns the exit status."""
         self.pm.hook.cfn_agent_init(ctx=self.ctx)
         self.helpers = frozenset(child_pids())  # an agent-side plugin's own processes: not a handler's leftovers
-        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
+        self.send_own([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid()})])
         self._flush(ctx=self.ctx, reason="explicit")
         self.user.start(self)
         while True:
@@ -599,6 +599,15 @@ class AgentLoop:
         self.settle()
         self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "retiring", body={"why": why, "pid": os.getpid()})])
         self.flush()
+
+    def send_own(self, messages: list[Message]) -> None:
+        """Send the loop's own records to the coordinator (its ready, its results).
+
+        A process agent sends them now; a hosted agent's host writes those of all its
+        agents at the end of a turn of its event loop, before their acks
+        (:meth:`cfn_core.host.Host.post`).  Raises MessageTooLarge here in both cases.
+        """
+        self.ctx.send(messages)
 
     def settle(self) -> None:
         """Flush what plugins buffered, then ack what is complete (in that order: see the class)."""
@@ -903,10 +912,10 @@ class AgentLoop:
             body["fallbacks"] = list(ctx.fallbacks.values())
         result = ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)
         try:
-            ctx.send([result])
+            self.send_own([result])
         except CfnError as exc:  # e.g. the value is too large: report that instead
             body.update(ok=False, value=None, error=f"result not sent: {exc}")
-            ctx.send([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
+            self.send_own([ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)])
         self.unflushed = True
         self.tasks_run += 1
         self.settled.append(msg.receipt)

@@ -37,12 +37,11 @@ from .agent import AgentContext, AgentLoop, _Work, bootstrap_shm, describe_excep
 from .agent_api import Agent, AgentMessage, Talk
 from .bus import SharedWakeups
 from .errors import CfnError, ReceiveTimeout
-from .messages import COORDINATOR_ID
+from . import builtin
+from .messages import COORDINATOR_ID, HOST_PREFIX, HOSTS_INBOX, Message
 
 log = logging.getLogger("cfn.host")
 
-#: the inbox of the coordinator's host manager (cfn_core.hosting)
-HOSTS_INBOX = "_hosts"
 #: descriptors a host keeps besides its agents' readers (two per inbox; idle agents give theirs back beyond)
 _KEEP_READERS = 256
 #: shortest interval between two sweeps of every inbox (after rings were dropped; see Host.sweep_soon)
@@ -60,12 +59,16 @@ _DIRECTORY_TTL = 2.0
 _DIRECTORY_REFRESH = 0.25
 
 
+#: a round no task reaches: AgentLoop.given_up reads the skip list only for rounds after it
+_NEVER = float("inf")
+
+
 def host_id(role: str, number: int) -> str:
     """The id (inbox, doorbell) of a role's ``number``-th host process: ``_host.<role>.<number>``.
 
     It starts with ``_``, which no agent id does, so a host can never be mistaken for an agent.
     """
-    return f"_host.{role}.{number}"
+    return f"{HOST_PREFIX}{role}.{number}"
 
 
 # ---------------------------------------------------------------------- one hosted agent
@@ -196,10 +199,23 @@ def is_async(func: Any) -> bool:
 
 
 class HostedAgentContext(AgentContext):
-    """A hosted agent's ``ctx``: its final counters go with its host's exit report, not into
-    a state file each (10,000 of them were 7% of a host's time in a cold 10,000-agent run)."""
+    """A hosted agent's ``ctx``.
+
+    Its sends go through its host's ``ctx`` (one ``cfn_send``/``cfn_flush`` for all the
+    host's agents: with cfn-batch, one batcher per host), after what the host's agents
+    posted (:meth:`Host.post`), so every sender's order holds.  Its final counters go with
+    its host's exit report, not into a state file each (10,000 of them were 7% of a host's
+    time in a cold 10,000-agent run).
+    """
 
     final_counters: dict[str, int] | None = None
+    host: "Host"
+
+    def send(self, messages: list[Message], flush: bool = False) -> None:
+        self.counters["sent"] += len(messages)
+        host = self.host
+        host.write_posted()
+        host.ctx._send(ctx=host.ctx, messages=messages, flush=flush)
 
     def leave_exit_counters(self) -> None:
         from .figures import final_counters
@@ -221,6 +237,8 @@ class HostedLoop(AgentLoop):
     def __init__(self, host: "Host", agent_id: str, handler: Any, incarnation: int):
         super().__init__(host.config, host.pm, agent_id, host.run_ref, handler, bus=host.bus)
         self.host = host
+        self.ctx.host = host
+        self._flush = host.flush_sends  # its sends are the host's (HostedAgentContext.send)
         if incarnation > 1:
             # a restart inside the same host must not reuse its predecessor's message ids
             # (``<id>.<pid>.<seq>``, de-duplicated by receivers): beyond any pid (pid_max <= 2**22)
@@ -259,6 +277,14 @@ class HostedLoop(AgentLoop):
 
     def sleep(self, timeout: float | None = None) -> bool:  # pragma: no cover - a bug if reached
         raise RuntimeError("a hosted agent waits with wait_woken, never in the bus")
+
+    def send_own(self, messages: list[Message]) -> None:
+        self.host.post(self.ctx, messages)  # its ready and results: written with the turn's others
+
+    def settle(self) -> None:
+        if self.settled:  # after the host wrote what was posted this turn (Host.end_turn)
+            self.host.ack_later(self.agent_id, self.settled)
+            self.settled = []
 
     # -------------------------------------------------------------- tasks
 
@@ -334,8 +360,7 @@ class HostedLoop(AgentLoop):
 
     async def run(self) -> int:
         self.pm.hook.cfn_agent_init(ctx=self.ctx)
-        self.ctx.send([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid(), "host": self.host.id})])
-        self._flush(ctx=self.ctx, reason="explicit")
+        self.send_own([self.ctx.factory.make(COORDINATOR_ID, "ready", body={"pid": os.getpid(), "host": self.host.id})])
         while True:
             self.read_inbox()
             self.run_tasks()
@@ -351,7 +376,7 @@ class HostedLoop(AgentLoop):
                 break
             self.settle()
             if not self.rung and self.host.forget_idle and self.host.wakeups is not None:
-                self.host.wakeups.forget(self.agent_id, idle=True)  # its reader descriptors, until it is rung again
+                self.host.forget_when_settled(self)  # its reader descriptors, until it is rung again
             await self.wait_woken()
         if self.user.on_stop is not None and self.user.started:
             try:
@@ -360,7 +385,7 @@ class HostedLoop(AgentLoop):
                     await result
             except Exception as exc:
                 log.warning("on_stop failed: %s", describe_exception(exc))
-        self.pm.hook.cfn_flush(ctx=self.ctx, reason="shutdown")
+        self.host.end_turn("shutdown")  # what it posted, then every ack of the host's agents
         if self.settled:
             self.bus.ack(self.agent_id, self.settled)
             self.settled = []
@@ -382,6 +407,9 @@ class HostContext(AgentContext):
             return loc
         return super().route(agent_id)
 
+    def leave_exit_counters(self) -> None:
+        pass  # the host's counters (its plugins' figures: the agents' sends are the host's) go with every exit report
+
 
 class Host:
     """One host process: its agents, its doorbell, its event loop, its thread pool."""
@@ -402,10 +430,18 @@ class Host:
         self.bus.listen(host_id)
         self._read = direct_caller(pm, "cfn_read")
         self._flush = direct_caller(pm, "cfn_flush")
+        #: only the baseline sends: posted records are written grouped per destination (Host.write_posted)
+        self.direct_send = self.ctx._send is builtin.cfn_send
+        self.posted: list[tuple[Message, bytes]] = []  # the agents' ready and results, written at the turn's end
+        self.acks: list[tuple[str, list]] = []  # their acks, applied after that
+        self.to_forget: list[HostedLoop] = []  # idle agents giving back their descriptors after their acks
+        self.turn_end_due = False
         self.agents: dict[str, HostedLoop] = {}
         self.incarnations: dict[str, int] = {}
         self.handlers: dict[str, Any] = {}  # role -> handler
         self.pending_adds: deque[str] = deque()
+        #: ids whose add order said "fresh" (their first launch in the session), not started yet
+        self.fresh: set[str] = set()
         self.to_wake: deque[HostedLoop] = deque()  # agents to wake in the next slices (wake_all)
         self.adding: deque[str] = deque()  # ids of add orders not started yet
         self.adder: asyncio.Task | None = None
@@ -442,6 +478,88 @@ class Host:
     def async_task(self, user) -> bool:
         return is_async(user._task)
 
+    # -------------------------------------------------------------- the agents' records, per turn
+
+    def post(self, ctx: AgentContext, messages: list[Message]) -> None:
+        """Queue an agent's own records (ready, results) for the end of this turn of the loop.
+
+        The 200 agents of one wake-up slice answering the coordinator were 200 appends to
+        its inbox, each locked and rung; written together they are one (per destination).
+        Encoded now, so that a record too large raises in the agent (MessageTooLarge), as
+        a send does.  The agents' acks wait for the write (:meth:`ack_later`): a host that
+        dies before it loses both, and a replacement re-reads the tasks (exactly once per
+        attempt, as before).
+        """
+        limit = self.config.bus.max_message_bytes
+        self.posted.extend((m, m.encode(limit)) for m in messages)
+        ctx.counters["sent"] += len(messages)
+        self._end_turn_soon()
+
+    def ack_later(self, agent_id: str, receipts: list) -> None:
+        """Ack an agent's records after what was posted before them is written (:meth:`end_turn`)."""
+        self.acks.append((agent_id, receipts))
+        self._end_turn_soon()
+
+    def forget_when_settled(self, hosted: HostedLoop) -> None:
+        self.to_forget.append(hosted)
+        self._end_turn_soon()
+
+    def _end_turn_soon(self) -> None:
+        if not self.turn_end_due:
+            self.turn_end_due = True
+            self.loop.call_soon(self.end_turn)
+
+    def end_turn(self, reason: str = "explicit") -> None:
+        """Write what the agents posted, then apply their acks (in that order), then let idle ones forget."""
+        self.turn_end_due = False
+        try:
+            self.flush_sends(self.ctx, reason)
+        except (CfnError, OSError) as exc:  # a full bus: not acked, so a replacement re-reads them
+            log.warning("host %s could not write its agents' records: %s", self.id, exc)
+            self.acks, self.to_forget = [], []
+            return
+        acks, self.acks = self.acks, []
+        for agent_id, receipts in acks:
+            self.bus.ack(agent_id, receipts)
+        forget, self.to_forget = self.to_forget, []
+        for hosted in forget:
+            if not hosted.rung and self.agents.get(hosted.agent_id) is hosted:
+                self.wakeups.forget(hosted.agent_id, idle=True)
+
+    def write_posted(self) -> None:
+        """Write the posted records now: grouped per destination, or handed to the plugins'
+        ``cfn_send`` (then the caller flushes)."""
+        posted = self.posted
+        if not posted:
+            return
+        self.posted = []
+        counters = self.ctx.counters  # the host's own: reported under its id (send_exits)
+        counters["host_records_posted"] += len(posted)
+        counters["host_posted_writes"] += 1
+        if self.direct_send:
+            by_dst: dict[str, list[bytes]] = {}
+            for msg, data in posted:
+                records = by_dst.get(msg.dst)
+                if records is None:
+                    by_dst[msg.dst] = [data]
+                else:
+                    records.append(data)
+            route = self.ctx.route
+            batches = [(dst, route(dst), records) for dst, records in by_dst.items()]
+            many = getattr(self.bus, "deliver_many", None)
+            if many is not None:
+                many(batches)
+            else:
+                for batch in batches:
+                    self.bus.deliver(*batch)
+        else:  # the caller flushes next
+            self.ctx._send(ctx=self.ctx, messages=[msg for msg, _ in posted], flush=True)
+
+    def flush_sends(self, ctx: AgentContext, reason: str) -> None:
+        """A hosted agent's ``cfn_flush``: its sends went through the host's ``ctx``."""
+        self.write_posted()
+        self._flush(ctx=self.ctx, reason=reason)
+
     # -------------------------------------------------------------- serving
 
     async def serve(self) -> int:
@@ -449,10 +567,12 @@ class Host:
         self.done = self.loop.create_future()
         self.loop.add_reader(self.bus.wake_fd(self.id), self.on_wake)
         lag = asyncio.ensure_future(self.watch_lag())
+        self.pm.hook.cfn_agent_init(ctx=self.ctx)  # its agents send through its ctx (HostedAgentContext)
         self.read_orders()
         try:
             await self.done
-            self.send_exits()
+            self.pm.hook.cfn_agent_exit(ctx=self.ctx)  # the plugins' final flush of the host's sends
+            self.send_exits(final=True)
         finally:
             lag.cancel()
             self.loop.remove_reader(self.bus.wake_fd(self.id))
@@ -535,6 +655,8 @@ class Host:
                 log.warning("host %s: %s record from %s ignored", self.id, msg.kind, msg.src[:80])
             elif op == "add":
                 ids = [a for a in body.get("agents") or () if isinstance(a, str)]
+                if body.get("fresh") is True:
+                    self.fresh.update(ids)
                 self.adding.extend(ids)
                 if self.adder is None or self.adder.done():
                     self.adder = self.loop.create_task(self.add_all())
@@ -582,6 +704,10 @@ class Host:
             else:
                 self.bus.listen(agent_id)
             hosted = HostedLoop(self, agent_id, handler, n)
+            if agent_id in self.fresh:
+                self.fresh.discard(agent_id)
+                if n == 1:  # no skip list can exist for it: the coordinator writes one only before a relaunch
+                    hosted.skip_read_for = _NEVER
             if not self.shared:
                 fd = self.bus.wake_fd(agent_id)
                 self.loop.add_reader(fd, self._wake_one, agent_id)
@@ -636,6 +762,7 @@ class Host:
                 self.loop.remove_reader(self.bus.wake_fd(agent_id))
             except (OSError, ValueError):
                 pass
+        self.end_turn()  # its acks before its reader state goes
         if self.wakeups is not None:
             self.wakeups.forget(agent_id)  # a restart here reads again what this one had not settled
         self.report_exit(agent_id, code, why, hosted.ctx.final_counters if hosted is not None else None)
@@ -652,15 +779,20 @@ class Host:
             self.loop.call_soon(self.send_exits)
         self.exits.append([agent_id, code, why, counters])
 
-    def send_exits(self) -> None:
+    def send_exits(self, final: bool = False) -> None:
+        """Report the agents that ended, with the host's own counters (on the coordinator:
+        ``agent_counters()`` under the host's id); the ``final`` report even with none."""
+        from .figures import final_counters
+
         exits, self.exits = self.exits, []
-        if exits:
-            self.report("exited", agents=exits, pid=os.getpid())
+        if exits or final:
+            self.report("exited", agents=exits, pid=os.getpid(), counters=final_counters(self.ctx.counters))
 
     def report(self, op: str, **body: Any) -> None:
         """Tell the coordinator's host manager (inbox ``_hosts``); a full bus is logged, not raised."""
         body.update(op=op, host=self.id)
         try:
+            self.write_posted()  # the agents' results before the report of their end
             self.ctx.send([self.ctx.factory.make(HOSTS_INBOX, "host", body=body)])
             self._flush(ctx=self.ctx, reason="explicit")
         except (CfnError, OSError) as exc:

@@ -36,12 +36,14 @@ import zlib
 from typing import Any
 
 from .hookspecs import hookimpl
+from .messages import HOSTS_INBOX
+
+#: agents per add order while cfn_spawn launches a batch (cfn_core.host starts a hundred per turn)
+_ADD_ORDER = 1000
 from .roles import role_of
 
 log = logging.getLogger("cfn.hosting")
 
-#: the coordinator's inbox for the hosts' reports (cfn_core.host.HOSTS_INBOX)
-HOSTS_INBOX = "_hosts"
 _STATE_KEY = "cfn.hosting"
 
 
@@ -59,7 +61,8 @@ class HostProcess:
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.incarnation = 0
-        self.adds: list[str] = []  # agent ids to send in the next add order
+        self.adds: list[str] = []  # agent ids to send in the next add order (first launches of their ids)
+        self.readds: list[str] = []  # ... and relaunches (a skip list may exist for them: cfn_core.agent.read_skip_list)
         self.kills: dict[str, float] = {}  # agent id -> when a kill order was sent, unanswered
         self.lags = 0
         self.worst_lag = 0.0
@@ -77,6 +80,7 @@ class HostManager:
         self.hosts: dict[str, HostProcess] = {}
         self.listening = False
         self.batching = False  # inside cfn_spawn: add orders wait for the batch's end
+        self.launched: set[str] = set()  # every hosted agent id launched in this session
 
     # -------------------------------------------------------------- launching
 
@@ -114,20 +118,29 @@ class HostManager:
         host = self.host_for(agent_id)
         if not host.alive:
             self.start_host(host)
-        host.adds.append(agent_id)
+        if agent_id in self.launched:
+            host.readds.append(agent_id)
+        else:
+            self.launched.add(agent_id)
+            host.adds.append(agent_id)
         handle = AgentHandle(id=agent_id, pid=host.pid, remote=self)
         handle.info["host"] = host.id
-        if not self.batching:
-            self.flush()
+        if not self.batching or len(host.adds) >= _ADD_ORDER:
+            self.flush()  # in a batch, every _ADD_ORDER agents: the hosts start them while the rest are launched
         return handle
 
     def flush(self) -> None:
         """Send the queued add orders, one record per host."""
         orders = []
         for host in self.hosts.values():
-            if host.adds and host.alive:
-                orders.append(self.ctx.factory.make(host.id, "host", body={"op": "add", "agents": host.adds}))
-                host.adds = []
+            if not host.alive:
+                continue
+            # "fresh": the first launch of each of these ids in the session; the coordinator gives up
+            # on a task (a skip list) only when its agent ended, before launching that id again
+            for ids, fresh in ((host.adds, True), (host.readds, False)):
+                if ids:
+                    orders.append(self.ctx.factory.make(host.id, "host", body={"op": "add", "agents": ids, "fresh": fresh}))
+            host.adds, host.readds = [], []
         if orders:
             self.ctx.send(orders)
             self.ctx.hook.cfn_flush(ctx=self.ctx, reason="explicit")
@@ -195,6 +208,8 @@ class HostManager:
                 ctx.counters["unexpected"] += 1
                 continue
             if body.get("op") == "exited" and body.get("pid") == host.pid and isinstance(body.get("agents"), list):
+                if isinstance(body.get("counters"), dict):  # the host's own: what its plugins counted for its agents
+                    ctx.figures.take_final(host.id, host.pid, body["counters"])
                 for entry in body["agents"]:
                     if isinstance(entry, list) and len(entry) == 4:
                         self.agent_ended(host, *entry)

@@ -73,6 +73,26 @@ def check_agent_id(agent_id: str) -> str:
     return agent_id
 
 
+#: the kernel's inboxes besides the coordinator's: its host manager's, and each host process's
+#: (``_host.<role>.<k>``, docs/HOSTING.md); like the coordinator's they start with ``_``
+HOSTS_INBOX = "_hosts"
+HOST_PREFIX = "_host."
+
+
+def check_inbox_id(inbox_id: str) -> str:
+    """Return ``inbox_id`` if it is an agent id (:func:`check_agent_id`) or one of the kernel's own inboxes.
+
+    For a transport that keeps inboxes by id (cfn-redis's relay): the coordinator's, the
+    host manager's and a host's are inboxes too, and safe as file names.
+    """
+    if inbox_id in (COORDINATOR_ID, HOSTS_INBOX):
+        return inbox_id
+    if isinstance(inbox_id, str) and inbox_id.startswith(HOST_PREFIX):
+        check_agent_id(inbox_id[len(HOST_PREFIX):])
+        return inbox_id
+    return check_agent_id(inbox_id)
+
+
 class MalformedMessage(ValueError):
     """Bytes on the bus that are not a valid message.  They are dead-lettered."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cfn_core import Coordinator, Task
 from cfn_core.bus.doorbell import _dgram_qlen
 from cfn_core.bus.shm import ShmBus
 from cfn_core.errors import BusError
@@ -75,6 +76,46 @@ def test_what_was_delivered_before_a_failing_delivery_is_rung(bus):
         assert bus.woken("_host.w.1") == ["hosted-1"]  # appended, so rung: no reader sleeps on it
     finally:
         sender.close()
+
+
+def host_counters(coord) -> dict[str, dict]:
+    return {agent: c for (agent, _process), c in coord.ctx.agent_counters().items() if agent.startswith("_host.")}
+
+
+def test_a_host_writes_its_agents_records_of_one_turn_together(make_config, no_leaks):
+    agents = 600
+    config = make_config(workload={"agents": agents, "handler": "hosted_handlers:echo", "directory": HERE,
+                                   "host": "async", "hosts": 1, "timeout": 60})
+    with Coordinator(config) as coord:
+        result = coord.run(list(range(agents)))
+        (counters,) = host_counters(coord).values()
+    assert result.ok and result.delivery_rate == 1.0
+    assert counters["host_records_posted"] == 2 * agents  # a ready and a result each
+    # agents start a hundred per turn and are woken up to two hundred per turn: their
+    # records were written a turn's worth at a time, not one append each
+    assert counters["host_posted_writes"] * 10 <= counters["host_records_posted"]
+
+
+def test_with_cfn_batch_a_host_batches_for_all_its_agents(make_config, no_leaks):
+    agents = 200
+    config = make_config(
+        plugins=("batch",),
+        workload={"agents": agents, "handler": "hosted_handlers:echo", "directory": HERE,
+                  "host": "async", "hosts": 2, "timeout": 60},
+    )
+    with Coordinator(config) as coord:
+        result = coord.run(list(range(agents)))
+        hosts = host_counters(coord)
+    assert result.ok and result.delivery_rate == 1.0
+    assert set(hosts) == {"_host.worker.1", "_host.worker.2"}
+    # one batcher per host: its batches carry many agents' records. An agent sends two (its
+    # ready, its result, at different times), so a batch of more than 10 is several agents'
+    from cfn_batch.stats import MESSAGES_BUCKETS
+
+    assert sum(c["batch.messages"] for c in hosts.values()) >= 2 * agents
+    over_10 = [f"batch.messages_le.{i}" for i, bound in enumerate(MESSAGES_BUCKETS) if bound > 10]
+    over_10.append(f"batch.messages_le.{len(MESSAGES_BUCKETS)}")
+    assert sum(c.get(key, 0) for c in hosts.values() for key in over_10) >= 1
 
 
 def test_a_slice_of_deliveries_that_fills_an_inbox_rings_it_before_waiting_for_room(bus_root):

@@ -100,8 +100,9 @@ def _batcher(ctx) -> Batcher:
 
 @hookimpl
 def cfn_agent_init(ctx):
+    # a forked agent drops what it inherited; its batcher is made at its first send (a hosted
+    # agent never sends through its own ctx: its host's batcher batches for all its agents)
     ctx.state.pop(NAME, None)
-    _batcher(ctx)
 
 
 @hookimpl
