@@ -51,6 +51,7 @@ _EXPORTS = {
     "Task": "messages",
     "TaskResult": "messages",
     "check_agent_id": "messages",
+    "check_inbox_id": "messages",
     "decode": "messages",
     # roles ([agents.<role>])
     "Role": "roles",

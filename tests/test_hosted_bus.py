@@ -118,6 +118,37 @@ def test_with_cfn_batch_a_host_batches_for_all_its_agents(make_config, no_leaks)
     assert sum(c.get(key, 0) for c in hosts.values() for key in over_10) >= 1
 
 
+def test_hosted_agents_on_redis_talk_to_each_other_and_to_process_agents(make_config, no_leaks):
+    if not _ping(REDIS_URL):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"no Redis at {REDIS_URL}")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    config = make_config(
+        plugins=("redis",), redis={"url": REDIS_URL},
+        workload={"directory": HERE, "timeout": 60},
+        agents={
+            "h": {"count": 40, "handler": "hosted_handlers:Talker", "host": "async", "hosts": 2},
+            "p": {"count": 2, "handler": "hosted_handlers:SyncTalker"},
+        },
+    )
+    # tasks go round robin over the role's agents: h-0001..h-0020 ask h-0021..h-0040, which are
+    # idle (an agent answers in on_message between its tasks), half of them in the other host
+    tasks = [Task(id=f"h{i}", role="h", payload={"op": "ask", "to": f"h-{i + 21:04d}", "q": i}) for i in range(20)]
+    tasks += [
+        Task(id="toproc", role="h", payload={"op": "ask", "to": "p-0001", "q": "to a process"}),
+        Task(id="fromproc", role="p", payload={"op": "ask", "to": "h-0007", "q": "from a process"}),
+    ]
+    with Coordinator(config) as coord:
+        result = coord.run(tasks)
+        pids = {h.pid for h in coord.ctx.state["cfn.hosting"].hosts.values() if h.alive}
+    assert result.ok, [r.error for r in result.results.values() if not r.ok]
+    for i in range(20):
+        answer = result.results[f"h{i}"].value["answer"]
+        assert answer["echo"] == {"q": i} and answer["by"] == f"h-{i + 21:04d}"
+    assert result.results["toproc"].value["answer"]["by"] == "p-0001"
+    assert result.results["fromproc"].value["answer"]["pid"] in pids
+
+
 def test_a_slice_of_deliveries_that_fills_an_inbox_rings_it_before_waiting_for_room(bus_root):
     # the rings of a slice go out after its appends: an inbox filled by the slice's own
     # records, not rung yet, was never read, and the sender waited out its full_timeout

@@ -50,7 +50,7 @@ import threading
 import time
 from collections import defaultdict, deque
 
-from cfn_core import COORDINATOR_ID, BusError, ShmBus, check_agent_id
+from cfn_core import BusError, ShmBus, check_inbox_id
 
 from . import keys
 from .bus import FATAL, OUTBOX, RELAY_ID
@@ -498,8 +498,7 @@ class Relay(AgentSupervisor):
         new, keys_now = [], []
         for agent, location in readers:
             try:
-                if agent != COORDINATOR_ID:
-                    check_agent_id(agent)  # it becomes a file name in the spool
+                check_inbox_id(agent)  # it becomes a file name in the spool (a host's and the host manager's too)
                 key = keys.inbox_key(self.run, location)
             except Exception as exc:
                 log.warning("relay: ignoring the registration of %r at %r: %s", agent[:80], location[:80], exc)
