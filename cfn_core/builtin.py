@@ -53,7 +53,7 @@ def cfn_send(ctx, messages, flush):
             bus.deliver(msg.dst, ctx.route(msg.dst), [msg.encode(limit)])
     else:  # the coordinator's tasks to thousands of agents: their rings go out a slice at a time
         route = ctx.route
-        many([(msg.dst, route(msg.dst), [msg.encode(limit)]) for msg in messages])
+        many((msg.dst, route(msg.dst), [msg.encode(limit)]) for msg in messages)  # encoded one at a time
     return True
 
 

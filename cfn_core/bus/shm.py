@@ -52,6 +52,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import BusError
 from ..messages import check_agent_id
@@ -248,7 +249,7 @@ class ShmBus(InboxReader):
         self.append(dst, location, records)
         self._ringer.ring(dst)  # not self.ring: one call less on the hot path (ring is not overridden)
 
-    def deliver_many(self, batches: list[tuple[str, str, list[bytes]]]) -> None:
+    def deliver_many(self, batches: Iterable[tuple[str, str, list[bytes]]]) -> None:
         """:meth:`deliver` each ``(dst, location, records)``, ringing them a slice at a time.
 
         The rings of a slice go out together after its appends, one datagram per shared
