@@ -232,7 +232,7 @@ class CoordinatorContext:
             for task_id in handle.outstanding:
                 handle.outstanding[task_id] = now  # the timeout runs from the relaunch
         self.spawn_failures.pop(agent_id, None)
-        self.events.emit("agent_started", agent=agent_id, pid=handle.pid, incarnation=handle.incarnation)
+        self.events.emit("agent_started", agent=agent_id, pid=handle.pid, incarnation=handle.incarnation, host=handle.info.get("host"))
         self.metrics.agents.inc()
         self.counters["launched"] += 1
         if self.on_spawn_progress is not None:

@@ -190,17 +190,24 @@ def render(snapshot: dict[str, Any] | None, run_dir: Path, *, stall_seconds: flo
     for role, counts in sorted(by_role.items()):
         roles.add_row(role, *(str(counts.get(s, 0)) for s in states))
 
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for name, justify in (
+    # hosted agents (docs/HOSTING.md): a host column, and no rss of their own (the host's
+    # memory is shared by its thousands of agents; its pid is in the pid column)
+    hosted = any(a.get("host") for a in agents)
+    columns = [
         ("agent", "left"), ("role", "left"), ("state", "left"), ("task", "left"), ("elapsed", "right"),
         ("status", "left"), ("in", "right"), ("out", "right"), ("rss", "right"), ("pid", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=name != "status", overflow="ellipsis")
+    ] + ([("host", "left")] if hosted else [])
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    widest_host = max((len(str(a.get("host") or "")) for a in agents), default=0)
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=name != "status", overflow="ellipsis",
+                         min_width=widest_host if name == "host" else None)  # a host id cut short names none
     shown = agents if limit is None else agents[: max(0, limit)]
     for a in shown:
         is_stalled = a.get("task") is not None and (a.get("quiet") or 0) + age >= stall_seconds
         elapsed = a.get("elapsed")
-        table.add_row(
+        host = a.get("host")
+        row = [
             str(a.get("id")),
             str(a.get("role")),
             Text("STALLED", style="bold red") if is_stalled else Text(str(a.get("state")), style="green" if a.get("state") == "busy" else ""),
@@ -209,9 +216,12 @@ def render(snapshot: dict[str, Any] | None, run_dir: Path, *, stall_seconds: flo
             str(a.get("status") or ""),
             str(a.get("messages_in", 0)),
             str(a.get("messages_out", 0)),
-            _mib(rss_bytes(a.get("pid"))),
+            "-" if host else _mib(rss_bytes(a.get("pid"))),
             str(a.get("pid") or "-"),
-        )
+        ]
+        if hosted:
+            row.append(str(host or "-"))
+        table.add_row(*row)
     parts = [head, figures, Text(""), roles, Text(""), table]
     if len(shown) < len(agents):
         parts.append(Text(f"... and {len(agents) - len(shown)} more agents (sorted by longest-running task)", style="dim"))

@@ -277,11 +277,15 @@ def test_docs_list_exactly_the_host_events_and_their_fields(make_config, no_leak
         assert coord.run([{"op": "block", "seconds": 0.8}, "x"]).ok
         wait_for(lambda: coord.ctx.counters["host_lags"] >= 1 or coord.ctx.pump(0.05), "the host's lag report")
     emitted: dict[str, set[str]] = {}
+    started = {}
     for line in events.read_text().splitlines():
         event = json.loads(line)
         if event["type"].startswith("host_"):
             emitted.setdefault(event["type"], set()).update(set(event) - {"v", "ts", "type"})
+        elif event["type"] == "agent_started":
+            started[event["agent"]] = event["host"]
     assert emitted == documented_host_events()
+    assert started == {"agent-0001": "_host.worker.1", "agent-0002": "_host.worker.1"}  # each with its host
 
 
 def test_the_hosting_page_snippets_run(make_config, no_leaks, tmp_path):

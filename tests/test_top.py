@@ -230,3 +230,22 @@ def test_top_in_a_real_terminal_against_500_agents(live_run, bus_root, tmp_path)
     assert len(rows) >= 10 and "more agents" in plain
     assert cfn("stop", "--root", str(bus_root), cwd=tmp_path, timeout=600).returncode == 0
     assert run.finish(timeout=600)[0] == 143
+
+
+def test_top_shows_hosted_agents_with_their_host(live_run, bus_root, tmp_path):
+    run = live_run(4, extra=("--set", "workload.host=async", "--set", "workload.hosts=2"))
+    snapshot = run.wait_busy(4)
+    hosts = {a["id"]: a["host"] for a in snapshot["agents"]}
+    assert set(hosts.values()) == {"_host.worker.1", "_host.worker.2"}
+    # wide enough for every column (under xdist COLUMNS may say 80, and rich then cuts cells short)
+    top = subprocess.run([sys.executable, "-m", "cfn_core", "top", "--once", "--root", str(bus_root)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**ENV, "COLUMNS": "200"})
+    assert top.returncode == 0, top.stderr
+    header = next(line for line in top.stdout.splitlines() if line.lstrip().startswith("agent "))
+    assert header.split()[-1] == "host"
+    rows = {line.split()[0]: line.split() for line in top.stdout.splitlines() if line.startswith("agent-")}
+    assert len(rows) == 4
+    for agent_id, cells in rows.items():
+        assert cells[-1] == hosts[agent_id] and " busy " in " ".join(cells)
+    assert cfn("stop", "--root", str(bus_root), cwd=tmp_path).returncode == 0
+    assert run.finish()[0] == 143
