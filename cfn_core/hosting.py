@@ -37,12 +37,12 @@ from typing import Any
 
 from .hookspecs import hookimpl
 from .messages import HOSTS_INBOX
-
-#: agents per add order while cfn_spawn launches a batch (cfn_core.host starts a hundred per turn)
-_ADD_ORDER = 1000
 from .roles import role_of
 
 log = logging.getLogger("cfn.hosting")
+
+#: agents per add order while cfn_spawn launches a batch (cfn_core.host starts a hundred per turn)
+_ADD_ORDER = 1000
 
 _STATE_KEY = "cfn.hosting"
 

@@ -177,3 +177,18 @@ def test_a_slice_of_deliveries_that_fills_an_inbox_rings_it_before_waiting_for_r
         sender.close()
         reader.close()
         owner.destroy()
+
+
+@pytest.mark.parametrize("inbox_id", ["_coordinator", "_hosts", "_host.worker.1", "agent-0001"])
+def test_inbox_ids_a_relay_reads_include_the_kernels_own(inbox_id):
+    from cfn_core import check_inbox_id
+
+    assert check_inbox_id(inbox_id) == inbox_id
+
+
+@pytest.mark.parametrize("inbox_id", ["_host.", "_host../x", "_host.a/b", "_relay", "_other", "../x", "", 7])
+def test_inbox_ids_that_are_not_agents_nor_the_kernels_are_refused(inbox_id):
+    from cfn_core import ConfigError, check_inbox_id
+
+    with pytest.raises(ConfigError):
+        check_inbox_id(inbox_id)

@@ -175,6 +175,7 @@ class Ringer:
             if len(self.addrs) >= _MAX_CACHED_ADDRS:
                 self.addrs.clear()
                 self._names.clear()
+                self._targets.clear()
             self._names[dst] = dst.encode()
             self._targets.pop(dst, None)
             addr = self.addrs[dst] = self._prefix + bell_name(dst)
