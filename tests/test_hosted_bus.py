@@ -192,3 +192,19 @@ def test_inbox_ids_that_are_not_agents_nor_the_kernels_are_refused(inbox_id):
 
     with pytest.raises(ConfigError):
         check_inbox_id(inbox_id)
+
+
+def test_the_ringer_tells_shared_doorbells_from_readers_own(bus):
+    # deliver_many groups the rings of shared doorbells only; a reader with a socket of its
+    # own is rung after its append (deferring those slowed warm rounds of process agents)
+    bus.listen("solo")
+    bus.listen_shared("hosted", "_host.w.1")
+    sender = ShmBus.attach(bus.run_dir)
+    try:
+        ringer = sender._ringer
+        assert ringer.shared("hosted") and not ringer.shared("solo")
+        assert not ringer.shared("nobody-yet")  # not listening: not known, looked at again next time
+        bus.listen_shared("nobody-yet", "_host.w.1")
+        assert ringer.shared("nobody-yet")
+    finally:
+        sender.close()

@@ -203,6 +203,10 @@ class Ringer:
             self._targets[dst] = found
         return found
 
+    def shared(self, dst: str) -> bool:
+        """Is ``dst``'s doorbell a link to another reader's socket (:meth:`Doorbells.share`)?"""
+        return self.target(dst) != (self.addrs.get(dst) or self.addr(dst))
+
     def ring_many(self, dsts: list[str]) -> None:
         """:meth:`ring` each of ``dsts``, one datagram per shared doorbell naming all its receivers.
 
