@@ -239,3 +239,24 @@ class SharedWakeups(Protocol):
         are returned again, as to a replacement process (a hosted agent restarted in its
         host).  With ``idle``, only when nothing read is unsettled (nothing is read twice).
         """
+
+
+@runtime_checkable
+class ManyDeliveries(Protocol):
+    """Optional: many deliveries in one call, their wake-ups grouped (docs/HOSTING.md, "Rings grouped per host").
+
+    The builtin ``cfn_send`` calls it for a send of several messages (the coordinator's
+    tasks of a round) when the bus has it, and otherwise calls :meth:`Bus.deliver` for
+    each.  A host process writes its agents' records of one turn with it.
+    """
+
+    def deliver_many(self, batches: Iterable[tuple[str, str, list[bytes]]]) -> None:
+        """:meth:`Bus.deliver` each ``(dst, location, records)``, in order, with its guarantees.
+
+        ``batches`` may be a generator (consumed once, one item at a time).  A transport may
+        wake the readers later than each append (grouped), but never later than the call's
+        return, and never while it waits for room in an inbox that holds records it has
+        not woken the reader for.  When a delivery raises, those before it are delivered
+        and woken, and none after it is attempted.
+        """
+
