@@ -103,8 +103,10 @@ class _Killer:
     def __init__(self, agents: int, tasks: int, seed: int = 7):
         self.rng = random.Random(seed)
         self.quota = max(1, agents // 10)
-        # the moments: after how many collected results each kill happens (the first 40%)
-        self.moments = sorted(self.rng.randrange(0, int(tasks * 0.4)) for _ in range(self.quota))
+        # the moments: after how many collected results each kill happens (the first 25%: a
+        # coordinator starved of CPU ticks late, and once every agent is on its last task a late
+        # tick finds too few busy agents left to kill; seen in CI with 40%, 48 of 50 killed)
+        self.moments = sorted(self.rng.randrange(0, int(tasks * 0.25)) for _ in range(self.quota))
         self.killed: list[tuple[str, int]] = []
 
     @hookimpl
