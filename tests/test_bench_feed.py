@@ -1,4 +1,4 @@
-"""cfn_core.bench.feed: a small run of both arms (``-m bench``); each arm checks its results' sum."""
+"""cfn_core.bench.feed: a small run of both arms (slow: CI runs it); each arm checks its results' sum."""
 
 import os
 import re
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 
-@pytest.mark.bench
+@pytest.mark.slow
 def test_feed_benchmark_runs_both_arms_and_prints_ratios(bus_root, no_leaks):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CFN_")}
     env["CFN_BUS_ROOT"] = str(bus_root)
