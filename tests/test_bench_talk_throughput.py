@@ -40,3 +40,31 @@ def test_the_delivery_check_sees_a_lost_a_doubled_and_a_reordered_message():
     reordered = {**exact, "b": {"received": {"0": [1, 0], "2": [1]}}}
     silent = {k: v for k, v in exact.items() if k != "b"}  # b never reported
     assert [talk.delivery_errors(plan, r) for r in (lost, doubled, reordered, silent)] == [1, 1, 1, 2]
+
+
+def _request_run(bus_root, *args, extra_path=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CFN_")}
+    env["CFN_BUS_ROOT"] = str(bus_root)
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "cfn_core.bench.talk", "--n", "30", *args],
+                          cwd=bus_root, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_the_request_arm_prints_cfn_and_the_pipe_and_their_ratio(bus_root, no_leaks):
+    proc = _request_run(bus_root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("cfn request/reply (shm)") and "p50" in lines[0] and "p99" in lines[0]
+    assert lines[1].startswith("multiprocessing.Pipe")
+    assert lines[2].startswith("ratio p50 ") and lines[2].endswith("(n = 30)")
+
+
+def test_the_ray_arm_without_ray_says_how_to_get_it(bus_root, tmp_path, no_leaks):
+    # Ray is not a dependency of cfn: a module that fails to import stands for its absence
+    fake = tmp_path / "no_ray"
+    fake.mkdir()
+    (fake / "ray.py").write_text("raise ImportError('no Ray here')\n")
+    proc = _request_run(bus_root, "--ray", extra_path=fake)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--ray needs Ray installed (pip install ray)" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,8 +1,9 @@
 """Benchmarks of agents that talk (the figures in docs/BENCHMARKS.md "Agents that talk").
 
-``python -m cfn_core.bench.talk [request] [--n 2000] [--plugins redis]``: the request/reply
-round trip between two agents against a ``multiprocessing.Pipe`` round trip, both measured
-in the same run, on the same machine; prints p50/p99 of each and their ratio.
+``python -m cfn_core.bench.talk [request] [--n 2000] [--plugins redis] [--ray]``: the request/reply
+round trip between two agents against a ``multiprocessing.Pipe`` round trip (and, with
+``--ray`` and Ray installed, a local Ray actor's method call), all measured in the same
+run, on the same machine; prints p50/p99 of each and their ratios.
 
 ``python -m cfn_core.bench.talk throughput [--agents 500] [--messages 200] [--reps 1]``:
 every agent sends ``--messages`` messages to peers it chooses (at random, from a seed), and
@@ -178,6 +179,33 @@ def pipe_round_trips(n: int) -> list[float]:
     return out
 
 
+def ray_round_trips(n: int) -> list[float] | None:
+    """``n`` calls of a Ray actor's echo method (``ray.get(actor.echo.remote(i))``), or None
+    without Ray: a local Ray, started here and shut down after (not a dependency of cfn)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+
+    @ray.remote
+    class Echo:
+        def echo(self, x):
+            return x
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        actor = Echo.remote()
+        ray.get(actor.echo.remote(0))
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            ray.get(actor.echo.remote(i))
+            out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        ray.shutdown()
+
+
 def _pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -194,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cfn_core.bench.talk", description=__doc__)
     parser.add_argument("--n", type=int, default=2000, help="round trips per arm")
     parser.add_argument("--plugins", default="", help="e.g. redis, or batch,shard")
+    parser.add_argument("--ray", action="store_true", help="also a Ray actor call (pip install ray; not a dependency)")
     args = parser.parse_args(argv)
     config = load_config(None, overrides={"plugins": args.plugins, "workload.agents": "2",
                                           "workload.handler": "cfn_core.bench.talk:PingAgent",
@@ -208,9 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     cfn = r.value
     pipe = pipe_round_trips(args.n)
     rows = [("cfn request/reply" + (f" ({args.plugins})" if args.plugins else " (shm)"), cfn), ("multiprocessing.Pipe", pipe)]
+    if args.ray:
+        calls = ray_round_trips(args.n)
+        if calls is None:
+            print("talk bench: --ray needs Ray installed (pip install ray)", file=sys.stderr)
+            return 2
+        rows.append(("Ray actor call (local)", calls))
     for name, values in rows:
         print(f"{name:32} p50 {_pct(values, 50) * 1e6:8.1f} us   p99 {_pct(values, 99) * 1e6:8.1f} us")
     print(f"ratio p50 {_pct(cfn, 50) / _pct(pipe, 50):.1f}x   p99 {_pct(cfn, 99) / _pct(pipe, 99):.1f}x  (n = {args.n})")
+    if args.ray:
+        ray_p50 = _pct(rows[-1][1], 50)
+        print(f"cfn / Ray actor call p50 {_pct(cfn, 50) / ray_p50:.2f}x   Ray / Pipe p50 {ray_p50 / _pct(pipe, 50):.1f}x")
     return 0
 
 
