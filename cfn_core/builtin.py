@@ -46,15 +46,25 @@ def cfn_route(agent_id, config):
 @hookimpl(trylast=True)
 def cfn_send(ctx, messages, flush):
     limit = ctx.config.bus.max_message_bytes
-    bus = ctx.bus
-    many = getattr(bus, "deliver_many", None) if len(messages) > 1 else None
-    if many is None:
-        for msg in messages:
-            bus.deliver(msg.dst, ctx.route(msg.dst), [msg.encode(limit)])
+    route = ctx.route
+    if len(messages) == 1:  # an agent's result: the hot path, one deliver
+        msg = messages[0]
+        ctx.bus.deliver(msg.dst, route(msg.dst), [msg.encode(limit)])
     else:  # the coordinator's tasks to thousands of agents: their rings go out a slice at a time
-        route = ctx.route
-        many((msg.dst, route(msg.dst), [msg.encode(limit)]) for msg in messages)  # encoded one at a time
+        deliver_all(ctx.bus, ((msg.dst, route(msg.dst), [msg.encode(limit)]) for msg in messages))  # encoded one at a time
     return True
+
+
+def deliver_all(bus, batches) -> None:
+    """Deliver each ``(dst, location, records)`` of ``batches`` (an iterable, consumed once):
+    with the bus's optional ``deliver_many`` (cfn_core.bus.ManyDeliveries), else one
+    ``deliver`` each."""
+    many = getattr(bus, "deliver_many", None)
+    if many is not None:
+        many(batches)
+        return
+    for dst, location, records in batches:
+        bus.deliver(dst, location, records)
 
 
 @hookimpl(trylast=True)

@@ -545,13 +545,7 @@ class Host:
                 else:
                     records.append(data)
             route = self.ctx.route
-            batches = [(dst, route(dst), records) for dst, records in by_dst.items()]
-            many = getattr(self.bus, "deliver_many", None)
-            if many is not None:
-                many(batches)
-            else:
-                for batch in batches:
-                    self.bus.deliver(*batch)
+            builtin.deliver_all(self.bus, [(dst, route(dst), records) for dst, records in by_dst.items()])
         else:  # the caller flushes next
             self.ctx._send(ctx=self.ctx, messages=[msg for msg, _ in posted], flush=True)
 
@@ -762,7 +756,8 @@ class Host:
                 self.loop.remove_reader(self.bus.wake_fd(agent_id))
             except (OSError, ValueError):
                 pass
-        self.end_turn()  # its acks before its reader state goes
+        if self.posted or self.acks:
+            self.end_turn()  # its acks before its reader state goes
         if self.wakeups is not None:
             self.wakeups.forget(agent_id)  # a restart here reads again what this one had not settled
         self.report_exit(agent_id, code, why, hosted.ctx.final_counters if hosted is not None else None)
