@@ -51,7 +51,11 @@ def test_smoke_every_arm_completes_with_every_echo(tmp_path, bus_root, no_leaks)
     assert summary["floor"]["vs_floor"] == 1.0
     assert min(summary[a]["vs_best_stdlib"] for a in ("processpool", "mp-pipes")) == 1.0
     assert all(summary[a]["vs_floor"] > 0 and summary[a]["vs_best_stdlib"] > 0 for a in ARMS)
-    assert set(summary["cfn"]["cfn_medians"]) == {"open_seconds", "seconds", "close_seconds", "total_seconds"}
+    for arm in ("cfn", "cfn-hosted"):
+        assert set(summary[arm]["cfn_medians"]) == {"open_seconds", "seconds", "close_seconds", "total_seconds"}
+    hosted = next(r for r in result["runs"] if r["arm"] == "cfn-hosted")
+    assert "workload.host=async" in whole_process_module.arm_command("cfn-hosted", 2, 4, "pool,parallel", [])
+    assert hosted["cfn"]["open_seconds"] is not None
     assert all(run["cpu_seconds"] > 0 for run in result["runs"])  # the arm's whole tree, reaped
 
 
@@ -62,8 +66,8 @@ def test_another_interpreter_runs_the_cfn_arm_side_by_side(tmp_path, bus_root, n
                          "--cfn-python", f"other={sys.executable}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["settings"]["arms"] == ["cfn", "cfn@other", "processpool", "mp-pipes", "floor"]
-    assert [r["arm"] for r in result["runs"] if r["repetition"] == 2][:2] == ["cfn@other", "processpool"]  # rotated
+    assert result["settings"]["arms"] == ["cfn", "cfn@other", "cfn-hosted", "processpool", "mp-pipes", "floor"]
+    assert [r["arm"] for r in result["runs"] if r["repetition"] == 2][:2] == ["cfn@other", "cfn-hosted"]  # rotated
     other = next(r for r in result["summary"] if r["arm"] == "cfn@other")
     assert other["completed"] == 2 and other["label"].endswith("[other]") and other["vs_floor"] > 0
     assert "cfn@other at 2, inside the run" in proc.stdout

@@ -3,11 +3,17 @@
     python -m cfn_core.bench.whole_process --agents 100,500 --repeat 3 [--json out.json]
         [--cfn-python main=/path/to/other/venv/bin/python]
 
-For every N, four arms each run as a fresh interpreter, timed from the
-subprocess's start to its exit (interpreter start, imports, N process starts,
-one echo task per process, shutdown):
+For every N, five arms each run as a fresh interpreter, timed from the
+subprocess's start to its exit (interpreter start, imports, N agents or process
+starts, one echo task each, shutdown):
 
-- ``cfn``: ``cfn run --agents N --plugins pool,parallel --set pool.size=N --strict --json --results``;
+- ``cfn``: ``cfn run --agents N --plugins pool,parallel --set pool.size=N --strict --json --results``:
+  N process agents forked from the pool's zygote, the like of the stdlib scripts' N processes;
+- ``cfn-hosted``: ``cfn run --agents N --plugins '' --set workload.host=async --strict --json --results``:
+  the same N agents hosted as asyncio tasks in one host process per core (docs/HOSTING.md),
+  what cfn offers for agents that wait rather than compute; not an equivalent of N
+  processes (one crash takes a host's agents along), so reported beside them, never
+  in their place;
 - ``processpool``: a stand-alone ``ProcessPoolExecutor(max_workers=N)`` script, N tasks;
 - ``mp-pipes``: a stand-alone script of N ``multiprocessing.Process`` with a ``Pipe`` each;
 - ``floor``: a stand-alone script that ``os.fork()``s N children, each echoing one pipe message;
@@ -52,7 +58,7 @@ import sys
 import tempfile
 import time
 
-ARMS = ("cfn", "processpool", "mp-pipes", "floor")
+ARMS = ("cfn", "cfn-hosted", "processpool", "mp-pipes", "floor")
 STDLIB = ("processpool", "mp-pipes")
 
 PROCESSPOOL_SCRIPT = r"""
@@ -152,6 +158,8 @@ def arm_label(arm: str, plugins: str) -> str:
     if arm == "cfn":
         size = ", pool.size=N" if "pool" in plugins.split(",") else ""
         return f"cfn run ({plugins or 'baseline'}{size})"
+    if arm == "cfn-hosted":
+        return "cfn run (hosted: workload.host=async)"
     return {
         "processpool": "ProcessPoolExecutor script",
         "mp-pipes": "multiprocessing.Process + Pipe script",
@@ -164,10 +172,13 @@ def arm_command(arm: str, agents: int, payload_bytes: int, plugins: str, setting
     """The command line of one arm: a fresh interpreter each time (``python``: another one, for ``cfn@LABEL``)."""
     if not is_cfn(arm):
         return [sys.executable, "-c", SCRIPTS[arm], str(agents), str(payload_bytes)]
-    cmd = [python or sys.executable, "-m", "cfn_core", "run", "--agents", str(agents), "--plugins", plugins,
+    hosted = arm == "cfn-hosted"
+    cmd = [python or sys.executable, "-m", "cfn_core", "run", "--agents", str(agents), "--plugins", "" if hosted else plugins,
            "--topology", "star", "--rounds", "1", "--tasks", "0", "--handler", "cfn_core.handlers:echo",
            "--payload-bytes", str(payload_bytes), "--strict", "--json", "--results"]
-    if "pool" in plugins.split(","):
+    if hosted:
+        cmd += ["--set", "workload.host=async"]
+    elif "pool" in plugins.split(","):
         cmd += ["--set", f"pool.size={agents}"]
     for item in settings:
         cmd += ["--set", item]
@@ -175,8 +186,8 @@ def arm_command(arm: str, agents: int, payload_bytes: int, plugins: str, setting
 
 
 def is_cfn(arm: str) -> bool:
-    """``cfn`` and the ``cfn@LABEL`` arms of other interpreters."""
-    return arm == "cfn" or arm.startswith("cfn@")
+    """``cfn``, ``cfn-hosted`` and the ``cfn@LABEL`` arms of other interpreters."""
+    return arm in ("cfn", "cfn-hosted") or arm.startswith("cfn@")
 
 
 def _last_json_line(text: str):
