@@ -87,6 +87,7 @@ _EXPORTS = {
     "kill_leftovers": "process",
     "open_fd_count": "process",
     "start_process": "process",
+    "wait_readable": "process",
 }
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 from .hookspecs import hookimpl
 from .messages import HOSTS_INBOX
+from .process import wait_readable
 from .roles import role_of
 
 log = logging.getLogger("cfn.hosting")
@@ -185,8 +185,7 @@ class HostManager:
         live = [h for h in self.hosts.values() if h.alive]
         if not live:
             return
-        dead, _, _ = select.select([h.pidfd for h in live], [], [], 0)
-        dead = set(dead)
+        dead = set(wait_readable([h.pidfd for h in live], 0))
         limit = max(1.0, self.ctx.config.run.shutdown_timeout)
         for host in live:
             if host.pidfd in dead:
@@ -277,7 +276,7 @@ class HostManager:
         deadline = time.monotonic() + ctx.config.run.shutdown_timeout
         for host in live:
             remaining = max(0.0, deadline - time.monotonic())
-            if not select.select([host.pidfd], [], [], remaining)[0]:
+            if not wait_readable([host.pidfd], remaining):
                 self.kill_host(host, "did not exit in time")
             self.host_died(host)
 

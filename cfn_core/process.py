@@ -17,7 +17,9 @@ from __future__ import annotations
 import _signal
 import ctypes
 import os
+import math
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -395,6 +397,26 @@ def _handle_late(signum: int, handler) -> None:
         handler(signum, None)
     elif handler == signal.SIG_DFL:
         os.kill(os.getpid(), signum)  # the default action, now that the default handler is back
+
+
+def wait_readable(objs, timeout: float | None = None) -> list:
+    """Those of ``objs`` (descriptors, or objects with ``fileno()``) that are readable within ``timeout`` seconds.
+
+    ``select.select`` with a timeout, but with ``poll(2)``: ``select(2)`` cannot
+    watch a descriptor numbered 1024 or more, and a coordinator holding a pidfd
+    per agent (or a program with many files open) gets such numbers for what it
+    opens next (a pool's zygote sockets, host pidfds, a relay's pidfd).  End of
+    file, a hang-up and an error count as readable, as they do for select.
+    ``timeout`` None waits; 0 polls.
+    """
+    poller = select.poll()
+    by_fd = {}
+    for obj in objs:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        by_fd[fd] = obj
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, _ in poller.poll(ms) if fd in by_fd]
 
 
 def pidfd_open(pid: int) -> int | None:

@@ -14,7 +14,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import select
 import socket
 import sys
 import termios
@@ -85,8 +84,9 @@ class Doorbells:
             # less than draining after every wake-up.
             sock.recv(64)
             return True
-        ready, _, _ = select.select([sock], [], [], timeout)
-        if not ready:
+        from ..process import wait_readable  # poll(2): the socket's number may be over 1024
+
+        if not wait_readable([sock], timeout):
             return False
         self.drain(agent_id)
         return True

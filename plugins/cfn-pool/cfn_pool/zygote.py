@@ -47,7 +47,7 @@ import time
 from collections import OrderedDict
 
 # bound here, not imported in each forked agent (see _agent_child)
-from cfn_core import CfnError, become_subreaper, die_with_parent, run_agent, start_process
+from cfn_core import CfnError, become_subreaper, die_with_parent, run_agent, start_process, wait_readable
 
 _MAX_STATUSES = 20_000
 
@@ -236,7 +236,7 @@ class Zygote:
         socks = [s for s in self.socks if s is not None]
         if not socks:
             return False
-        ready, _, _ = select.select(socks, [], [], timeout)
+        ready = wait_readable(socks, timeout)  # poll(2): a coordinator's descriptors may be numbered over 1024
         got = False
         for sock in ready:
             i = self.socks.index(sock)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import socket
 import subprocess
@@ -37,7 +36,7 @@ import time
 
 import orjson
 
-from cfn_core import BusError, ShmBus
+from cfn_core import BusError, ShmBus, wait_readable
 
 from . import keys
 
@@ -334,8 +333,7 @@ class ForkedRelay:
 
     def wait(self, timeout: float | None = None):
         if self.returncode is None:
-            ready, _, _ = select.select([self._pidfd], [], [], timeout)
-            if not ready:
+            if not wait_readable([self._pidfd], timeout):
                 raise subprocess.TimeoutExpired(f"relay {self.pid}", timeout)
             self._reaped(os.waitpid(self.pid, 0)[1])
         return self.returncode
