@@ -226,28 +226,87 @@ def direct_caller(pm: pluggy.PluginManager, name: str):
     When no plugin implements ``name``, only the baseline does (or nothing),
     and the fallback wrapper has nothing to fall back from: the baseline's
     function is returned itself (or a no-op), which skips pluggy's dispatch.
-    That dispatch (argument checks, the wrapper's generator) costs a few
-    microseconds per call, a measurable share of an agent's turn around a task
-    (profiled: docs/plugins/pool.md).  Otherwise the hook caller is returned.
+    When exactly one plugin implements it (a plain implementation, the common
+    case: cfn-batch's ``cfn_send`` and ``cfn_flush``, cfn-shard's ``cfn_read``),
+    a small function calls it and the baseline in pluggy's order and hands an
+    exception to the fallback wrapper's own handler, as pluggy would, without
+    pluggy's dispatch (its argument checks and the wrapper's generator: ~2 µs
+    of a warm call, several times that on the cold caches of an agent among
+    hundreds; measured in docs/plugins/batch.md).  Anything else (two plugins,
+    a plugin's own wrapper, hook call monitoring) gets the hook caller itself.
     Only for ``firstresult`` hooks and hooks whose result is not used (the
     baseline's value is then the same as pluggy's); call it after every plugin
     is registered.
     """
     # a host asks for each of its agents; a plugin registered later (cfn-batch's wrapper) starts afresh
     cache = pm.__dict__.setdefault("_cfn_direct_callers", {})
-    key = (name, len(pm.get_plugins()))
+    key = (name, len(pm.get_plugins()), getattr(pm, "_inner_hookexec", None))  # (monitoring replaces the last)
     found = cache.get(key)
     if found is not None:
         return found
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
-    if any(pm.get_name(impl.plugin) not in _DIRECT for impl in impls):
-        found = caller
-    else:
+    if all(pm.get_name(impl.plugin) in _DIRECT for impl in impls):
         base = [impl.function for impl in impls if pm.get_name(impl.plugin) == "builtin"]
         found = base[0] if base else _no_result
+    else:
+        found = _one_plugin_caller(pm, name, caller, impls) or caller
     cache[key] = found
     return found
+
+
+def _one_plugin_caller(pm, name: str, caller, impls):
+    """The direct call of one plugin's implementation and the baseline's, or None when pluggy is needed."""
+    from . import fallback
+
+    import pluggy._manager
+
+    if getattr(pm, "_inner_hookexec", None) is not getattr(pluggy._manager, "_multicall", object()):
+        return None  # hook call monitoring (pm.enable_tracing) or a pluggy that works otherwise: keep pluggy
+    wrappers = [impl for impl in impls if impl.wrapper or impl.hookwrapper]
+    plain = [impl for impl in reversed(impls) if not (impl.wrapper or impl.hookwrapper)]  # pluggy's call order
+    others = [impl for impl in plain if pm.get_name(impl.plugin) not in _DIRECT]
+    guarded = getattr(fallback, name, None)
+    if (
+        len(others) != 1
+        or any(pm.get_name(w.plugin) != "fallback" for w in wrappers)
+        or (guarded is not None and len(wrappers) != 1)
+        or any(impl.kwargnames for impl in plain)
+    ):
+        return None
+    argnames = tuple(caller.spec.argnames) if caller.spec is not None else None
+    if argnames is None or "ctx" not in argnames:
+        return None
+    firstresult = bool(caller.spec.opts.get("firstresult"))
+    steps = []
+    for impl in plain:
+        if tuple(impl.argnames) == argnames:
+            steps.append(impl.function)
+        else:  # an implementation may take fewer arguments than the hook has (pluggy passes only those)
+            steps.append(_taking(impl.function, tuple(impl.argnames)))
+    degrade = (lambda kw, exc: fallback._degrade(name, kw["ctx"], kw, exc)) if wrappers else None
+
+    def call(**kw):
+        try:
+            result = None
+            for step in steps:
+                value = step(**kw)
+                if value is not None:
+                    if firstresult:
+                        return value
+                    result = value
+            return result
+        except Exception as exc:
+            if degrade is None:
+                raise
+            return degrade(kw, exc)
+
+    call.__qualname__ = f"direct {name}"
+    return call
+
+
+def _taking(function, names: tuple):
+    return lambda **kw: function(**{n: kw[n] for n in names})
 
 
 def hook_call_order(pm: CfnPluginManager) -> dict[str, list[str]]:
