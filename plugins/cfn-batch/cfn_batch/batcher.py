@@ -205,6 +205,11 @@ class Batcher:
                 # closed, or the flusher died and its back-off runs: nothing may wait in a buffer
                 self._send_unbatched_locked(records, now)
                 return
+            if len(records) == 1 and not self.buffers and (at_once or now - self._last_send >= self.timeout / 2):
+                # one message starting a burst with nothing buffered (an agent's result, a reply): what
+                # _send_now_locked does for it, without its grouping (the hot path of a star round)
+                self._send_one_locked(records[0], now)
+                return
             was_empty = not self.buffers
             self._window_msgs += len(records)
             starts_burst = at_once or now - self._last_send >= self.timeout / 2
@@ -231,6 +236,24 @@ class Batcher:
                     self._keep_flusher_locked()
                 elif was_empty and self.idle:
                     self.cond.notify()
+
+    def _send_one_locked(self, record: tuple[str, bytes], now: float) -> None:
+        """Write one record at once (nothing is buffered anywhere); on failure it is buffered, as in _send_now_locked."""
+        dst, rec = record
+        self._window_msgs += 1
+        self._last_send = now
+        self._window_dsts.add(dst)
+        bus = self.bus
+        try:
+            bus.last_written = False
+            bus.deliver(dst, self.route(dst), [rec])
+        except BaseException:
+            if not bus.last_written:  # not written: kept for the next flush, in order
+                self._buffer_locked(dst, rec, now)
+            raise
+        self.stats.batch("leading", 1, len(rec), now, None)
+        if self.adaptive and now - self._window_start >= RATE_WINDOW:
+            self._adapt_locked(now)
 
     def _buffer_locked(self, dst: str, rec: bytes, now: float) -> list[bytes]:
         """Append ``rec`` to ``dst``'s buffer (started if empty), noting its arrival; the buffer."""
