@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from attrs import define
-from cfn_core import COORDINATOR_ID, BusError, ConfigError, hookimpl, setting
+from cfn_core import COORDINATOR_ID, BusError, ConfigError, decode_records, hookimpl, setting
 
 from .layout import FALLBACK_DIR, STRATEGIES, balance, fallback_location, location, shard_dir, shard_of
 
@@ -78,7 +77,7 @@ class _Process:
 
     def __init__(self) -> None:
         self.pid = 0
-        self.run_dir: Path | None = None
+        self.run_dir: str | None = None  # a str: pathlib's code would be copied into every forked agent
         self.self_id: str | None = None
         self.counters: dict = {}
         self.split = False  # the bus can spread an inbox over locations (Bus.split_inboxes)
@@ -86,7 +85,7 @@ class _Process:
     def bind(self, ctx) -> None:
         self.pid = os.getpid()
         run_dir = getattr(ctx.bus, "run_dir", None)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = os.fspath(run_dir) if run_dir is not None else None
         self.self_id = ctx.self_id
         self.split = bool(getattr(ctx.bus, "split_inboxes", False))
         self.counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("shard.counters", {})
@@ -130,7 +129,7 @@ def _usable(k: int) -> bool:
     """Can this run's shard directory ``k`` hold inboxes?  Creates it if missing."""
     if _proc.run_dir is None or not _proc.current():
         return True  # not the shm bus (or not bound yet): nothing to check
-    path = _proc.run_dir / shard_dir(k)
+    path = os.path.join(_proc.run_dir, shard_dir(k))
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
@@ -184,8 +183,6 @@ def cfn_agent_init(ctx):
 
 @hookimpl
 def cfn_read(ctx, agent_id):
-    from cfn_core import decode_records
-
     bus = ctx.bus
     if not getattr(bus, "split_inboxes", False):
         return None  # the transport reads by inbox id alone (at ctx.route, our location): no split, no fallback
