@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import _signal
 import ctypes
-import os
 import math
+import os
 import resource
 import select
 import signal
@@ -414,7 +414,7 @@ def wait_readable(objs, timeout: float | None = None) -> list:
     for obj in objs:
         fd = obj if isinstance(obj, int) else obj.fileno()
         by_fd[fd] = obj
-        poller.register(fd, select.POLLIN | select.POLLPRI)
+        poller.register(fd, select.POLLIN)  # POLLHUP and POLLERR are reported whatever is asked
     ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
     return [by_fd[fd] for fd, _ in poller.poll(ms) if fd in by_fd]
 
