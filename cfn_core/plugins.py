@@ -266,16 +266,10 @@ def _one_plugin_caller(pm, name: str, caller, impls):
     wrappers = [impl for impl in impls if impl.wrapper or impl.hookwrapper]
     plain = [impl for impl in reversed(impls) if not (impl.wrapper or impl.hookwrapper)]  # pluggy's call order
     others = [impl for impl in plain if pm.get_name(impl.plugin) not in _DIRECT]
-    guarded = getattr(fallback, name, None)
-    if (
-        len(others) != 1
-        or any(pm.get_name(w.plugin) != "fallback" for w in wrappers)
-        or (guarded is not None and len(wrappers) != 1)
-        or any(impl.kwargnames for impl in plain)
-    ):
+    if len(others) != 1 or any(pm.get_name(w.plugin) != "fallback" for w in wrappers) or any(i.kwargnames for i in plain):
         return None
-    argnames = tuple(caller.spec.argnames) if caller.spec is not None else None
-    if argnames is None or "ctx" not in argnames:
+    argnames = tuple(caller.spec.argnames)  # every cfn hook has a spec (CfnPluginManager adds them first)
+    if "ctx" not in argnames:
         return None
     firstresult = bool(caller.spec.opts.get("firstresult"))
     steps = []
