@@ -30,6 +30,7 @@ import orjson
 
 from .agent_api import RateLimited, Talk, UserCode
 from .errors import CfnError, ConfigError, MessageTooLarge
+from .figures import final_counters
 from .messages import COORDINATOR_ID, Message, MessageFactory, check_agent_id, peer_message_id
 from .plugins import direct_caller
 from .process import child_pids, kill_leftovers
@@ -907,7 +908,7 @@ class AgentLoop:
         body["peers_sent"] = len(work.peers)
         # the non-zero ones (a missing counter is 0): a plugin's histograms are mostly empty
         # buckets, and every result crosses the coordinator, the run's one serial reader
-        body["counters"] = {k: v for k, v in ctx.counters.items() if v}
+        body["counters"] = final_counters(ctx.counters)
         if ctx.fallbacks:  # the coordinator's summary lists the agents' fallbacks too
             body["fallbacks"] = list(ctx.fallbacks.values())
         result = ctx.factory.make(COORDINATOR_ID, "result", round=msg.round, task=msg.task, body=body)

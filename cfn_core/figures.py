@@ -36,8 +36,13 @@ def exit_state_key(agent_id: str, pid: int) -> str:
 
 
 def final_counters(counters: Mapping[str, Any]) -> dict[str, int]:
-    """What an exiting agent leaves of its counters: the non-zero integers."""
-    return {k: v for k, v in counters.items() if v and type(v) is int}
+    """The non-zero integers of ``counters`` (what a result carries, and an exiting agent leaves).
+
+    ``dict(counters)`` copies in one step (no Python code runs between its items), so a
+    plugin's thread may add a counter while this runs: a plugin creates its counters when
+    it first counts them, never up front.
+    """
+    return {k: v for k, v in dict(counters).items() if v and type(v) is int}
 
 
 def publish_exit_counters(bus, agent_id: str, pid: int, counters: Mapping[str, Any]) -> None:

@@ -49,14 +49,16 @@ KEYS = (
 class BatchStats:
     """Counters of one process, written into ``counters`` (an agent's ``ctx.counters``).
 
-    Every key is created up front, so a copy of the dict taken by another
-    thread never sees it change size.  Called with the batcher's lock held.
+    A counter is created when it is first counted (a missing one is 0, as
+    everywhere in :mod:`cfn_core.figures`): a forked agent that sends one result
+    touches 7 keys, not all of :data:`KEYS` (each a string in the zygote's
+    memory, whose reference count would copy its page into the agent).  The
+    kernel copies the dict in one step before it reads it, so another thread
+    adding a key here never disturbs it.  Called with the batcher's lock held.
     """
 
     def __init__(self, counters: dict, floor: int):
         self.c = counters
-        for key in KEYS:
-            counters.setdefault(key, 0)
         counters[P + "size_now"] = floor
 
     def batch(self, reason: str, messages: int, nbytes: int, now: float, arrivals: list | None) -> None:
@@ -68,46 +70,56 @@ class BatchStats:
         not per record, and none when the oldest waited less than the first bound.
         """
         c = self.c
-        c[_BATCHES] += 1
-        c[_MESSAGES] += messages
-        c[_BYTES] += nbytes
-        c[_FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])] += 1  # a plugin's own reason: a flush asked for
-        c[_MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]] += 1
-        c[_BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]] += 1
+        c[_BATCHES] = c.get(_BATCHES, 0) + 1
+        c[_MESSAGES] = c.get(_MESSAGES, 0) + messages
+        c[_BYTES] = c.get(_BYTES, 0) + nbytes
+        k = _FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])  # a plugin's own reason: a flush asked for
+        c[k] = c.get(k, 0) + 1
+        k = _MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]
+        c[k] = c.get(k, 0) + 1
+        k = _BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]
+        c[k] = c.get(k, 0) + 1
         if arrivals is None:
-            c[_LATENCY_LE[0]] += messages
+            k = _LATENCY_LE[0]
+            c[k] = c.get(k, 0) + messages
             return
-        c[_LATENCY_SUM] += int(max(0.0, messages * now - sum(arrivals)) * 1e6)
+        c[_LATENCY_SUM] = c.get(_LATENCY_SUM, 0) + int(max(0.0, messages * now - sum(arrivals)) * 1e6)
         longest = now - arrivals[0]
         us = int(longest * 1e6)
-        if us > c[_LATENCY_MAX]:
+        if us > c.get(_LATENCY_MAX, 0):
             c[_LATENCY_MAX] = us
         if longest <= LATENCY_BUCKETS[0]:
-            c[_LATENCY_LE[0]] += messages
+            k = _LATENCY_LE[0]
+            c[k] = c.get(k, 0) + messages
             return
         below = 0  # records that waited at most the previous bound
         for i, bound in enumerate(LATENCY_BUCKETS):
             upto = messages - bisect_left(arrivals, now - bound)  # waited <= bound
             if upto > below:
-                c[_LATENCY_LE[i]] += upto - below
+                k = _LATENCY_LE[i]
+                c[k] = c.get(k, 0) + upto - below
                 below = upto
         if messages > below:
-            c[_LATENCY_LE[-1]] += messages - below
+            k = _LATENCY_LE[-1]
+            c[k] = c.get(k, 0) + messages - below
 
     def size_now(self, size: int) -> None:
         self.c[P + "size_now"] = size
 
+    def _add(self, key: str, n: int = 1) -> None:
+        self.c[key] = self.c.get(key, 0) + n
+
     def unbatched(self, n: int) -> None:
-        self.c[P + "unbatched_messages"] += n
+        self._add(P + "unbatched_messages", n)
 
     def flusher_death(self) -> None:
-        self.c[P + "flusher_deaths"] += 1
+        self._add(P + "flusher_deaths")
 
     def flusher_restart(self) -> None:
-        self.c[P + "flusher_restarts"] += 1
+        self._add(P + "flusher_restarts")
 
     def deliver_error(self) -> None:
-        self.c[P + "deliver_errors"] += 1
+        self._add(P + "deliver_errors")
 
 
 def only_batch(counters: Mapping) -> dict:

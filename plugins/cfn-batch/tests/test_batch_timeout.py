@@ -34,7 +34,7 @@ def test_lone_message_is_delivered_by_the_timeout_flush(bus_root, bh):
         assert len(got) == 1
         bh.until_counted(counters, "batch.flush.timeout", 1)
         assert counters["batch.flush.timeout"] == 1
-        assert counters["batch.flush.explicit"] == 0
+        assert counters.get("batch.flush.explicit", 0) == 0
         # the flusher sends a buffer once its oldest record waited half the timeout
         assert counters["batch.latency_max_us"] >= 50_000 * 0.5
 

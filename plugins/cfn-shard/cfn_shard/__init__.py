@@ -32,7 +32,7 @@ import stat
 from attrs import define
 from cfn_core import COORDINATOR_ID, BusError, ConfigError, decode_records, hookimpl, setting
 
-from .layout import FALLBACK_DIR, STRATEGIES, balance, fallback_location, location, shard_dir, shard_of
+from .layout import STRATEGIES, balance, fallback_location, location, shard_dir, shard_of
 
 __all__ = ["ShardSettings", "shard_of"]
 
@@ -113,23 +113,18 @@ class _LockWaitView:
 
 
 def _bind(ctx) -> None:
-    s = ctx.config.section(NAME)
+    # counters are created when first counted (another thread, cfn-batch's flusher, may add a
+    # lock wait while the kernel copies the dict: it copies in one step, see cfn_core.figures)
     _proc.bind(ctx)
-    c = _proc.counters
-    # every key up front: another thread (cfn-batch's flusher) may add waits while the kernel copies the dict
-    for key in [shard_dir(k) for k in range(s.count)] + [FALLBACK_DIR]:
-        c.setdefault("shard.lock_ns." + key, 0)
-    c.setdefault("shard.fallbacks", 0)
-    c.setdefault("shard.messages", 0)
     if hasattr(ctx.bus, "lock_wait"):
-        ctx.bus.lock_wait = _LockWaitView(c)
+        ctx.bus.lock_wait = _LockWaitView(_proc.counters)
 
 
 def _usable(k: int) -> bool:
     """Can this run's shard directory ``k`` hold inboxes?  Creates it if missing."""
     if _proc.run_dir is None or not _proc.current():
         return True  # not the shm bus (or not bound yet): nothing to check
-    path = os.path.join(_proc.run_dir, shard_dir(k))
+    path = f"{_proc.run_dir}/{shard_dir(k)}"  # not os.path.join: its Python code would be copied into every agent
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
