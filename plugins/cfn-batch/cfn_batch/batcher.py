@@ -138,7 +138,10 @@ class Batcher:
         self.size = self.floor
         self.stats = stats
         self.pid = os.getpid()
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = _thread.allocate_lock()  # guards everything below
+        #: made with the flusher thread, on ``lock`` (an agent whose sends all start a burst, such as
+        #: a star round's one result, never needs it: a forked agent builds nothing it does not use)
+        self.cond: threading.Condition | None = None
         self.buffers: dict[str, list[bytes]] = {}  # only non-empty buffers, in first-use order
         #: destination -> monotonic arrival time of each buffered record (ascending, parallel to its buffer)
         self.arrivals: dict[str, list[float]] = {}
@@ -157,21 +160,24 @@ class Batcher:
 
     def start(self) -> None:
         """Start the flusher thread now (idempotent).  Without this call it starts when first needed."""
-        with self.cond:
+        with self.lock:
             if not self.closed and (self.thread is None or not self.thread.is_alive()):
                 self._start_locked()
 
     def _start_locked(self) -> None:
+        if self.cond is None:
+            self.cond = threading.Condition(self.lock)
         self.thread = FlusherThread(self._flusher)
 
     def close(self) -> None:
         """Deliver everything (reason ``shutdown``), stop the flusher; later sends go out at once."""
-        with self.cond:
+        with self.lock:
             self.closed = True
             try:
                 self._flush_all_locked("shutdown")
             finally:
-                self.cond.notify_all()
+                if self.cond is not None:
+                    self.cond.notify_all()
         thread = self.thread
         if thread is not None and thread.ident != threading.get_ident():
             thread.join(timeout=5.0)
@@ -198,7 +204,7 @@ class Batcher:
         limit = self.limit
         records = [(m.dst, m.encode(limit)) for m in messages]
         now = time.monotonic()
-        with self.cond:
+        with self.lock:
             thread = self.thread
             running = thread is not None and not thread.done.is_set()
             if not running and (self.closed or (thread is not None and now < self.restart_at)):
@@ -322,7 +328,7 @@ class Batcher:
 
     def flush(self, reason: str) -> None:
         """Deliver every buffer now."""
-        with self.cond:
+        with self.lock:
             if self.buffers:
                 self._flush_all_locked(reason)
 
@@ -386,7 +392,7 @@ class Batcher:
         try:
             self._flusher_loop()
         except BaseException as exc:  # counted, logged, restarted by the next send or flush
-            with self.cond:
+            with self.lock:
                 self.stats.flusher_death()
                 self.restart_at = time.monotonic() + self.restart_delay
                 self.restart_delay = min(self.restart_delay * 2, RESTART_MAX)

@@ -9,7 +9,7 @@ def test_dead_flusher_is_counted_bypassed_and_restarted(bus_root, bh):
     with bh.batcher_on_bus(bus_root, size=50, timeout_ms=50) as (bus, batcher, counters):
         first = batcher.thread
         batcher.restart_delay = 3600.0  # keep it down long enough to observe the unbatched mode
-        with batcher.cond:
+        with batcher.lock:
             batcher.fault = RuntimeError("injected")
             batcher.cond.notify_all()
         first.join(30)
