@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cfn_shard.layout import balance, hash_shard, shard_of
+from cfn_shard.layout import balance, hash_shard, shard_of, split_number
 
 IDS = [f"agent-{i:04d}" for i in range(1, 501)]
 #: hash shards of a few ids with count 8, pinned: a change would strand inboxes between versions
@@ -66,3 +68,13 @@ def test_hash_mixes_neighbours_and_anagrams():
     assert len({hash_shard(f"agent-{i:04d}", 8) for i in range(1, 9)}) >= 6
     anagrams = ["abc-7", "bca-7", "cab-7", "acb-7", "bac-7", "cba-7"]
     assert len({hash_shard(a, 8) for a in anagrams}) >= 3
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="\n"), max_size=12) | st.from_regex(r"[a-z._-]{0,8}[0-9\u0660-\u0669]{1,6}", fullmatch=True))
+def test_numbered_ids_split_as_the_pattern_prefix_digits_does(agent_id):
+    # the string-method split routes every id exactly as the regular expression it replaced
+    # (no newline: no agent id holds one, and the pattern's $ would match before a final one)
+    import re
+
+    m = re.match(r"^(.*?)(\d+)$", agent_id)
+    assert split_number(agent_id) == ((m.group(1), int(m.group(2))) if m else None)
