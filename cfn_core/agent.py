@@ -936,7 +936,7 @@ class AgentLoop:
             self.talk.handle_message(message)
 
 
-def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None) -> int:
+def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | None = None, bus=None) -> int:
     """Run one agent until it is told to stop.  Returns the exit status.
 
     ``handler`` is a callable ``handler(payload) -> value`` or ``handler(payload, agent)``
@@ -946,8 +946,12 @@ def run_agent(config, pm, agent_id: str, run_ref: str, *, handler: Callable | No
     For mesh work it may instead (or also) have ``scatter(payload, peers) -> [body per
     peer]``, whose bodies travel in the peer messages, and ``gather(payload, bodies) ->
     value``, called with the bodies this agent received once all expected ones arrived.
+
+    ``bus``: the run's bus, already open and listening for ``agent_id`` (a fork server
+    opens it once before forking; the child calls its ``after_fork`` and ``listen``).
+    Without it the agent opens its own (``cfn_bus``).
     """
-    return AgentLoop(config, pm, agent_id, run_ref, handler).run()
+    return AgentLoop(config, pm, agent_id, run_ref, handler, bus=bus).run()
 
 
 def read_skip_list(bus, agent_id: str) -> set[tuple[int, str]]:

@@ -293,3 +293,45 @@ def test_a_forked_agents_log_lines_name_the_agent(pool_env, bus_root, tmp_path):
     assert len(lines) == 2, proc.stderr
     assert all(re.fullmatch(r"cfn agent pool-\d{5}: handler says x+", line) for line in lines), lines
     assert len({line.split(":")[0] for line in lines}) == 2  # each agent its own name, not the last one forked
+
+
+def test_the_zygote_opens_the_runs_bus_for_its_agents_to_adopt(make_config, bus_root, no_leaks):
+    from cfn_core import ShmBus, make_plugin_manager
+    from cfn_pool.zygote import open_bus_for_forks
+
+    config = make_config(plugins=["pool"], workload={"agents": 1})
+    owner = ShmBus.create(str(bus_root))
+    try:
+        bus = open_bus_for_forks(make_plugin_manager(config), config, owner.run_ref)
+        assert isinstance(bus, ShmBus) and bus.run_ref == owner.run_ref
+        bus.after_fork()  # what each forked agent does first: it holds nothing of the zygote's
+        bus.listen("agent-0001")
+        owner.deliver("agent-0001", "inbox/agent-0001", [b'{"x": 1}\n'])
+        assert [raw for raw, _ in bus.read("agent-0001", "inbox/agent-0001")] == [b'{"x": 1}\n']
+        bus.close()
+    finally:
+        owner.destroy()
+
+
+def test_a_bus_that_cannot_be_adopted_after_a_fork_is_closed_and_agents_open_their_own(make_config, bus_root):
+    from cfn_core import hookimpl, make_plugin_manager
+    from cfn_pool.zygote import open_bus_for_forks
+
+    class NoAfterFork:  # a third-party transport without after_fork
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    made = NoAfterFork()
+
+    class Transport:
+        @hookimpl(tryfirst=True)
+        def cfn_bus(self, config, run_ref):
+            return made
+
+    config = make_config(plugins=["pool"], workload={"agents": 1})
+    pm = make_plugin_manager(config)
+    pm.register(Transport(), "transport")
+    assert open_bus_for_forks(pm, config, str(bus_root)) is None
+    assert made.closed
