@@ -9,12 +9,14 @@ timeout, started when first needed).
 Hook implementations:
 
 * ``cfn_settings`` / ``cfn_configure``: the ``[batch]`` table and its checks.
-* ``cfn_session_start`` (coordinator) / ``cfn_agent_init`` (agents, also after
-  a fork): create the process's batcher (its flusher thread starts the first
-  time a record stays buffered); on the coordinator register the
-  ``cfn_batch_*`` metrics.
+* ``cfn_session_start`` (coordinator): create its batcher (its flusher thread
+  starts the first time a record stays buffered) and register the
+  ``cfn_batch_*`` metrics; ``cfn_agent_init`` (agents, also after a fork): drop
+  an inherited batcher (an agent builds its own when it first has company).
 * ``cfn_send``: encode and buffer; a buffer that reaches the (adaptive) size is
-  delivered by the sender at once.  Returns ``True``.
+  delivered by the sender at once.  A process without a batcher writes a lone
+  message at once without building one (nothing sent since its latest flush:
+  an agent answering one task at a time never builds one).  Returns ``True``.
 * ``cfn_flush``: deliver every buffer (``explicit`` before each sleep,
   ``shutdown`` before exit).
 * ``cfn_agent_exit`` / ``cfn_session_finish``: final flush, stop the flusher;
@@ -34,7 +36,7 @@ from attrs import define
 from cfn_core import ConfigError, hookimpl, setting
 
 from .batcher import Batcher, optimal_batch_size
-from .stats import P, BatchCollector, BatchStats, figures, merge, only_batch
+from .stats import P, BatchCollector, BatchStats, count_unbuffered, figures, merge, only_batch
 
 __all__ = ["BatchSettings", "Batcher", "optimal_batch_size"]
 
@@ -80,6 +82,14 @@ def cfn_configure(config):
 # ---------------------------------------------------------------------- the process's batcher
 
 
+#: ``ctx.state`` key: a message was written without a batcher since this process's latest flush
+_UNFLUSHED = "batch.unflushed"
+
+
+def _counters(ctx) -> dict:
+    return ctx.counters if ctx.side == "agent" else ctx.state.setdefault("batch.counters", {})
+
+
 def _new_batcher(ctx, counters: dict) -> Batcher:
     s = ctx.config.section(NAME)
     stats = BatchStats(counters, min(s.size, s.max_size))
@@ -93,8 +103,7 @@ def _batcher(ctx) -> Batcher:
     if batcher is None or batcher.pid != os.getpid():
         # first use without an init hook, or a fork inherited the parent's batcher: start afresh
         # (a child never re-sends what its parent buffered)
-        counters = ctx.counters if ctx.side == "agent" else ctx.state.setdefault("batch.counters", {})
-        batcher = _new_batcher(ctx, counters)  # its flusher thread starts when a record first stays buffered
+        batcher = _new_batcher(ctx, _counters(ctx))  # its flusher thread starts when a record first stays buffered
     return batcher
 
 
@@ -119,8 +128,43 @@ def cfn_session_start(ctx):
 
 @hookimpl
 def cfn_send(ctx, messages, flush):
-    _batcher(ctx).send(messages, at_once=flush)
+    batcher = ctx.state.get(NAME)
+    if batcher is None or batcher.pid != os.getpid():
+        unflushed = ctx.state.get(_UNFLUSHED)
+        if len(messages) == 1 and (flush or not unflushed):
+            _write_unbuffered(ctx, messages[0], flush)
+            return True
+        batcher = _batcher(ctx)  # from now on this process batches
+        if unflushed:  # a second send before the next flush: it continues the burst the first began
+            batcher.continue_burst()
+    batcher.send(messages, at_once=flush)
     return True
+
+
+def _write_unbuffered(ctx, msg, flush: bool) -> None:
+    """Write one message now, in a process that has no batcher yet and nothing buffered.
+
+    What the batcher's leading edge does for a send that starts a burst, without
+    building the batcher: an agent that answers one task at a time (a ready, then a
+    result, each followed by the kernel's flush before it sleeps) never has two
+    messages to coalesce, and in a forked agent building a batcher and running its
+    code copies ~35 pages of the zygote.  The batcher is built by the first send that
+    has company: a second one before the process's next flush, or several at once.
+    A write that fails leaves the record in a new batcher's buffer (the next flush
+    writes it, as for a batched record) and raises.
+    """
+    rec = msg.encode(ctx.config.bus.max_message_bytes)
+    bus = ctx.bus
+    try:
+        bus.last_written = False
+        bus.deliver(msg.dst, ctx.route(msg.dst), [rec])
+    except BaseException:
+        if not bus.last_written:
+            _batcher(ctx).keep(msg.dst, rec)
+        raise
+    count_unbuffered(_counters(ctx), len(rec))
+    if not flush:
+        ctx.state[_UNFLUSHED] = True
 
 
 @hookimpl
@@ -128,6 +172,8 @@ def cfn_flush(ctx, reason):
     batcher = ctx.state.get(NAME)
     if batcher is not None and batcher.pid == os.getpid():
         batcher.flush(reason)
+    elif _UNFLUSHED in ctx.state:
+        del ctx.state[_UNFLUSHED]
 
 
 @hookimpl

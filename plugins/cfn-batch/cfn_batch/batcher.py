@@ -1,7 +1,9 @@
 """The per-process batcher: one buffer per destination, flushed as one locked write.
 
-Every process that sends (the coordinator and each agent) has one
-:class:`Batcher`.  ``send`` encodes each message once (orjson, through
+The coordinator has one :class:`Batcher` from its session's start; an agent
+builds its own when it first has two messages to coalesce (a second send
+before its next flush, or several in one call: until then each message is
+written during its send without one, see ``cfn_batch.cfn_send``).  ``send`` encodes each message once (orjson, through
 ``Message.encode``) and appends the bytes to its destination's buffer; a
 buffer is handed to ``bus.deliver`` as one call, which the shm bus writes
 under one flock with one ``write`` (all of it visible, or none of it), so the
@@ -242,6 +244,20 @@ class Batcher:
                     self._keep_flusher_locked()
                 elif was_empty and self.idle:
                     self.cond.notify()
+
+    def continue_burst(self) -> None:
+        """Take the next send as one that continues a burst (buffered, not written during the call).
+
+        For a batcher built by a second send since the latest flush (``cfn_batch.cfn_send``
+        wrote the first without one).
+        """
+        with self.lock:
+            self._last_send = time.monotonic()
+
+    def keep(self, dst: str, rec: bytes) -> None:
+        """Buffer a record that a write outside the batcher failed to write (the next flush writes it)."""
+        with self.lock:
+            self._buffer_locked(dst, rec, time.monotonic())
 
     def _send_one_locked(self, record: tuple[str, bytes], now: float) -> None:
         """Write one record at once (nothing is buffered anywhere); on failure it is buffered, as in _send_now_locked."""

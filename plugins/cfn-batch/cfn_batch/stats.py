@@ -70,15 +70,7 @@ class BatchStats:
         not per record, and none when the oldest waited less than the first bound.
         """
         c = self.c
-        c[_BATCHES] = c.get(_BATCHES, 0) + 1
-        c[_MESSAGES] = c.get(_MESSAGES, 0) + messages
-        c[_BYTES] = c.get(_BYTES, 0) + nbytes
-        k = _FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])  # a plugin's own reason: a flush asked for
-        c[k] = c.get(k, 0) + 1
-        k = _MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]
-        c[k] = c.get(k, 0) + 1
-        k = _BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]
-        c[k] = c.get(k, 0) + 1
+        count_write(c, reason, messages, nbytes)
         if arrivals is None:
             k = _LATENCY_LE[0]
             c[k] = c.get(k, 0) + messages
@@ -120,6 +112,30 @@ class BatchStats:
 
     def deliver_error(self) -> None:
         self._add(P + "deliver_errors")
+
+
+def count_write(c: dict, reason: str, messages: int, nbytes: int) -> None:
+    """Count one write of ``messages`` records (``nbytes``) in ``c``: batches, messages, bytes, reason, sizes.
+
+    :meth:`BatchStats.batch` adds the added-latency figures; a message written during
+    its send without a batcher (``cfn_batch.cfn_send``) waited for nothing, which
+    :func:`count_unbuffered` adds.
+    """
+    c[_BATCHES] = c.get(_BATCHES, 0) + 1
+    c[_MESSAGES] = c.get(_MESSAGES, 0) + messages
+    c[_BYTES] = c.get(_BYTES, 0) + nbytes
+    k = _FLUSH_KEYS.get(reason, _FLUSH_KEYS["explicit"])  # a plugin's own reason: a flush asked for
+    c[k] = c.get(k, 0) + 1
+    k = _MESSAGES_LE[bisect_left(MESSAGES_BUCKETS, messages)]
+    c[k] = c.get(k, 0) + 1
+    k = _BYTES_LE[bisect_left(BYTES_BUCKETS, nbytes)]
+    c[k] = c.get(k, 0) + 1
+
+
+def count_unbuffered(c: dict, nbytes: int) -> None:
+    """One message written during its send (``leading``), no wait: what ``BatchStats.batch`` counts for it."""
+    count_write(c, "leading", 1, nbytes)
+    c[_LATENCY_LE[0]] = c.get(_LATENCY_LE[0], 0) + 1
 
 
 def only_batch(counters: Mapping) -> dict:
