@@ -92,3 +92,36 @@ def test_transport_plugins_join_the_default_matrix_only_when_named():
     named = combinations(bench(combinations=["default", "redis"]), INSTALLED + ["redis"], default=INSTALLED)
     assert ("redis",) in named and ("batch", "parallel", "pool", "shard") in named
     assert not any("redis" in c and len(c) > 1 for c in named)
+
+
+def test_the_cells_of_one_comparison_alternate_repetition_by_repetition(bus_root, no_leaks):
+    """A slow stretch of the machine falls on every row of a comparison, not on whichever ran next."""
+    from cfn_core.bench.matrix import Cell
+    from cfn_core.bench.runner import comparison_groups, run_interleaved
+
+    base = config_from_dict({"bus": {"root": str(bus_root)}})
+    b = bench(repetitions=3, cell_budget=0)
+    pool, batched = Cell(("pool",), 2, "star"), Cell(("pool", "batch"), 2, "star")
+    mesh = Cell(("pool",), 2, "mesh")
+    assert comparison_groups([pool, mesh, batched]) == [[pool, batched], [mesh]]
+    steps = []
+    summaries = run_interleaved([pool, batched], base, b, step=steps.append)
+    reps = [s for s in steps if s.endswith(("rep 1/3", "rep 2/3", "rep 3/3"))]
+    assert reps == [
+        "pool-2 rep 1/3", "pool+batch-2 rep 1/3",
+        "pool+batch-2 rep 2/3", "pool-2 rep 2/3",  # reversed every other round: neither always goes first
+        "pool-2 rep 3/3", "pool+batch-2 rep 3/3",
+    ]
+    assert [s["id"] for s in summaries] == ["pool-2", "pool+batch-2"]
+    assert all(s["repetitions"] == 3 and s["delivery_rate"] == 1.0 for s in summaries)
+
+
+def test_a_cell_over_its_budget_stops_while_the_others_go_on(bus_root, no_leaks):
+    from cfn_core.bench.matrix import Cell
+    from cfn_core.bench.runner import CellRun
+
+    base = config_from_dict({"bus": {"root": str(bus_root)}})
+    run = CellRun(Cell(("pool",), 2, "star"), base, bench(repetitions=5, cell_budget=0.001))
+    run.run_one()
+    assert run.done and len(run.reps) == 1  # its one repetition spent the budget
+    assert run.finish(resource_pass=False)["repetitions"] == 1

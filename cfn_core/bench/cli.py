@@ -127,7 +127,7 @@ def cmd_bench(args) -> int:
     from ..config import load_config
     from .matrix import expand, installed_plugins, optimization_plugins
     from .render import chart_unavailable, load_report, render_markdown, write_report
-    from .runner import cell_problems, finish_report, new_report, run_cell
+    from .runner import cell_problems, comparison_groups, finish_report, new_report, run_interleaved
 
     if args.render:  # render only: the input JSON is the record, never rewritten; stdout stays quiet
         report = load_report(args.render)
@@ -150,17 +150,20 @@ def cmd_bench(args) -> int:
     progress = Progress(len(cells))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
-    try:
-        for cell in cells:
-            summary = run_cell(cell, config, bench, step=progress.step)
+    def take(summaries) -> None:
+        nonlocal code
+        for summary in summaries:
             report["cells"].append(summary)
             progress.cell_done(summary)
             if cell_problems(summary, bench.min_delivery):
                 code = 1
-    except KeyboardInterrupt:
-        code = 130
-    except _Terminated:
-        code = 143
+
+    try:
+        for group in comparison_groups(cells):  # the rows of one N and workload, repetitions alternating
+            take(run_interleaved(group, config, bench, step=progress.step))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        take(getattr(exc, "partial", []))  # the cells of the interrupted comparison that ran
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 143
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()

@@ -112,41 +112,105 @@ def _run_reference(cell: Cell, payload: str, probe=None) -> dict:
     return rep
 
 
-def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
-    """Time ``cell``: up to ``[bench] repetitions`` runs, fewer once ``cell_budget`` is spent."""
-    reps: list[dict] = []
-    started = time.perf_counter()
-    started_at = time.time()
-    payload = "x" * base.workload.payload_bytes
-    for i in range(bench.repetitions):
-        prefix = f"{cell.id} rep {i + 1}/{bench.repetitions}"
+class CellRun:
+    """The repetitions of one cell, run one at a time.
+
+    ``cfn bench`` alternates the cells of one agent count and workload repetition by
+    repetition (:func:`run_interleaved`), so a slow stretch of the machine, or what a
+    heavy cell leaves behind, falls on every row of the comparison rather than on the
+    rows that happened to come next; ``pytest -m bench`` times each cell as one test
+    (:func:`run_cell`).
+    """
+
+    def __init__(self, cell: Cell, base, bench, step: Step | None = None):
+        self.cell, self.base, self.bench, self.step = cell, base, bench, step
+        self.reps: list[dict] = []
+        self.spent = 0.0  # seconds of this cell's own repetitions (the cell budget)
+        self.stopped = False  # a configuration error: the same every time
+        self.started_at = time.time()
+        self.payload = "x" * base.workload.payload_bytes
+
+    @property
+    def done(self) -> bool:
+        """Every repetition ran, its budget is spent, or it cannot run."""
+        bench = self.bench
+        return (
+            self.stopped
+            or len(self.reps) >= bench.repetitions
+            or bool(self.reps and bench.cell_budget and self.spent >= bench.cell_budget)
+        )
+
+    def run_one(self) -> None:
+        """One timed repetition."""
+        cell, step = self.cell, self.step
+        prefix = f"{cell.id} rep {len(self.reps) + 1}/{self.bench.repetitions}"
         if step is not None:
             step(prefix)
+        t0 = time.perf_counter()
         sampler = ResourceSampler().start()
-        stop_now = False
         try:
             if cell.reference:
-                rep = _run_reference(cell, payload)
+                rep = _run_reference(cell, self.payload)
             else:
-                rep = _run_cfn(cell_config(base, bench, cell), (lambda s: step(f"{prefix} {s}")) if step else None)
+                rep = _run_cfn(cell_config(self.base, self.bench, cell), (lambda s: step(f"{prefix} {s}")) if step else None)
         except CfnError as exc:  # a configuration this cell cannot run: the same every time
             rep = {"error": f"{type(exc).__name__}: {exc}", "seconds": None, "rounds": []}
-            stop_now = True
+            self.stopped = True
         except Exception as exc:  # noqa: BLE001  (a crash is a measured error of this combination)
             rep = {"error": f"{type(exc).__name__}: {exc}", "seconds": None, "rounds": []}
         finally:
             resources = sampler.stop()
         rep["resources"] = resources
-        reps.append(rep)
-        if stop_now:
-            break
-        if bench.cell_budget and time.perf_counter() - started >= bench.cell_budget:
-            break
-    summary = summarize(cell, reps, bench)
-    if summary["min"] is not None and summary["min"] < RESOURCE_PASS_BELOW and not summary["error_messages"]:
-        _resource_pass(cell, base, bench, payload, summary)
-    summary["started"], summary["finished"] = started_at, time.time()
-    return summary
+        self.reps.append(rep)
+        self.spent += time.perf_counter() - t0
+
+    def finish(self, resource_pass: bool = True) -> dict:
+        """The cell's summary (with an untimed memory pass for a fast cell, unless told not to)."""
+        summary = summarize(self.cell, self.reps, self.bench)
+        if resource_pass and summary["min"] is not None and summary["min"] < RESOURCE_PASS_BELOW and not summary["error_messages"]:
+            _resource_pass(self.cell, self.base, self.bench, self.payload, summary)
+        summary["started"], summary["finished"] = self.started_at, time.time()
+        return summary
+
+
+def run_cell(cell: Cell, base, bench, step: Step | None = None) -> dict:
+    """Time ``cell``: up to ``[bench] repetitions`` runs, fewer once ``cell_budget`` is spent."""
+    run = CellRun(cell, base, bench, step)
+    while not run.done:
+        run.run_one()
+    return run.finish()
+
+
+def comparison_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """``cells`` in groups of one agent count and workload (the rows a report compares), in order."""
+    groups: dict[tuple[int, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.agents, cell.workload), []).append(cell)
+    return list(groups.values())
+
+
+def run_interleaved(group: list[Cell], base, bench, step: Step | None = None) -> list[dict]:
+    """Time the cells of one comparison with their repetitions alternating.
+
+    Round ``i`` runs repetition ``i`` of every cell not done yet, in the group's order
+    on even rounds and reversed on odd ones (so no cell always follows the same
+    neighbour).  Each cell keeps its own repetition count and budget; the memory
+    passes run after every timed repetition of the group.  Interrupted, the cells that
+    ran at least once are summarized (without their memory pass) and attached to the
+    exception as ``partial`` before it propagates.
+    """
+    runs = [CellRun(cell, base, bench, step) for cell in group]
+    i = 0
+    try:
+        while not all(r.done for r in runs):
+            for run in runs if i % 2 == 0 else reversed(runs):
+                if not run.done:
+                    run.run_one()
+            i += 1
+    except BaseException as exc:
+        exc.partial = [r.finish(resource_pass=False) for r in runs if r.reps]  # type: ignore[attr-defined]
+        raise
+    return [r.finish() for r in runs]
 
 
 #: cells faster than this (seconds) get an extra untimed repetition for their memory figures
