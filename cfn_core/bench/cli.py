@@ -150,6 +150,7 @@ def cmd_bench(args) -> int:
     progress = Progress(len(cells))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
+
     def take(summaries) -> None:
         nonlocal code
         for summary in summaries:
