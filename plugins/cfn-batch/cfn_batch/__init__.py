@@ -162,7 +162,7 @@ def _write_unbuffered(ctx, msg, flush: bool) -> None:
         if not bus.last_written:
             _batcher(ctx).keep(msg.dst, rec)
         raise
-    count_unbuffered(_counters(ctx), len(rec))
+    count_unbuffered(_counters(ctx), 1, len(rec))
     if not flush:
         ctx.state[_UNFLUSHED] = True
 

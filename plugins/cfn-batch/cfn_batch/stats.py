@@ -35,24 +35,14 @@ _MESSAGES_LE = tuple(f"{P}messages_le.{i}" for i in range(len(MESSAGES_BUCKETS) 
 _BYTES_LE = tuple(f"{P}bytes_le.{i}" for i in range(len(BYTES_BUCKETS) + 1))
 _LATENCY_LE = tuple(f"{P}latency_le.{i}" for i in range(len(LATENCY_BUCKETS) + 1))
 
-#: every counter of a process (histogram buckets are per bucket, not cumulative)
-KEYS = (
-    *(P + k for k in ("batches", "messages", "bytes", "latency_sum_us", "latency_max_us", "size_now")),
-    *(P + k for k in ("flusher_deaths", "flusher_restarts", "unbatched_messages", "deliver_errors")),
-    *_FLUSH_KEYS.values(),
-    *_MESSAGES_LE,
-    *_BYTES_LE,
-    *_LATENCY_LE,
-)
-
 
 class BatchStats:
     """Counters of one process, written into ``counters`` (an agent's ``ctx.counters``).
 
     A counter is created when it is first counted (a missing one is 0, as
     everywhere in :mod:`cfn_core.figures`): a forked agent that sends one result
-    touches 7 keys, not all of :data:`KEYS` (each a string in the zygote's
-    memory, whose reference count would copy its page into the agent).  The
+    touches 7 keys, not all ~50 (each a string in the zygote's memory,
+    whose reference count would copy its page into the agent).  The
     kernel copies the dict in one step before it reads it, so another thread
     adding a key here never disturbs it.  Called with the batcher's lock held.
     """
@@ -70,11 +60,10 @@ class BatchStats:
         not per record, and none when the oldest waited less than the first bound.
         """
         c = self.c
-        count_write(c, reason, messages, nbytes)
         if arrivals is None:
-            k = _LATENCY_LE[0]
-            c[k] = c.get(k, 0) + messages
+            count_unbuffered(c, messages, nbytes, reason)
             return
+        count_write(c, reason, messages, nbytes)
         c[_LATENCY_SUM] = c.get(_LATENCY_SUM, 0) + int(max(0.0, messages * now - sum(arrivals)) * 1e6)
         longest = now - arrivals[0]
         us = int(longest * 1e6)
@@ -132,10 +121,10 @@ def count_write(c: dict, reason: str, messages: int, nbytes: int) -> None:
     c[k] = c.get(k, 0) + 1
 
 
-def count_unbuffered(c: dict, nbytes: int) -> None:
-    """One message written during its send (``leading``), no wait: what ``BatchStats.batch`` counts for it."""
-    count_write(c, "leading", 1, nbytes)
-    c[_LATENCY_LE[0]] = c.get(_LATENCY_LE[0], 0) + 1
+def count_unbuffered(c: dict, messages: int, nbytes: int, reason: str = "leading") -> None:
+    """A write of records that waited for nothing (written during their send): its figures and no added latency."""
+    count_write(c, reason, messages, nbytes)
+    c[_LATENCY_LE[0]] = c.get(_LATENCY_LE[0], 0) + messages
 
 
 def only_batch(counters: Mapping) -> dict:
